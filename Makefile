@@ -1,0 +1,41 @@
+# One-command entry points. Everything runs in a local virtual environment (.venv) that this Makefile
+# creates: torch 2.13.0 (CPU) plus the build and test tools; the extension is built against that torch
+# without build isolation.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+SOURCES := $(shell find csrc python cmake -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.py' -o -name '*.cmake' -o -name '*.in' \) -not -name '_build_info.py') CMakeLists.txt pyproject.toml
+
+.PHONY: demo test build bench cuda-check clean
+
+demo: $(VENV)/.built
+	$(PY) -m nestsparse demo
+
+test: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+build: $(VENV)/.built
+
+bench: $(VENV)/.built
+	$(PY) bench/spmm.py
+	$(PY) bench/conv.py
+
+# Builds the extension with CUDA on against torch 2.14.1+cu130 in a second environment (no GPU needed).
+cuda-check:
+	bash scripts/cuda_compile_check.sh
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(PIP) install -q --disable-pip-version-check "scikit-build-core>=0.10" "pybind11>=2.12" numpy safetensors tqdm \
+		pytest hypothesis scikit-learn matplotlib
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps .
+	touch $@
+
+clean:
+	rm -rf build $(VENV) python/nestsparse/_C*.so python/nestsparse/_build_info.py

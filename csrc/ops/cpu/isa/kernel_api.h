@@ -1,0 +1,72 @@
+// The interface between the torch glue (ops/cpu/*.cpp, built for plain x86-64) and the inner loops in
+// isa/kernels_<isa>.cpp (each built for its own instruction set). Plain structs and function pointers
+// only: an ISA file must not share inline C++ templates with the rest of the library, or the linker could
+// keep an AVX-512 copy of one and run it on a processor without AVX-512.
+#pragma once
+
+#include <cstdint>
+
+namespace nestsparse::cpu {
+
+enum class ValueKind : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+enum class Act : int32_t { None = 0, Relu = 1, Relu6 = 2, Gelu = 3 };
+
+// The rows of one level of a nested CSR matrix.
+struct SparseRows {
+  const void* values;
+  const void* col_idx;
+  ValueKind value_kind;
+  int32_t index_bytes;  // 2 (int16) or 4 (int32)
+  const int32_t* row_start;
+  const int32_t* row_stop;
+  int64_t cols;  // K: every column index read is checked against it
+};
+
+struct Epilogue {
+  const float* bias;  // per output row, or null
+  Act act;
+};
+
+// C[r, j] = act(sum_p v_p * B[koff[col_p] + j] + bias[r]) for rows [r0, r1) and columns j < tn of one tile.
+// B already points at the tile's first column, and row r of group g = r / group_rows reads from
+// B + g * group_stride. Full tiles read `tile_width` floats per B row; the last may be narrower (tn).
+// Output: out[r * out_row_stride + (dst ? dst[j] : j * out_col_stride)], skipped where dst[j] < 0.
+struct SpmmTile {
+  const float* B;
+  const int64_t* koff;
+  int64_t group_rows;
+  int64_t group_stride;
+  int64_t tn;
+  float* out;
+  int64_t out_row_stride;
+  int64_t out_col_stride;
+  const int32_t* dst;
+};
+
+// out[n * ldo + r] = act(sum_p v_p * x[n * ldx + col_p] + bias[r]) for n < nb (1..4), rows [r0, r1).
+struct SpmvBatch {
+  const float* x;
+  int64_t ldx;
+  int64_t nb;
+  float* out;
+  int64_t ldo;
+};
+
+// Each returns how many out-of-range column indices it met (their rows are left unfinished).
+using SpmmTileFn = int64_t (*)(const SparseRows&, const Epilogue&, const SpmmTile&, int64_t r0, int64_t r1);
+using SpmvFn = int64_t (*)(const SparseRows&, const Epilogue&, const SpmvBatch&, int64_t r0, int64_t r1);
+
+constexpr int kMaxTile = 64;  // widest tile, in floats
+constexpr int kMaxSpmvBatch = 4;
+
+struct KernelTable {
+  const char* name;
+  SpmmTileFn spmm16, spmm32, spmm64;  // tile widths 16, 32, 64
+  SpmvFn spmv;
+};
+
+const KernelTable* generic_kernels();
+const KernelTable* avx2_kernels();
+const KernelTable* avx512_kernels();
+
+}  // namespace nestsparse::cpu

@@ -1,0 +1,1 @@
+from ._library import _C

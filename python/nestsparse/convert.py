@@ -1,0 +1,90 @@
+"""Dense model -> nested sparse model, and back."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule
+
+__all__ = ["convert", "to_dense"]
+
+_FUSABLE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu"}
+
+
+def _fusable_activation(m: nn.Module) -> str | None:
+    if isinstance(m, nn.GELU) and m.approximate != "none":
+        return None
+    for cls, name in _FUSABLE.items():
+        if type(m) is cls:
+            return name
+    return None
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[float, ...] = (),
+            fuse_activations: bool = True, inplace: bool = False) -> nn.Module:
+    """Replaces each nn.Linear / nn.Conv2d named in ``tags`` by its nested sparse module.
+
+    ``tags`` maps module names to int8 tags of the module's weight shape (see nestsparse.pruning). With
+    ``fuse_activations``, an activation that directly follows a converted layer inside an nn.Sequential
+    (ReLU, ReLU6, exact GELU) is folded into the kernel's epilogue and replaced by nn.Identity, so the
+    output is written once.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    unknown = [k for k in tags if k not in modules]
+    if unknown:
+        raise KeyError(f"convert: no module named {unknown[0]!r} in the model")
+    for name, t in tags.items():
+        m = modules[name]
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"convert: {name!r} is a {type(m).__name__}; only nn.Linear and nn.Conv2d convert")
+        if tuple(t.shape) != tuple(m.weight.shape):
+            raise ValueError(f"convert: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}")
+        parent, child = _parent(model, name)
+        act, follower = "none", None
+        if fuse_activations and isinstance(parent, nn.Sequential):
+            keys = list(parent._modules)
+            i = keys.index(child)
+            if i + 1 < len(keys):
+                act = _fusable_activation(parent._modules[keys[i + 1]]) or "none"
+                follower = keys[i + 1] if act != "none" else None
+        cls = NestedSparseLinear if isinstance(m, nn.Linear) else NestedSparseConv2d
+        setattr(parent, child, cls.from_dense(m, t, activation=act, densities=densities))
+        if follower is not None:
+            setattr(parent, follower, nn.Identity())
+    return model
+
+
+def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.Module:
+    """Replaces each nested module by a dense nn.Linear / nn.Conv2d holding its level-``level`` weight
+    (plus the fused activation as a following module), e.g. to fine-tune or export with stock layers."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, NestedSparseModule):
+            continue
+        w = m.nested().to_dense(level)
+        if isinstance(m, NestedSparseLinear):
+            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        else:
+            dense = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                              m.groups, bias=m.bias is not None)
+        dense = dense.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w)
+            if m.bias is not None:
+                dense.bias.copy_(m.bias)
+        act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "gelu": nn.GELU()}.get(m.activation)
+        parent, child = _parent(model, name)
+        setattr(parent, child, nn.Sequential(dense, act) if act is not None else dense)
+    return model

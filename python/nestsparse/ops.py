@@ -1,0 +1,151 @@
+"""Typed wrappers around ``torch.ops.nestsparse.*``, with their fake kernels (for torch.compile and
+torch.export) and autograd formulas next to them, so every op has all its faces in one place."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._library import _C  # noqa: F401  (loading the library registers the ops)
+
+__all__ = ["ncsr_linear", "ncsr_conv2d", "ncsr_plan", "ACTIVATIONS"]
+
+ACTIVATIONS = ("none", "relu", "relu6", "gelu")
+_ops = torch.ops.nestsparse
+
+
+def ncsr_linear(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_end: Tensor, level: int = 0,
+                bias: Tensor | None = None, activation: str = "none", plan: Tensor | None = None) -> Tensor:
+    """act(x @ W_level^T + bias) for x of shape (..., K) and W in nested CSR."""
+    return _ops.ncsr_linear(x, values, col_idx, row_ptr, row_end, level, bias, activation, plan)
+
+
+def ncsr_conv2d(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_end: Tensor, level: int,
+                kernel_size: tuple[int, int], bias: Tensor | None = None, stride=(1, 1), padding=(0, 0),
+                dilation=(1, 1), groups: int = 1, activation: str = "none", plan: Tensor | None = None) -> Tensor:
+    """act(conv2d(x, W_level) + bias) for NCHW x, W (Cout, Cin/groups, kh, kw) in nested CSR."""
+    return _ops.ncsr_conv2d(x, values, col_idx, row_ptr, row_end, level, list(_pair(kernel_size)), bias,
+                            list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), groups, activation, plan)
+
+
+def ncsr_plan(row_ptr: Tensor, row_end: Tensor, num_chunks: int | None = None) -> Tensor:
+    """Per-level row partition of equal work, to cache per weight and pass as ``plan``."""
+    return _ops.ncsr_plan(row_ptr, row_end, num_chunks or 4 * torch.get_num_threads())
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+# ---- fake kernels: shapes and dtypes only ---------------------------------------------------------
+def _fake_checks(op: str, x: Tensor, values: Tensor, row_ptr: Tensor, row_end: Tensor, level: int, bias):
+    torch._check(x.dtype == values.dtype, lambda: f"{op}: x is {x.dtype} but values are {values.dtype}")
+    torch._check(row_end.dim() == 2, lambda: f"{op}: row_end must be (L, M)")
+    torch._check(0 <= level < row_end.shape[0], lambda: f"{op}: level {level} out of range")
+    if bias is not None:
+        torch._check(bias.shape == (row_ptr.shape[0] - 1,), lambda: f"{op}: bias shape {bias.shape}")
+
+
+@torch.library.register_fake("nestsparse::ncsr_linear")
+def _(x, values, col_idx, row_ptr, row_end, level, bias=None, activation="none", plan=None):
+    _fake_checks("ncsr_linear", x, values, row_ptr, row_end, level, bias)
+    return x.new_empty((*x.shape[:-1], row_ptr.shape[0] - 1))
+
+
+@torch.library.register_fake("nestsparse::ncsr_linear_backward")
+def _(grad_z, x, values, col_idx, row_ptr, row_end, level):
+    return x.new_empty(x.shape), values.new_empty(values.shape)
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.register_fake("nestsparse::ncsr_conv2d")
+def _(x, values, col_idx, row_ptr, row_end, level, kernel_size, bias=None, stride=(1, 1), padding=(0, 0),
+      dilation=(1, 1), groups=1, activation="none", plan=None):
+    _fake_checks("ncsr_conv2d", x, values, row_ptr, row_end, level, bias)
+    torch._check(x.dim() == 4, lambda: "ncsr_conv2d: x must be NCHW")
+    oh = _conv_out(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
+    ow = _conv_out(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, oh, ow))
+
+
+@torch.library.register_fake("nestsparse::ncsr_conv2d_backward")
+def _(grad_z, x, values, col_idx, row_ptr, row_end, level, kernel_size, stride, padding, dilation, groups):
+    return x.new_empty(x.shape), values.new_empty(values.shape)
+
+
+@torch.library.register_fake("nestsparse::ncsr_plan")
+def _(row_ptr, row_end, num_chunks):
+    return row_ptr.new_empty((row_end.shape[0], num_chunks + 1))
+
+
+# ---- autograd ---------------------------------------------------------------------------------------
+def _grad_through_activation(activation: str, grad: Tensor, out: Tensor, pre_activation) -> Tensor:
+    """dL/dz from dL/dy, y = act(z). relu and relu6 read the saved output; gelu recomputes z."""
+    if activation == "none":
+        return grad
+    if activation == "relu":
+        return grad * (out > 0).to(grad.dtype)
+    if activation == "relu6":
+        return grad * ((out > 0) & (out < 6)).to(grad.dtype)
+    z = pre_activation()
+    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+    return grad * (cdf + z * pdf)
+
+
+def _bias_grad(gz: Tensor, dims) -> Tensor:
+    return gz.sum(dim=dims)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, values, col_idx, row_ptr, row_end, level, bias, activation, _plan = inputs
+    ctx.save_for_backward(x, values, col_idx, row_ptr, row_end, bias, output)
+    ctx.level, ctx.activation = level, activation
+
+
+def _linear_backward(ctx, grad):
+    x, values, col_idx, row_ptr, row_end, bias, out = ctx.saved_tensors
+    gz = _grad_through_activation(
+        ctx.activation, grad, out,
+        lambda: _ops.ncsr_linear(x, values, col_idx, row_ptr, row_end, ctx.level, bias, "none", None)).contiguous()
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        gx, gv = _ops.ncsr_linear_backward(gz, x, values, col_idx, row_ptr, row_end, ctx.level)
+    if bias is not None and ctx.needs_input_grad[6]:
+        gb = _bias_grad(gz, tuple(range(gz.dim() - 1)))
+    return (gx if ctx.needs_input_grad[0] else None, gv if ctx.needs_input_grad[1] else None,
+            None, None, None, None, gb, None, None)
+
+
+torch.library.register_autograd("nestsparse::ncsr_linear", _linear_backward, setup_context=_linear_setup)
+
+
+def _conv_setup(ctx, inputs, output):
+    (x, values, col_idx, row_ptr, row_end, level, kernel_size, bias, stride, padding, dilation, groups,
+     activation, _plan) = inputs
+    ctx.save_for_backward(x, values, col_idx, row_ptr, row_end, bias, output)
+    ctx.level, ctx.activation = level, activation
+    ctx.geometry = (kernel_size, stride, padding, dilation, groups)
+
+
+def _conv_backward(ctx, grad):
+    x, values, col_idx, row_ptr, row_end, bias, out = ctx.saved_tensors
+    kernel_size, stride, padding, dilation, groups = ctx.geometry
+    gz = _grad_through_activation(
+        ctx.activation, grad, out,
+        lambda: _ops.ncsr_conv2d(x, values, col_idx, row_ptr, row_end, ctx.level, kernel_size, bias, stride,
+                                 padding, dilation, groups, "none", None)).contiguous()
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        gx, gv = _ops.ncsr_conv2d_backward(gz, x, values, col_idx, row_ptr, row_end, ctx.level, kernel_size,
+                                           stride, padding, dilation, groups)
+    if bias is not None and ctx.needs_input_grad[7]:
+        gb = _bias_grad(gz, (0, 2, 3))
+    return (gx if ctx.needs_input_grad[0] else None, gv if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None, gb, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("nestsparse::ncsr_conv2d", _conv_backward, setup_context=_conv_setup)

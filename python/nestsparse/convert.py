@@ -30,10 +30,12 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[float, ...] = (),
-            fuse_activations: bool = True, inplace: bool = False) -> nn.Module:
+            num_levels: int | None = None, fuse_activations: bool = True, inplace: bool = False) -> nn.Module:
     """Replaces each nn.Linear / nn.Conv2d named in ``tags`` by its nested sparse module.
 
-    ``tags`` maps module names to int8 tags of the module's weight shape (see nestsparse.pruning). With
+    ``tags`` maps module names to int8 tags of the module's weight shape (see nestsparse.pruning). Every
+    layer gets the same number of levels: ``num_levels``, else ``len(densities)``, else the highest tag + 1
+    over all layers (a layer may keep nothing at the sparsest levels under a global budget). With
     ``fuse_activations``, an activation that directly follows a converted layer inside an nn.Sequential
     (ReLU, ReLU6, exact GELU) is folded into the kernel's epilogue and replaced by nn.Identity, so the
     output is written once.
@@ -44,6 +46,8 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
     unknown = [k for k in tags if k not in modules]
     if unknown:
         raise KeyError(f"convert: no module named {unknown[0]!r} in the model")
+    if num_levels is None:
+        num_levels = len(densities) or 1 + max((int(t.max()) for t in tags.values() if t.numel()), default=0)
     for name, t in tags.items():
         m = modules[name]
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -59,7 +63,8 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
                 act = _fusable_activation(parent._modules[keys[i + 1]]) or "none"
                 follower = keys[i + 1] if act != "none" else None
         cls = NestedSparseLinear if isinstance(m, nn.Linear) else NestedSparseConv2d
-        setattr(parent, child, cls.from_dense(m, t, activation=act, densities=densities))
+        setattr(parent, child, cls.from_dense(m, t, activation=act, densities=densities,
+                                                  num_levels=num_levels))
         if follower is not None:
             setattr(parent, follower, nn.Identity())
     return model

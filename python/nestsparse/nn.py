@@ -78,9 +78,9 @@ class NestedSparseLinear(NestedSparseModule):
         self.out_features, self.in_features = weight.weight_shape
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, tags: Tensor, activation: str = "none",
-                   densities: tuple[float, ...] = ()) -> "NestedSparseLinear":
-        w = NestedCSR.from_dense(linear.weight.detach(), tags, densities=densities)
+    def from_dense(cls, linear: nn.Linear, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
+                   num_levels: int | None = None) -> "NestedSparseLinear":
+        w = NestedCSR.from_dense(linear.weight.detach(), tags, num_levels=num_levels, densities=densities)
         return cls(w, linear.bias, activation)
 
     def forward(self, x: Tensor, level: int | None = None) -> Tensor:
@@ -107,8 +107,8 @@ class NestedSparseConv2d(NestedSparseModule):
         self.groups = groups
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, tags: Tensor, activation: str = "none",
-                   densities: tuple[float, ...] = ()) -> "NestedSparseConv2d":
+    def from_dense(cls, conv: nn.Conv2d, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
+                   num_levels: int | None = None) -> "NestedSparseConv2d":
         if conv.padding_mode != "zeros":
             raise ValueError(f"NestedSparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         padding = conv.padding
@@ -116,7 +116,7 @@ class NestedSparseConv2d(NestedSparseModule):
             if padding != "valid":
                 raise ValueError("NestedSparseConv2d: padding='same' is not supported; give explicit padding")
             padding = 0
-        w = NestedCSR.from_dense(conv.weight.detach(), tags, densities=densities)
+        w = NestedCSR.from_dense(conv.weight.detach(), tags, num_levels=num_levels, densities=densities)
         return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
 
     def forward(self, x: Tensor, level: int | None = None) -> Tensor:

@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_typed(const NcsrLevel& w, con
     bad += sddmm<T>(rv, A.const_data_ptr<T>(), N, 0, Bt.const_data_ptr<T>(), N, 0, N, 1, gv.data_ptr<T>(), r0, r1);
   });
   if (bad.load() != 0) fail_column_out_of_range("ncsr_linear_backward", w, K);
-  return {gxt.t().reshape(x.sizes()).to(x.scalar_type()), gv.to(w.values.scalar_type())};
+  return {gxt.t().contiguous().reshape(x.sizes()).to(x.scalar_type()), gv.to(w.values.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> ncsr_linear_backward_cpu(const at::Tensor& grad_z, const at::Tensor& x,

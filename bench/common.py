@@ -1,0 +1,126 @@
+"""Shared helpers for the benchmark scripts: timing, memory bandwidth, nested weights from random or DLMC
+patterns, .smtx reading, correctness checks and table output."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+
+import nestsparse as ns
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DLMC = REPO_ROOT.parent / "shared" / "dlmc"
+
+
+def time_ms(fn, min_run_time: float, warmup: int = 3) -> float:
+    """Median milliseconds per call of ``fn()``, with torch's default thread count (Timer's own default
+    is one thread, which would hide every multi-threaded kernel)."""
+    for _ in range(warmup):
+        fn()
+    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def read_bandwidth_gbs(mib: int = 512, min_run_time: float = 0.5) -> float:
+    """Memory read bandwidth in GB/s: torch.sum over an fp32 tensor far larger than any cache."""
+    x = torch.rand(mib * 2**20 // 4)
+    ms = time_ms(lambda: x.sum(), min_run_time)
+    return x.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def read_smtx(path: Path) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(nrows, ncols, row_ptr, col_idx) of a DLMC .smtx pattern file."""
+    with open(path) as f:
+        nrows, ncols, nnz = (int(v) for v in f.readline().replace(",", " ").split())
+        row_ptr = torch.tensor([int(v) for v in f.readline().split()], dtype=torch.int64)
+        col_idx = torch.tensor([int(v) for v in f.readline().split()], dtype=torch.int64)
+    if row_ptr.numel() != nrows + 1 or col_idx.numel() != nnz or int(row_ptr[-1]) != nnz:
+        raise SystemExit(f"{path}: malformed .smtx (header {nrows}x{ncols}, nnz {nnz}; read "
+                         f"{row_ptr.numel()} offsets, {col_idx.numel()} indices)")
+    return nrows, ncols, row_ptr, col_idx
+
+
+def pattern_mask(nrows: int, ncols: int, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> torch.Tensor:
+    """Dense boolean (nrows, ncols) mask of a CSR pattern."""
+    rows = torch.repeat_interleave(torch.arange(nrows), row_ptr[1:] - row_ptr[:-1])
+    mask = torch.zeros(nrows, ncols, dtype=torch.bool)
+    mask[rows, col_idx] = True
+    return mask
+
+
+def nested_random(shape: tuple[int, ...], densities: tuple[float, ...], seed: int) -> tuple[torch.Tensor, ns.NestedCSR]:
+    """A random fp32 weight and its nested CSR from one-shot magnitude tags at ``densities``."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return w, ns.NestedCSR.from_dense(w, ns.magnitude_tags(w, densities), densities=densities)
+
+
+def nested_from_pattern(mask: torch.Tensor, keep: float, seed: int) -> tuple[torch.Tensor, ns.NestedCSR]:
+    """A weight with random values on ``mask`` (the level-0 pattern) and a nested level 1 that keeps the
+    ``keep`` fraction of them with the largest magnitude."""
+    w = torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed)) * mask
+    d0 = int(mask.sum()) / mask.numel()
+    # Zeros outside the pattern rank last, so level 0 at density d0 is exactly the pattern.
+    densities = (d0, keep * d0)
+    tags = ns.magnitude_tags(w, densities)
+    assert int((tags >= 0).sum()) == int(mask.sum()), "level 0 must be the DLMC pattern"
+    return w, ns.NestedCSR.from_dense(w, tags, densities=densities)
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """Aborts the run if a kernel's result is wrong: a timing of a wrong result is worthless."""
+    tol = 1e-4 * max(float(ref.abs().max()), 1.0)
+    if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-3, atol=tol):
+        err = float((out - ref).abs().max()) if out.shape == ref.shape else float("nan")
+        raise SystemExit(f"WRONG RESULT in {what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}, "
+                         f"max |err| = {err:.3g} (atol {tol:.3g}, rtol 1e-3); not timing it")
+
+
+def geomean(xs) -> float:
+    xs = [x for x in xs if x > 0]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def fmt(v, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: str | None, rows: list[dict], columns: list[str]) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nCSV written to {path}", file=sys.stderr)
+
+
+def environment() -> str:
+    """One line saying what the numbers were measured on, to print above every table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, nestsparse {ns.__version__} "
+            f"(cpu isa {ns.cpu_isa()}), CPU: {cpu}, load average {load}")

@@ -1,0 +1,109 @@
+import pytest
+import torch
+from torch import nn
+
+import nestsparse
+from nestsparse import NestedSparseConv2d, NestedSparseLinear
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU6(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.GELU(), nn.Linear(16, 5))
+
+
+def test_convert_replaces_layers_and_fuses_activations():
+    model = small_cnn()
+    tags = nestsparse.model_tags(model, (0.6, 0.3, 0.1))
+    sparse = nestsparse.convert(model, tags)
+    kinds = [type(m).__name__ for m in sparse]
+    assert kinds == ["NestedSparseConv2d", "Identity", "NestedSparseConv2d", "Identity", "Flatten",
+                     "NestedSparseLinear", "Identity", "NestedSparseLinear"]
+    assert [sparse[i].activation for i in (0, 2, 5, 7)] == ["relu", "relu6", "gelu", "none"]
+    assert isinstance(model[0], nn.Conv2d), "convert must not modify its input unless inplace=True"
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_every_level_equals_the_masked_dense_model(level):
+    model = small_cnn()
+    tags = nestsparse.model_tags(model, (0.6, 0.3, 0.1), scope="global")
+    sparse = nestsparse.convert(model, tags)
+    masked = small_cnn()
+    with torch.no_grad():
+        for name, t in tags.items():
+            masked.get_submodule(name).weight.mul_(t >= level)
+    x = torch.randn(3, 3, 8, 8)
+    nestsparse.set_level(sparse, level)
+    torch.testing.assert_close(sparse(x), masked(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(nestsparse.to_dense(sparse, level)(x), masked(x), rtol=1e-4, atol=1e-5)
+
+
+def test_switching_levels_copies_nothing():
+    sparse = nestsparse.convert(small_cnn(), nestsparse.model_tags(small_cnn(), (0.6, 0.3)))
+    ptrs = {n: t.data_ptr() for n, t in sparse.state_dict().items()}
+    x = torch.randn(1, 3, 8, 8)
+    outs = []
+    for level in (0, 1, 0):
+        nestsparse.set_level(sparse, level)
+        outs.append(sparse(x))
+    assert {n: t.data_ptr() for n, t in sparse.state_dict().items()} == ptrs
+    torch.testing.assert_close(outs[0], outs[2])
+    assert not torch.allclose(outs[0], outs[1])
+    assert nestsparse.get_levels(sparse) == 2
+
+
+def test_per_call_level_overrides_module_level():
+    lin = nn.Linear(20, 10)
+    sl = NestedSparseLinear.from_dense(lin, nestsparse.magnitude_tags(lin.weight, (0.5, 0.1)))
+    x = torch.randn(4, 20)
+    sl.set_level(0)
+    a = sl(x, level=1)
+    sl.set_level(1)
+    torch.testing.assert_close(a, sl(x))
+
+
+def test_plan_is_built_once_and_reused():
+    lin = nn.Linear(64, 32)
+    sl = NestedSparseLinear.from_dense(lin, nestsparse.magnitude_tags(lin.weight, (0.5,)))
+    sl(torch.randn(2, 64))
+    plan = sl._plan
+    assert plan is not None
+    sl(torch.randn(5, 64))
+    assert sl._plan is plan
+
+
+def test_training_updates_values_and_keeps_structure():
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    sparse = nestsparse.convert(model, nestsparse.model_tags(model, (0.5, 0.25)))
+    before = [m.values.detach().clone() for m in sparse if isinstance(m, NestedSparseLinear)]
+    opt = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    nestsparse.set_level(sparse, 1)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(sparse(x), y).backward()
+        opt.step()
+    for m, b in zip([m for m in sparse if isinstance(m, NestedSparseLinear)], before):
+        changed = m.values.detach() != b
+        rows = torch.repeat_interleave(torch.arange(m.row_ptr.numel() - 1), m.nested().row_nnz(0))
+        in_level1 = torch.arange(b.numel()) < m.row_end[1].long()[rows]
+        assert changed[in_level1].any() and not changed[~in_level1].any()
+
+
+def test_conv_module_from_dense_refuses_unsupported_padding_mode():
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding_mode"):
+        NestedSparseConv2d.from_dense(conv, torch.zeros(conv.weight.shape, dtype=torch.int8))
+
+
+def test_build_info_and_version_mismatch_message(monkeypatch):
+    info = nestsparse.build_info()
+    assert info["torch_built"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cpu_isa"] in info["cpu_isas"]
+    import importlib
+
+    from nestsparse import _build_info, _library
+    monkeypatch.setattr(_build_info, "TORCH_VERSION", "1.0.0")
+    with pytest.raises(ImportError, match="built for torch 1.0.0, but torch .* is installed"):
+        importlib.reload(_library)

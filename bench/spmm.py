@@ -20,8 +20,9 @@ import torch
 from tqdm import tqdm
 
 import nestsparse as ns
-from common import (DEFAULT_DLMC, check_close, environment, geomean, markdown_table, nested_from_pattern,
-                    nested_random, pattern_mask, read_bandwidth_gbs, read_smtx, time_ms, verdict, write_csv)
+from common import (DEFAULT_DLMC, check_close, environment, geomean, load_warning, markdown_table, nested_from_pattern,
+                    nested_random, pattern_mask, read_bandwidth_gbs, read_smtx, run_quietly, time_ms, verdict,
+                    write_csv)
 
 DENSITIES = (0.13, 0.05)
 BATCHES = (1, 16, 64, 256)
@@ -71,7 +72,7 @@ TARGETS = {
 }
 
 COLUMNS = ["matrix", "shape", "level", "density", "N", "dense_ms", "torch_csr_ms", "nestsparse_ms",
-           "x_vs_dense", "x_vs_csr", "roofline", "target"]
+           "x_vs_dense", "x_vs_csr", "roofline", "other_cpu", "target"]
 
 
 def square_weights(sizes):
@@ -81,7 +82,8 @@ def square_weights(sizes):
 
 def dlmc_weights(entries, root: Path | None):
     for i, (name, m, k) in enumerate(entries):
-        group, short = name.split("/")[0], name.split("/")[-1]
+        group = name.split("/")[0]
+        short = name.split("/")[-1].replace("body_", "").replace("_multihead_attention", "").replace("_fully_connected", "")
         if root is None:
             build = lambda m=m, k=k, i=i: nested_random((m, k), (DLMC_DENSITY, DLMC_KEEP * DLMC_DENSITY), seed=i)
             yield f"{group}/{short} (random pattern)", group, build
@@ -102,13 +104,13 @@ def target_text(m: int, k: int, level: int, n: int, vs: dict) -> tuple[str, list
     return "; ".join(c[0] for c in checks), checks
 
 
-def run_case(label, group, w, nested, plan, levels, n, min_run_time, bandwidth):
+def run_case(label, group, w, nested, plan, n, min_run_time, bandwidth):
     """Rows for one weight and batch size: dense once, then torch CSR and nestsparse per level."""
     m, k = nested.shape
     x = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
     dense_ms = time_ms(lambda: x @ w.T, min_run_time)
     rows = []
-    for level in levels:
+    for level in range(nested.num_levels):
         w_l = nested.to_dense(level)
         w_csr = w_l.to_sparse_csr()
         args = (nested.values, nested.col_idx, nested.row_ptr, nested.row_end, level, None, "none", plan)
@@ -137,8 +139,9 @@ def main() -> None:
                    help=f"DLMC folder (default {DEFAULT_DLMC}; random stand-in patterns if it is absent)")
     p.add_argument("--min-run-time", type=float, help="seconds per blocked_autorange (default 0.05 quick, 0.5 full)")
     args = p.parse_args()
-    start = time.perf_counter()
+    start, env = time.perf_counter(), environment()  # before any rebuild of csrc/ can change the answer
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.5)
+    patience = 0.0 if args.quick else 120.0  # CI must finish in a minute; full runs wait out other jobs
     batches = (1, 64, 256) if args.quick else BATCHES
     dlmc_root = args.dlmc if args.dlmc.is_dir() else None
     if dlmc_root is None:
@@ -146,7 +149,8 @@ def main() -> None:
 
     weights = list(square_weights((4096,) if args.quick else (1024, 4096)))
     weights += list(dlmc_weights(DLMC_QUICK if args.quick else DLMC_FULL, dlmc_root))
-    bandwidth = read_bandwidth_gbs()
+    bandwidth, bw_share = run_quietly(read_bandwidth_gbs, patience)
+    shares = [bw_share]
     rows = []
     with tqdm(total=len(weights) * len(batches), desc="spmm", file=sys.stderr) as bar:
         for label, group, build in weights:
@@ -154,12 +158,17 @@ def main() -> None:
             plan = ns.ops.ncsr_plan(nested.row_ptr, nested.row_end)  # once per weight, as the modules cache it
             for n in batches:
                 bar.set_postfix_str(f"{label} N={n}")
-                rows += run_case(label, group, w, nested, plan, range(nested.num_levels), n, min_run_time, bandwidth)
+                case, share = run_quietly(lambda: run_case(label, group, w, nested, plan, n, min_run_time, bandwidth),
+                                          patience)
+                rows += [dict(r, other_cpu=round(100 * share)) for r in case]
+                shares.append(share)
                 bar.update()
-    bandwidth_end = read_bandwidth_gbs()
+    bandwidth_end, share = run_quietly(read_bandwidth_gbs, patience)
+    shares.append(share)
 
     print(f"# nestsparse spmm benchmark ({'quick' if args.quick else 'full'})\n")
-    print(environment())
+    print(env)
+    print(load_warning(shares))
     print(f"Read bandwidth (torch.sum over a 512 MiB fp32 tensor): {bandwidth:.1f} GB/s at the start, "
           f"{bandwidth_end:.1f} GB/s at the end; the roofline column uses the first.")
     print(f"DLMC: {dlmc_root or 'absent, random stand-in patterns'}. fp32; timings are blocked_autorange medians "

@@ -51,80 +51,148 @@ ConvShape check_conv(const char* op, const at::Tensor& x, const NcsrLevel& w, at
   return s;
 }
 
-void conv_f32(const NcsrLevel& w, const ConvShape& s, const at::Tensor& x, const float* bias, Act act, float* out,
-              const std::vector<int32_t>& chunks) {
-  const bool direct = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
+// The tile width for conv columns whose B rows are `ldk` floats apart in cache terms: as for linear, keep the
+// K rows x TN columns a tile touches within about 512 KB.
+int64_t conv_tile_width(int64_t ncols, int64_t K) {
+  return std::min(tile_width(ncols), K <= 2048 ? int64_t{64} : (K <= 4096 ? int64_t{32} : int64_t{16}));
+}
+
+// 1x1, stride 1, no padding: the weight multiplies x[n] viewed as (Cin, H*W) directly, with no copy.
+void conv_f32_direct(const NcsrLevel& w, const ConvShape& s, const at::Tensor& x, const Epilogue& ep, float* out,
+                     const std::vector<int32_t>& chunks) {
+  const int64_t HW = s.H * s.W, TN = conv_tile_width(HW, s.K), T = (HW + TN - 1) / TN;
+  const int64_t P = static_cast<int64_t>(chunks.size()) - 1;
+  const float* xf = x.const_data_ptr<float>();
+  const SparseRows rows = sparse_rows(w, s.K);
+  const SpmmTileFn fn = spmm_for_width(active_kernels(), TN);
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, s.Nb * T * P, 1, [&](int64_t i0, int64_t i1) {
+    int64_t nbad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / (T * P), t = (i / P) % T, c = i % P, tn = std::min(TN, HW - t * TN);
+      const SpmmTile tile{xf + n * s.Cin * HW + t * TN, nullptr, HW, s.M / s.groups, s.Cg * HW, tn,
+                          out + n * s.M * HW + t * TN, HW, 1, nullptr, 0};
+      nbad += fn(rows, ep, tile, chunks[c], chunks[c + 1]);
+    }
+    bad += nbad;
+  });
+  if (bad.load() != 0) fail_column_out_of_range(kOp, w, s.K);
+}
+
+// Every other geometry. The batch is copied once into a zero-padded buffer laid out [c][phase][n][Hq][Wq]:
+// phase (ph, pw) of image n holds xpad[n, c, i*sh + ph, j*sw + pw]. Then the input pixel that weight tap
+// (c, a, b) meets at output (n, oh, ow) is column J = n*Hq*Wq + oh*Wq + ow of a row starting at koff[c, a, b],
+// for any stride and dilation, and the whole batch is one SpMM over J. Columns with oh >= OH or ow >= OW are
+// computed and dropped (the store keeps only the runs of valid outputs).
+void conv_f32_phases(const NcsrLevel& w, const ConvShape& s, const at::Tensor& x, const Epilogue& ep, float* out,
+                     const std::vector<int32_t>& chunks) {
   const int64_t Hp = s.H + 2 * s.ph, Wp = s.W + 2 * s.pw;
-  const int64_t Hq = direct ? s.H : (Hp + s.sh - 1) / s.sh, Wq = direct ? s.W : (Wp + s.sw - 1) / s.sw;
-  const int64_t plane = Hq * Wq;
-  const int64_t chan = direct ? plane : s.sh * s.sw * plane;  // floats per input channel in the buffer
+  const int64_t Hq = (Hp + s.sh - 1) / s.sh, Wq = (Wp + s.sw - 1) / s.sw, plane = Hq * Wq;
+  const int64_t phases = s.sh * s.sw, chan = phases * s.Nb * plane;  // floats per input channel
   std::vector<int64_t> koff(std::max<int64_t>(s.K, 1));
   int64_t max_koff = 0;
   for (int64_t c = 0; c < s.Cg; ++c) {
     for (int64_t a = 0; a < s.kh; ++a) {
       for (int64_t b = 0; b < s.kw; ++b) {
         const int64_t ya = a * s.dh, xb = b * s.dw;
-        const int64_t off = c * chan + ((ya % s.sh) * s.sw + xb % s.sw) * plane + (ya / s.sh) * Wq + xb / s.sw;
+        const int64_t off = c * chan + ((ya % s.sh) * s.sw + xb % s.sw) * s.Nb * plane + (ya / s.sh) * Wq + xb / s.sw;
         koff[(c * s.kh + a) * s.kw + b] = off;
         max_koff = std::max(max_koff, off);
       }
     }
   }
-  const int64_t Nw = s.OH * Wq;  // wide output columns per image
+  const int64_t N = (s.Nb - 1) * plane + s.OH * Wq;  // the last image's rows past OH are not needed
+  const int64_t TN = conv_tile_width(N, s.K), T = (N + TN - 1) / TN;
+  // Dropped columns read past their plane: size the buffer so every read of every tile stays inside. The
+  // buffer is a per-thread workspace kept between calls (no page faults, no full memset): the fill below
+  // rewrites every input pixel, and only the padding, which valid outputs do read, is zeroed each call.
+  // Whatever else it holds only reaches dropped outputs.
+  const int64_t size = std::max(s.Cin * chan, (s.groups - 1) * s.Cg * chan + max_koff + T * TN);
+  thread_local std::vector<float> workspace;
+  if (static_cast<int64_t>(workspace.size()) < size) workspace.assign(size, 0.f);
+  float* bp = workspace.data();
   const float* xf = x.const_data_ptr<float>();
-  at::Tensor buf;
-  const float* B = xf;
-  int64_t img = s.Cin * s.H * s.W;
-  if (!direct) {
-    // Sized so the wide grid's dropped columns also read inside the buffer.
-    img = std::max(s.Cin * chan, (s.groups - 1) * s.Cg * chan + max_koff + Nw);
-    buf = at::zeros({s.Nb, img}, at::kFloat);
-    float* bp = buf.data_ptr<float>();
-    at::parallel_for(0, s.Nb * s.Cin, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t n = i / s.Cin, c = i % s.Cin;
-        const float* src = xf + (n * s.Cin + c) * s.H * s.W;
-        float* dst = bp + n * img + c * chan;
-        for (int64_t y = 0; y < s.H; ++y) {
-          const int64_t yp = y + s.ph;
-          float* drow = dst + (yp % s.sh) * s.sw * plane + (yp / s.sh) * Wq;
-          if (s.sw == 1) {
-            std::memcpy(drow + s.pw, src + y * s.W, sizeof(float) * s.W);
-          } else {
-            for (int64_t xx = 0; xx < s.W; ++xx) {
-              const int64_t xp = xx + s.pw;
-              drow[(xp % s.sw) * plane + xp / s.sw] = src[y * s.W + xx];
-            }
-          }
-        }
-      }
-    });
-    B = buf.const_data_ptr<float>();
-  }
-  const KernelTable& kt = active_kernels();
-  const SparseRows rows = sparse_rows(w, s.K);
-  const Epilogue ep{bias, act};
-  const int64_t TN = tile_width(Nw), T = (Nw + TN - 1) / TN, P = static_cast<int64_t>(chunks.size()) - 1;
-  const SpmmTileFn fn = spmm_for_width(kt, TN);
-  const int64_t out_img = s.M * s.OH * s.OW;
-  std::atomic<int64_t> bad{0};
-  at::parallel_for(0, s.Nb * T * P, 1, [&](int64_t i0, int64_t i1) {
-    int32_t dst[kMaxTile];
-    int64_t nbad = 0;
+  // Rows [r_lo, r_hi) of phase row qr and columns [c_lo, c_hi) of phase column qc hold input pixels.
+  std::vector<int64_t> r_lo(s.sh), r_hi(s.sh), c_lo(s.sw), c_hi(s.sw);
+  const auto interior = [](int64_t q, int64_t stride, int64_t pad, int64_t size_in, int64_t n, int64_t& lo, int64_t& hi) {
+    lo = n, hi = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t y = i * stride + q - pad;
+      if (y >= 0 && y < size_in) lo = std::min(lo, i), hi = i + 1;
+    }
+    if (lo > hi) lo = hi = 0;
+  };
+  for (int64_t q = 0; q < s.sh; ++q) interior(q, s.sh, s.ph, s.H, Hq, r_lo[q], r_hi[q]);
+  for (int64_t q = 0; q < s.sw; ++q) interior(q, s.sw, s.pw, s.W, Wq, c_lo[q], c_hi[q]);
+  at::parallel_for(0, s.Cin * phases * s.Nb, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / (T * P), t = (i / P) % T, c = i % P;
-      const int64_t tn = std::min(TN, Nw - t * TN);
-      SpmmTile tile{B + n * img + t * TN, koff.data(), s.M / s.groups, s.Cg * chan, tn,
-                    out + n * out_img, s.OH * s.OW, 1, nullptr};
-      if (direct) {
-        tile.out += t * TN;
-      } else {
-        for (int64_t j = 0; j < tn; ++j) {
-          const int64_t jj = t * TN + j, oh = jj / Wq, ow = jj - oh * Wq;
-          dst[j] = ow < s.OW ? static_cast<int32_t>(oh * s.OW + ow) : -1;
+      const int64_t cq = i / s.Nb, qr = (cq % phases) / s.sw, qc = cq % s.sw;
+      float* pl = bp + i * plane;  // planes are ordered [c][phase][n]
+      for (int64_t r = 0; r < Hq; ++r) {
+        float* row = pl + r * Wq;
+        if (r < r_lo[qr] || r >= r_hi[qr]) {
+          std::fill(row, row + Wq, 0.f);
+        } else {
+          std::fill(row, row + c_lo[qc], 0.f);
+          std::fill(row + c_hi[qc], row + Wq, 0.f);
         }
-        tile.dst = dst;
       }
+    }
+  });
+  // Where each input row lands (phase row and row inside the phase), and for each phase column q its first
+  // input column and destination: computed once, since images can be as small as a few pixels a row.
+  std::vector<int64_t> row_dst(s.H), col_first(s.sw), col_dst(s.sw);
+  for (int64_t y = 0; y < s.H; ++y) {
+    const int64_t yp = y + s.ph;
+    row_dst[y] = (yp % s.sh) * s.sw * s.Nb * plane + (yp / s.sh) * Wq;
+  }
+  for (int64_t q = 0; q < s.sw; ++q) {  // phase column q holds padded columns q, q + sw, ...
+    col_first[q] = ((q - s.pw) % s.sw + s.sw) % s.sw;
+    col_dst[q] = q * s.Nb * plane + (col_first[q] + s.pw) / s.sw;
+  }
+  at::parallel_for(0, s.Nb * s.Cin, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / s.Cin, c = i % s.Cin;
+      const float* src = xf + (n * s.Cin + c) * s.H * s.W;
+      float* dimg = bp + c * chan + n * plane;
+      for (int64_t y = 0; y < s.H; ++y) {
+        const float* sr = src + y * s.W;
+        float* drow = dimg + row_dst[y];
+        if (s.sw == 1) {
+          std::memcpy(drow + s.pw, sr, sizeof(float) * s.W);
+          continue;
+        }
+        for (int64_t q = 0; q < s.sw; ++q) {
+          float* dq = drow + col_dst[q];
+          for (int64_t xx = col_first[q]; xx < s.W; xx += s.sw) *dq++ = sr[xx];
+        }
+      }
+    }
+  });
+  const SparseRows rows = sparse_rows(w, s.K);
+  const SpmmTileFn fn = spmm_for_width(active_kernels(), TN);
+  const int64_t P = static_cast<int64_t>(chunks.size()) - 1, L = s.OH * s.OW;
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, T * P, 1, [&](int64_t i0, int64_t i1) {
+    Segment segs[kMaxTile];
+    int64_t nbad = 0, seg_tile = -1, nsegs = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / P, c = i % P, tn = std::min(TN, N - t * TN);
+      if (t != seg_tile) {  // the runs of valid outputs in this tile, shared by all its rows
+        nsegs = 0;
+        for (int64_t j = 0; j < tn;) {
+          const int64_t J = t * TN + j, n = J / plane, within = J - n * plane, oh = within / Wq, ow = within - oh * Wq;
+          if (oh >= s.OH || ow >= s.OW) {
+            ++j;
+            continue;
+          }
+          const int64_t len = std::min(s.OW - ow, tn - j);
+          segs[nsegs++] = Segment{static_cast<int32_t>(j), static_cast<int32_t>(len), n * s.M * L + oh * s.OW + ow};
+          j += len;
+        }
+        seg_tile = t;
+      }
+      const SpmmTile tile{bp + t * TN, koff.data(), 0, s.M / s.groups, s.Cg * chan, tn, out, L, 1, segs, nsegs};
       nbad += fn(rows, ep, tile, chunks[c], chunks[c + 1]);
     }
     bad += nbad;
@@ -168,7 +236,9 @@ at::Tensor ncsr_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const 
   if (ct == at::kDouble) {
     conv_f64(w, s, xc, bc.defined() ? bc.const_data_ptr<double>() : nullptr, act, out.data_ptr<double>(), chunks);
   } else {
-    conv_f32(w, s, xc, bc.defined() ? bc.const_data_ptr<float>() : nullptr, act, out.data_ptr<float>(), chunks);
+    const Epilogue ep{bc.defined() ? bc.const_data_ptr<float>() : nullptr, act};
+    const bool direct = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
+    (direct ? conv_f32_direct : conv_f32_phases)(w, s, xc, ep, out.data_ptr<float>(), chunks);
   }
   return out.to(x.scalar_type());
 }

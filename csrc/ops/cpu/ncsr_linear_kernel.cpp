@@ -35,32 +35,21 @@ void linear_f32(const NcsrLevel& w, const at::Tensor& x, int64_t N, int64_t K, c
       bad += b;
     });
   } else {
-    const int64_t TN = tile_width(N), T = (N + TN - 1) / TN;
-    at::Tensor panels = at::empty({T, K, TN}, at::kFloat);
-    float* pan = panels.data_ptr<float>();
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        float* p = pan + t * K * TN;
-        for (int64_t j = 0; j < TN; ++j) {
-          const int64_t n = t * TN + j;
-          if (n < N) {
-            const float* xr = xf + n * K;
-            for (int64_t k = 0; k < K; ++k) p[k * TN + j] = xr[k];
-          } else {
-            for (int64_t k = 0; k < K; ++k) p[k * TN + j] = 0.f;
-          }
-        }
-      }
-    });
-    std::vector<int64_t> koff(std::max<int64_t>(K, 1));
-    for (int64_t k = 0; k < K; ++k) koff[k] = k * TN;
+    // The panel (K x TN floats) is re-read by every weight row of its tile: keep it within ~512 KB so it
+    // stays in L2 next to the streaming weights, narrowing the tile for long rows.
+    const int64_t TN = std::min(tile_width(N), K <= 2048 ? int64_t{64} : (K <= 4096 ? int64_t{32} : int64_t{16}));
+    const int64_t T = (N + TN - 1) / TN;
+    at::Tensor xp = x.reshape({N, K});
+    if (T * TN != N) xp = at::constant_pad_nd(xp, {0, 0, 0, T * TN - N});
+    const at::Tensor panels = xp.reshape({T, TN, K}).transpose(1, 2).contiguous();  // (T, K, TN)
+    const float* pan = panels.const_data_ptr<float>();
     const SpmmTileFn fn = spmm_for_width(kt, TN);
     at::parallel_for(0, T * P, 1, [&](int64_t i0, int64_t i1) {
       int64_t b = 0;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t t = i / P, c = i % P;
-        const SpmmTile tile{pan + t * K * TN, koff.data(), kNoGroups, 0, std::min(TN, N - t * TN),
-                            out + t * TN * M, 1, M, nullptr};
+        const SpmmTile tile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, std::min(TN, N - t * TN),
+                            out + t * TN * M, 1, M, nullptr, 0};
         b += fn(rows, ep, tile, chunks[c], chunks[c + 1]);
       }
       bad += b;

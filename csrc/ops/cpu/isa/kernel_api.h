@@ -27,20 +27,31 @@ struct Epilogue {
   Act act;
 };
 
-// C[r, j] = act(sum_p v_p * B[koff[col_p] + j] + bias[r]) for rows [r0, r1) and columns j < tn of one tile.
+// A run of a tile's columns [j0, j0 + len) whose outputs are contiguous, starting at out + off (+ row offset).
+struct Segment {
+  int32_t j0;
+  int32_t len;
+  int64_t off;
+};
+
+// C[r, j] = act(sum_p v_p * B[koff[col_p] + j] + bias[r]) for rows [r0, r1) and columns j < tn of one tile;
+// koff == nullptr means koff[k] = k * ldb (a packed panel, or x itself), which saves a load per non-zero.
 // B already points at the tile's first column, and row r of group g = r / group_rows reads from
 // B + g * group_stride. Full tiles read `tile_width` floats per B row; the last may be narrower (tn).
-// Output: out[r * out_row_stride + (dst ? dst[j] : j * out_col_stride)], skipped where dst[j] < 0.
+// Output: with segments, out[r * out_row_stride + seg.off + (j - seg.j0)] for j in each segment (columns in
+// no segment are dropped); without, out[r * out_row_stride + j * out_col_stride].
 struct SpmmTile {
   const float* B;
   const int64_t* koff;
+  int64_t ldb;
   int64_t group_rows;
   int64_t group_stride;
   int64_t tn;
   float* out;
   int64_t out_row_stride;
   int64_t out_col_stride;
-  const int32_t* dst;
+  const Segment* segs;
+  int64_t nsegs;
 };
 
 // out[n * ldo + r] = act(sum_p v_p * x[n * ldx + col_p] + bias[r]) for n < nb (1..4), rows [r0, r1).

@@ -20,6 +20,8 @@ struct Simd {
   static V load_masked(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static Mask tail_mask(int64_t n) {
     const int32_t k = n >= 8 ? 8 : n <= 0 ? 0 : static_cast<int32_t>(n);

@@ -19,6 +19,8 @@ struct Simd {
   static V load_masked(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static Mask tail_mask(int64_t n) { return n >= 16 ? Mask(0xFFFF) : n <= 0 ? Mask(0) : Mask((1u << n) - 1u); }
 };

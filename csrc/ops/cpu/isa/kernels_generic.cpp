@@ -39,6 +39,14 @@ struct Simd {
     for (int i = 0; i < W; ++i) a.f[i] += b.f[i];
     return a;
   }
+  static V max(V a, V b) {
+    for (int i = 0; i < W; ++i) a.f[i] = a.f[i] > b.f[i] ? a.f[i] : b.f[i];
+    return a;
+  }
+  static V min(V a, V b) {
+    for (int i = 0; i < W; ++i) a.f[i] = a.f[i] < b.f[i] ? a.f[i] : b.f[i];
+    return a;
+  }
   static void store(float* p, V v) {
     for (int i = 0; i < W; ++i) p[i] = v.f[i];
   }

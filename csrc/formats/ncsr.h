@@ -32,6 +32,7 @@ struct NcsrLevel {
   int64_t level = 0;
   int64_t num_levels = 0;
   int64_t rows = 0;  // M
+  int64_t nnz = 0;   // non-zeros of `level` (set on CPU, where the rows are checked)
   const int32_t* row_start() const { return row_ptr.const_data_ptr<int32_t>(); }
   const int32_t* row_stop() const { return row_end.const_data_ptr<int32_t>() + level * rows; }
 };

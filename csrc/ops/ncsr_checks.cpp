@@ -57,6 +57,7 @@ NcsrLevel check_ncsr(const char* op, const at::Tensor& values, const at::Tensor&
                   " > row_ptr[", r + 1, "] = ", rp[r + 1]);
       TORCH_CHECK(re[r] >= rp[r] && re[r] <= rp[r + 1], op, ": row_end[", level, ", ", r, "] = ", re[r],
                   " is outside its row [row_ptr[", r, "], row_ptr[", r + 1, "]] = [", rp[r], ", ", rp[r + 1], "]");
+      w.nnz += re[r] - rp[r];
     }
     TORCH_CHECK(rp[M] <= nnz, op, ": row_ptr[M=", M, "] = ", rp[M], " exceeds the ", nnz, " stored values");
   }

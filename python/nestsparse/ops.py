@@ -1,5 +1,5 @@
-"""Typed wrappers around ``torch.ops.nestsparse.*``, with their fake kernels (for torch.compile and
-torch.export) and autograd formulas next to them, so every op has all its faces in one place."""
+"""Typed wrappers around ``torch.ops.nestsparse.*`` and their fake kernels (for torch.compile and
+torch.export). The autograd formulas are in csrc/ops/autograd.cpp."""
 
 from __future__ import annotations
 
@@ -82,70 +82,5 @@ def _(row_ptr, row_end, num_chunks):
 
 
 # ---- autograd ---------------------------------------------------------------------------------------
-def _grad_through_activation(activation: str, grad: Tensor, out: Tensor, pre_activation) -> Tensor:
-    """dL/dz from dL/dy, y = act(z). relu and relu6 read the saved output; gelu recomputes z."""
-    if activation == "none":
-        return grad
-    if activation == "relu":
-        return grad * (out > 0).to(grad.dtype)
-    if activation == "relu6":
-        return grad * ((out > 0) & (out < 6)).to(grad.dtype)
-    z = pre_activation()
-    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
-    pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
-    return grad * (cdf + z * pdf)
-
-
-def _bias_grad(gz: Tensor, dims) -> Tensor:
-    return gz.sum(dim=dims)
-
-
-def _linear_setup(ctx, inputs, output):
-    x, values, col_idx, row_ptr, row_end, level, bias, activation, _plan = inputs
-    ctx.save_for_backward(x, values, col_idx, row_ptr, row_end, bias, output)
-    ctx.level, ctx.activation = level, activation
-
-
-def _linear_backward(ctx, grad):
-    x, values, col_idx, row_ptr, row_end, bias, out = ctx.saved_tensors
-    gz = _grad_through_activation(
-        ctx.activation, grad, out,
-        lambda: _ops.ncsr_linear(x, values, col_idx, row_ptr, row_end, ctx.level, bias, "none", None)).contiguous()
-    gx = gv = gb = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        gx, gv = _ops.ncsr_linear_backward(gz, x, values, col_idx, row_ptr, row_end, ctx.level)
-    if bias is not None and ctx.needs_input_grad[6]:
-        gb = _bias_grad(gz, tuple(range(gz.dim() - 1)))
-    return (gx if ctx.needs_input_grad[0] else None, gv if ctx.needs_input_grad[1] else None,
-            None, None, None, None, gb, None, None)
-
-
-torch.library.register_autograd("nestsparse::ncsr_linear", _linear_backward, setup_context=_linear_setup)
-
-
-def _conv_setup(ctx, inputs, output):
-    (x, values, col_idx, row_ptr, row_end, level, kernel_size, bias, stride, padding, dilation, groups,
-     activation, _plan) = inputs
-    ctx.save_for_backward(x, values, col_idx, row_ptr, row_end, bias, output)
-    ctx.level, ctx.activation = level, activation
-    ctx.geometry = (kernel_size, stride, padding, dilation, groups)
-
-
-def _conv_backward(ctx, grad):
-    x, values, col_idx, row_ptr, row_end, bias, out = ctx.saved_tensors
-    kernel_size, stride, padding, dilation, groups = ctx.geometry
-    gz = _grad_through_activation(
-        ctx.activation, grad, out,
-        lambda: _ops.ncsr_conv2d(x, values, col_idx, row_ptr, row_end, ctx.level, kernel_size, bias, stride,
-                                 padding, dilation, groups, "none", None)).contiguous()
-    gx = gv = gb = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        gx, gv = _ops.ncsr_conv2d_backward(gz, x, values, col_idx, row_ptr, row_end, ctx.level, kernel_size,
-                                           stride, padding, dilation, groups)
-    if bias is not None and ctx.needs_input_grad[7]:
-        gb = _bias_grad(gz, (0, 2, 3))
-    return (gx if ctx.needs_input_grad[0] else None, gv if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None, gb, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("nestsparse::ncsr_conv2d", _conv_backward, setup_context=_conv_setup)
+# ncsr_linear and ncsr_conv2d have their autograd in C++ (csrc/ops/autograd.cpp): a Python autograd kernel
+# would run on every call, gradients wanted or not, and cost about 10 us per op.

@@ -66,7 +66,7 @@ void conv_f32_direct(const NcsrLevel& w, const ConvShape& s, const at::Tensor& x
   const SparseRows rows = sparse_rows(w, s.K);
   const SpmmTileFn fn = spmm_for_width(active_kernels(), TN);
   std::atomic<int64_t> bad{0};
-  at::parallel_for(0, s.Nb * T * P, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, s.Nb * T * P, grain_for(s.Nb * T * P, w.nnz * s.Nb * HW), [&](int64_t i0, int64_t i1) {
     int64_t nbad = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / (T * P), t = (i / P) % T, c = i % P, tn = std::min(TN, HW - t * TN);
@@ -173,7 +173,7 @@ void conv_f32_phases(const NcsrLevel& w, const ConvShape& s, const at::Tensor& x
   const SpmmTileFn fn = spmm_for_width(active_kernels(), TN);
   const int64_t P = static_cast<int64_t>(chunks.size()) - 1, L = s.OH * s.OW;
   std::atomic<int64_t> bad{0};
-  at::parallel_for(0, T * P, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, T * P, grain_for(T * P, w.nnz * N), [&](int64_t i0, int64_t i1) {
     Segment segs[kMaxTile];
     int64_t nbad = 0, seg_tile = -1, nsegs = 0;
     for (int64_t i = i0; i < i1; ++i) {

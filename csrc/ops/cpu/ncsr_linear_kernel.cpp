@@ -29,7 +29,7 @@ void linear_f32(const NcsrLevel& w, const at::Tensor& x, int64_t N, int64_t K, c
   const float* xf = x.const_data_ptr<float>();
   std::atomic<int64_t> bad{0};
   if (N <= kMaxSpmvBatch) {
-    at::parallel_for(0, P, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, P, grain_for(P, w.nnz * N), [&](int64_t c0, int64_t c1) {
       int64_t b = 0;
       for (int64_t c = c0; c < c1; ++c) b += kt.spmv(rows, ep, SpmvBatch{xf, K, N, out, M}, chunks[c], chunks[c + 1]);
       bad += b;
@@ -44,7 +44,7 @@ void linear_f32(const NcsrLevel& w, const at::Tensor& x, int64_t N, int64_t K, c
     const at::Tensor panels = xp.reshape({T, TN, K}).transpose(1, 2).contiguous();  // (T, K, TN)
     const float* pan = panels.const_data_ptr<float>();
     const SpmmTileFn fn = spmm_for_width(kt, TN);
-    at::parallel_for(0, T * P, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, T * P, grain_for(T * P, w.nnz * N), [&](int64_t i0, int64_t i1) {
       int64_t b = 0;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t t = i / P, c = i % P;

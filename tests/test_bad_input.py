@@ -120,3 +120,60 @@ def test_python_level_errors():
         model[0](torch.randn(1, 4), level=1)
     with pytest.raises(KeyError, match="no module named 'missing'"):
         nestsparse.convert(nn.Sequential(nn.Linear(4, 3)), {"missing": torch.zeros(3, 4)})
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=(5, 1), dilation=(2**62, 1)),                  # dh * (kh - 1) would wrap around
+    dict(kernel_size=(2**32, 2**32), padding=(2**31, 2**31)),       # K = Cin * kh * kw would wrap around
+    dict(kernel_size=(1, 1), padding=(2**40, 0)),
+])
+def test_conv_geometry_that_would_overflow_is_refused(geometry):
+    w = nested(torch.randn(2, 1, 1, 2), torch.zeros(2, 1, 1, 2, dtype=torch.int8), 1)
+    a = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1))
+    a.update(geometry)
+    with pytest.raises(RuntimeError, match="ncsr_conv2d: "):
+        ops.ncsr_conv2d(torch.randn(1, 1, 1, 2), w.values, w.col_idx, w.row_ptr, w.row_end, 0, a["kernel_size"], None,
+                        a["stride"], a["padding"], a["dilation"])
+
+
+@pytest.mark.parametrize("geometry", [dict(k=1, s=1, p=0), dict(k=3, s=2, p=1)], ids=["direct", "phases"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_corrupted_column_index_is_named(geometry, dtype):
+    k = geometry["k"]
+    w = nested(torch.randn(4, 3, k, k, dtype=dtype), random_tags((4, 3, k, k), 1, 0.9), 1)
+    cols = w.col_idx.clone()
+    cols[2] = 3 * k * k
+    with pytest.raises(RuntimeError, match=rf"col_idx\[2\] = {3 * k * k} .*outside \[0, K={3 * k * k}\)"):
+        ops.ncsr_conv2d(torch.randn(2, 3, 6, 6, dtype=dtype), w.values, cols, w.row_ptr, w.row_end, 0, k, None,
+                        geometry["s"], geometry["p"])
+
+
+def test_backward_ops_check_columns(w):
+    cols = w.col_idx.clone()
+    cols[0] = 99
+    with pytest.raises(RuntimeError, match=r"ncsr_linear_backward: col_idx\[0\] = 99"):
+        torch.ops.nestsparse.ncsr_linear_backward(torch.randn(3, 10), torch.randn(3, 20), w.values, cols, w.row_ptr,
+                                                  w.row_end, 0)
+
+
+def test_plan_arguments_are_checked(w):
+    with pytest.raises(RuntimeError, match="num_chunks must be >= 1"):
+        ops.ncsr_plan(w.row_ptr, w.row_end, 0)
+    with pytest.raises(RuntimeError, match="at most M \\+ 1024"):
+        ops.ncsr_plan(w.row_ptr, w.row_end, 10**7)
+    rp = w.row_ptr.clone()
+    rp[4] = -5
+    with pytest.raises(RuntimeError, match="ncsr_plan: row_ptr is not non-decreasing"):
+        ops.ncsr_plan(rp, w.row_end, 4)
+
+
+def test_modules_check_input_width():
+    import nestsparse
+    from torch import nn
+
+    lin = nestsparse.convert(nn.Sequential(nn.Linear(20, 10)), {"0": torch.zeros(10, 20, dtype=torch.int8)})
+    with pytest.raises(ValueError, match=r"expected input of shape \(\.\.\., 20\)"):
+        lin(torch.randn(3, 21))
+    conv = nestsparse.convert(nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)), {"0": torch.zeros(6, 2, 3, 3, dtype=torch.int8)})
+    with pytest.raises(ValueError, match="expected NCHW input with 4 channels"):
+        conv(torch.randn(1, 6, 8, 8))

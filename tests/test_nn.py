@@ -107,3 +107,29 @@ def test_build_info_and_version_mismatch_message(monkeypatch):
     monkeypatch.setattr(_build_info, "TORCH_VERSION", "1.0.0")
     with pytest.raises(ImportError, match="built for torch 1.0.0, but torch .* is installed"):
         importlib.reload(_library)
+
+
+def test_plan_is_rebuilt_when_buffers_change():
+    lin = nn.Linear(64, 32)
+    sl = NestedSparseLinear.from_dense(lin, nestsparse.magnitude_tags(lin.weight, (0.5, 0.2)))
+    sl(torch.randn(2, 64))
+    first = sl._plan
+    other = NestedSparseLinear.from_dense(lin, nestsparse.magnitude_tags(-lin.weight.abs() + torch.rand(32, 64), (0.5, 0.2)))
+    sl.load_state_dict(other.state_dict())  # in place: same storage, new contents
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(sl(x), other(x))
+    assert sl._plan is not first
+
+
+def test_multihead_attention_projection_is_not_pruned():
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.add_module("attn", nn.MultiheadAttention(8, 2))
+    assert set(nestsparse.prunable_layers(model)) == {"0"}
+
+
+def test_bias_is_cast_to_the_value_dtype():
+    lin = nn.Linear(8, 4)
+    w = nestsparse.NestedCSR.from_dense(lin.weight.detach(), nestsparse.magnitude_tags(lin.weight, (0.5,)))
+    sl = NestedSparseLinear(w.to(dtype=torch.bfloat16), lin.bias)
+    assert sl.bias.dtype == torch.bfloat16
+    assert sl(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -115,3 +115,20 @@ def test_torch_compile_fullgraph():
     for level in (0, 1):
         nestsparse.set_level(sparse, level)
         torch.testing.assert_close(compiled(x), sparse(x))
+
+
+def test_unbatched_input_and_wide_batch_gradients():
+    w = linear_weight(M=9, K=13, dtype=torch.float64, seed=4)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    x1 = torch.randn(13, dtype=torch.float64, requires_grad=True)  # 1-D: no batch dimension
+    assert torch.autograd.gradcheck(
+        lambda x, b: ops.ncsr_linear(x, w.values, w.col_idx, w.row_ptr, w.row_end, 0, b, "relu"), (x1, bias))
+    # More than 64 batch rows: the backward splits its columns across threads.
+    x = torch.randn(150, 13, dtype=torch.float64, requires_grad=True)
+    values = w.values.clone().requires_grad_(True)
+    ops.ncsr_linear(x, values, w.col_idx, w.row_ptr, w.row_end, 1, bias).pow(2).sum().backward()
+    xd = x.detach().clone().requires_grad_(True)
+    dense = w.to_dense(1).clone().requires_grad_(True)
+    (xd @ dense.T + bias.detach()).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad)
+    assert torch.allclose(values.grad[values.grad != 0].sort().values, dense.grad[w.mask(1)].sort().values)

@@ -42,6 +42,11 @@ NcsrLevel check_ncsr(const char* op, const at::Tensor& values, const at::Tensor&
                      const at::Tensor& row_ptr, const at::Tensor& row_end, int64_t level,
                      c10::Device device);
 
+// The O(M) row checks of check_ncsr for one level: the slices lie in [0, nnz] and are ordered. Returns the
+// level's non-zeros.
+int64_t check_row_slices(const char* op, const int32_t* row_ptr, const int32_t* row_stop, int64_t M, int64_t level,
+                         int64_t nnz);
+
 // Raises naming the first stored column index of `w` outside [0, K) (called once a kernel reported one).
 [[noreturn]] void fail_column_out_of_range(const char* op, const NcsrLevel& w, int64_t K);
 

@@ -104,9 +104,10 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       std::tie(gx, gv) = bw.call(gz, x, values, col_idx, row_ptr, row_end, level);
     }
     if (bias.defined() && ctx->needs_input_grad(kEdgeBias)) {
+      // sum over no dimension would reduce everything, so a 1-D (unbatched) x passes grad_z through.
       std::vector<int64_t> dims(gz.dim() - 1);
       std::iota(dims.begin(), dims.end(), 0);
-      gb = gz.sum(dims);
+      gb = dims.empty() ? gz : gz.sum(dims);
     }
     return {ctx->needs_input_grad(kEdgeX) ? gx : at::Tensor(), ctx->needs_input_grad(kEdgeValues) ? gv : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor()};

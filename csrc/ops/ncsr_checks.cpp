@@ -46,22 +46,23 @@ NcsrLevel check_ncsr(const char* op, const at::Tensor& values, const at::Tensor&
   TORCH_CHECK(level >= 0 && level < L, op, ": level ", level, " is out of range for a model with ", L,
               " levels (0 = densest .. ", L - 1, " = sparsest)");
   NcsrLevel w{values, col_idx, row_ptr, row_end, level, L, M};
-  if (device.is_cpu()) {
-    // What memory safety needs for this level: every row slice lies inside the values buffer.
-    const int32_t* rp = w.row_start();
-    const int32_t* re = w.row_stop();
-    const int64_t nnz = values.numel();
-    TORCH_CHECK(rp[0] == 0, op, ": row_ptr[0] = ", rp[0], " but must be 0");
-    for (int64_t r = 0; r < M; ++r) {
-      TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr is not non-decreasing: row_ptr[", r, "] = ", rp[r],
-                  " > row_ptr[", r + 1, "] = ", rp[r + 1]);
-      TORCH_CHECK(re[r] >= rp[r] && re[r] <= rp[r + 1], op, ": row_end[", level, ", ", r, "] = ", re[r],
-                  " is outside its row [row_ptr[", r, "], row_ptr[", r + 1, "]] = [", rp[r], ", ", rp[r + 1], "]");
-      w.nnz += re[r] - rp[r];
-    }
-    TORCH_CHECK(rp[M] <= nnz, op, ": row_ptr[M=", M, "] = ", rp[M], " exceeds the ", nnz, " stored values");
-  }
+  // What memory safety needs for this level: every row slice lies inside the values buffer.
+  if (device.is_cpu()) w.nnz = check_row_slices(op, w.row_start(), w.row_stop(), M, level, values.numel());
   return w;
+}
+
+int64_t check_row_slices(const char* op, const int32_t* rp, const int32_t* re, int64_t M, int64_t level, int64_t nnz) {
+  TORCH_CHECK(rp[0] == 0, op, ": row_ptr[0] = ", rp[0], " but must be 0");
+  int64_t count = 0;
+  for (int64_t r = 0; r < M; ++r) {
+    TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr is not non-decreasing: row_ptr[", r, "] = ", rp[r],
+                " > row_ptr[", r + 1, "] = ", rp[r + 1]);
+    TORCH_CHECK(re[r] >= rp[r] && re[r] <= rp[r + 1], op, ": row_end[", level, ", ", r, "] = ", re[r],
+                " is outside its row [row_ptr[", r, "], row_ptr[", r + 1, "]] = [", rp[r], ", ", rp[r + 1], "]");
+    count += re[r] - rp[r];
+  }
+  TORCH_CHECK(rp[M] <= nnz, op, ": row_ptr[M=", M, "] = ", rp[M], " exceeds the ", nnz, " stored values");
+  return count;
 }
 
 void fail_column_out_of_range(const char* op, const NcsrLevel& w, int64_t K) {

@@ -23,7 +23,7 @@ class NestedSparseModule(nn.Module):
         self.register_buffer("col_idx", weight.col_idx.clone())
         self.register_buffer("row_ptr", weight.row_ptr.clone())
         self.register_buffer("row_end", weight.row_end.clone())
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.bias = nn.Parameter(bias.detach().to(weight.values.dtype).clone()) if bias is not None else None
         self.weight_shape = tuple(weight.weight_shape)
         self.densities = tuple(weight.densities)
         self.activation = activation
@@ -40,7 +40,7 @@ class NestedSparseModule(nn.Module):
         self.level = self._checked_level(level)
 
     def _checked_level(self, level: int) -> int:
-        if not isinstance(level, int) or not 0 <= level < self.num_levels:
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < self.num_levels:
             raise ValueError(f"{type(self).__name__}: level {level!r} is out of range for {self.num_levels} levels "
                              "(0 = densest)")
         return level
@@ -54,7 +54,9 @@ class NestedSparseModule(nn.Module):
         """The row partition for the CPU kernels, built once per weight and thread count, then reused."""
         if self.values.device.type != "cpu" or torch.compiler.is_compiling():
             return None
-        key = (self.row_ptr.data_ptr(), self.row_end.data_ptr(), torch.get_num_threads())
+        # A buffer replaced, reloaded in place or moved invalidates the plan.
+        key = (self.row_ptr.data_ptr(), self.row_end.data_ptr(), self.row_ptr._version, self.row_end._version,
+               tuple(self.row_end.shape), torch.get_num_threads())
         if self._plan is None or self._plan_key != key:
             self._plan = ops.ncsr_plan(self.row_ptr, self.row_end)
             self._plan_key = key
@@ -85,6 +87,8 @@ class NestedSparseLinear(NestedSparseModule):
 
     def forward(self, x: Tensor, level: int | None = None) -> Tensor:
         lvl = self.level if level is None else self._checked_level(level)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}")
         return ops.ncsr_linear(x.contiguous(), self.values, self.col_idx, self.row_ptr, self.row_end, lvl, self.bias,
                                self.activation, self.plan())
 
@@ -121,6 +125,9 @@ class NestedSparseConv2d(NestedSparseModule):
 
     def forward(self, x: Tensor, level: int | None = None) -> Tensor:
         lvl = self.level if level is None else self._checked_level(level)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, "
+                             f"got shape {tuple(x.shape)}")
         return ops.ncsr_conv2d(x.contiguous(), self.values, self.col_idx, self.row_ptr, self.row_end, lvl,
                                self.kernel_size, self.bias, self.stride, self.padding, self.dilation, self.groups,
                                self.activation, self.plan())

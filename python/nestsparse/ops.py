@@ -30,7 +30,7 @@ def ncsr_conv2d(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row
 
 def ncsr_plan(row_ptr: Tensor, row_end: Tensor, num_chunks: int | None = None) -> Tensor:
     """Per-level row partition of equal work, to cache per weight and pass as ``plan``."""
-    return _ops.ncsr_plan(row_ptr, row_end, num_chunks or 4 * torch.get_num_threads())
+    return _ops.ncsr_plan(row_ptr, row_end, 4 * torch.get_num_threads() if num_chunks is None else num_chunks)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -82,8 +82,11 @@ def global_magnitude_tags(weights: Mapping[str, Tensor], densities: LevelSpec | 
 def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Module]:
     """The nn.Linear and nn.Conv2d modules of ``model`` by qualified name, without those in ``skip``."""
     skip = set(skip)
+    # nn.MultiheadAttention reads its out_proj.weight directly, so its projection must stay an nn.Linear.
+    inside_mha = {f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for child, _ in m.named_modules() if child}
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skip}
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skip and name not in inside_mha}
 
 
 def model_tags(model: nn.Module, densities: LevelSpec | Sequence[float], scope: str = "layer",

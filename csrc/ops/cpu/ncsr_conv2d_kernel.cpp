@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 
 #include "cpu_isa.h"
 #include "ops/cpu/common.h"
@@ -39,10 +40,25 @@ ConvShape check_conv(const char* op, const at::Tensor& x, const NcsrLevel& w, at
   TORCH_CHECK(s.ph >= 0 && s.pw >= 0, op, ": padding must be non-negative, got ", padding);
   TORCH_CHECK(s.dh > 0 && s.dw > 0, op, ": dilation must be positive, got ", dilation);
   TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+  // Bounds that keep every offset computed below far from int64 overflow (and K within int32 indices).
+  constexpr int64_t kMaxTap = 1 << 16, kMaxPad = 1 << 24;
+  TORCH_CHECK(s.kh <= kMaxTap && s.kw <= kMaxTap && s.sh <= kMaxTap && s.sw <= kMaxTap && s.dh <= kMaxTap &&
+                  s.dw <= kMaxTap,
+              op, ": kernel_size, stride and dilation must be at most ", kMaxTap, ", got ", kernel_size, ", ", stride,
+              ", ", dilation);
+  TORCH_CHECK(s.ph <= kMaxPad && s.pw <= kMaxPad, op, ": padding must be at most ", kMaxPad, ", got ", padding);
+  int64_t padded = 0, total = 0;
+  const bool overflow = __builtin_mul_overflow(s.H + 2 * s.ph, s.W + 2 * s.pw, &padded) ||
+                        __builtin_mul_overflow(padded, std::max<int64_t>(s.Cin, 1) * std::max<int64_t>(s.Nb, 1), &total) ||
+                        total > (int64_t{1} << 40);
+  TORCH_CHECK(!overflow, op, ": the padded input (", s.Nb, " x ", s.Cin, " x ", s.H + 2 * s.ph, " x ", s.W + 2 * s.pw,
+              ") is too large");
   TORCH_CHECK(s.Cin % groups == 0, op, ": input channels (", s.Cin, ") are not divisible by groups (", groups, ")");
   TORCH_CHECK(s.M % groups == 0, op, ": output channels (", s.M, " weight rows) are not divisible by groups (", groups, ")");
   s.Cg = s.Cin / groups;
   s.K = s.Cg * s.kh * s.kw;
+  TORCH_CHECK(s.K <= std::numeric_limits<int32_t>::max(), op, ": a filter has ", s.K,
+              " weights (Cin/groups x kh x kw), more than int32 column indices can address");
   s.OH = (s.H + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
   s.OW = (s.W + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
   TORCH_CHECK(s.H + 2 * s.ph >= s.dh * (s.kh - 1) + 1 && s.W + 2 * s.pw >= s.dw * (s.kw - 1) + 1, op,
@@ -108,9 +124,19 @@ void conv_f32_phases(const NcsrLevel& w, const ConvShape& s, const at::Tensor& x
   // rewrites every input pixel, and only the padding, which valid outputs do read, is zeroed each call.
   // Whatever else it holds only reaches dropped outputs.
   const int64_t size = std::max(s.Cin * chan, (s.groups - 1) * s.Cg * chan + max_koff + T * TN);
+  // Buffers above 64 MB (large batches) are allocated per call rather than kept alive by the thread.
+  constexpr int64_t kMaxCachedFloats = int64_t{16} << 20;
   thread_local std::vector<float> workspace;
-  if (static_cast<int64_t>(workspace.size()) < size) workspace.assign(size, 0.f);
-  float* bp = workspace.data();
+  at::Tensor big;
+  float* bp;
+  if (size > kMaxCachedFloats) {
+    big = at::empty({size}, at::kFloat);
+    bp = big.data_ptr<float>();
+    std::fill(bp + s.Cin * chan, bp + size, 0.f);  // the slack past the planes, read by dropped columns only
+  } else {
+    if (static_cast<int64_t>(workspace.size()) < size) workspace.assign(size, 0.f);
+    bp = workspace.data();
+  }
   const float* xf = x.const_data_ptr<float>();
   // Rows [r_lo, r_hi) of phase row qr and columns [c_lo, c_hi) of phase column qc hold input pixels.
   std::vector<int64_t> r_lo(s.sh), r_hi(s.sh), c_lo(s.sw), c_hi(s.sw);

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "formats/ncsr.h"
 
 namespace nestsparse {
@@ -31,13 +33,18 @@ at::Tensor ncsr_plan_cpu(const at::Tensor& row_ptr, const at::Tensor& row_end, i
               row_ptr.sizes());
   TORCH_CHECK(row_end.dim() == 2 && row_end.size(0) >= 1, "ncsr_plan: row_end must have shape (L, M), got ",
               row_end.sizes());
-  const int64_t L = row_end.size(0);
-  // The row checks of check_ncsr need a values length; the plan reads no values, so any buffer that is
-  // long enough for row_ptr stands in.
-  const int64_t nnz = std::max<int64_t>(row_ptr[-1].item<int32_t>(), 0);
-  const at::Tensor values = at::empty({nnz}), cols = at::empty({nnz}, at::kInt);
-  for (int64_t l = 0; l < L; ++l) check_ncsr("ncsr_plan", values, cols, row_ptr, row_end, l, row_ptr.device());
-  const int64_t M = row_ptr.numel() - 1;
+  TORCH_CHECK(row_ptr.device().is_cpu() && row_end.device().is_cpu(), "ncsr_plan: plans are for the CPU kernels; ",
+              "row_ptr and row_end are on ", row_ptr.device(), " and ", row_end.device());
+  TORCH_CHECK(row_end.scalar_type() == at::kInt && row_ptr.is_contiguous() && row_end.is_contiguous(),
+              "ncsr_plan: row_end must be int32 and both arrays contiguous");
+  const int64_t L = row_end.size(0), M = row_ptr.numel() - 1;
+  TORCH_CHECK(row_end.size(1) == M, "ncsr_plan: row_end must have shape (L, M=", M, "), got ", row_end.sizes());
+  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max() && num_chunks <= std::max<int64_t>(M, 1) + 1024, "ncsr_plan: ",
+              num_chunks, " chunks for ", M, " rows; ask for at most M + 1024");
+  for (int64_t l = 0; l < L; ++l) {
+    check_row_slices("ncsr_plan", row_ptr.const_data_ptr<int32_t>(), row_end.const_data_ptr<int32_t>() + l * M, M, l,
+                     std::numeric_limits<int64_t>::max());
+  }
   at::Tensor plan = at::empty({L, num_chunks + 1}, at::kInt);
   for (int64_t l = 0; l < L; ++l) {
     chunk_level(row_ptr.const_data_ptr<int32_t>(), row_end.const_data_ptr<int32_t>() + l * M, M, num_chunks,

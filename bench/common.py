@@ -118,9 +118,12 @@ def write_csv(path: str | None, rows: list[dict], columns: list[str]) -> None:
 
 def cpu_snapshot() -> tuple[float, float, float]:
     """(busy CPU seconds of the whole machine, CPU seconds of this process, wall seconds), for other_cpu_share."""
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:9]]  # user .. steal (guest is inside user)
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user .. steal (guest is inside user)
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except OSError:  # not Linux: other processes cannot be seen, so none are assumed
+        return 0.0, 0.0, time.monotonic()
     return busy, sum(os.times()[:2]), time.monotonic()
 
 
@@ -128,7 +131,7 @@ def other_cpu_share(since: tuple[float, float, float]) -> float:
     """Share of all CPUs that OTHER processes used since ``since``: timings taken while another build or
     test run held a core are not trustworthy, and the tables must say so."""
     busy, mine, wall = (b - a for a, b in zip(since, cpu_snapshot()))
-    return max(0.0, (busy - mine) / (wall * (os.cpu_count() or 1)))
+    return max(0.0, (busy - mine) / (max(wall, 1e-6) * (os.cpu_count() or 1)))
 
 
 def wait_for_quiet(max_share: float = 0.05, window: float = 0.5, timeout: float = 120.0) -> None:
@@ -169,7 +172,10 @@ def kernel_build() -> str:
     """Which kernels ran: the commit, whether csrc/ differed from it, and when the loaded library was built
     (csrc/ may be rebuilt between runs; a run keeps the library it loaded)."""
     def git(*a):
-        return subprocess.run(["git", "-C", str(REPO_ROOT), *a], capture_output=True, text=True)
+        try:
+            return subprocess.run(["git", "-C", str(REPO_ROOT), *a], capture_output=True, text=True)
+        except OSError:
+            return subprocess.CompletedProcess(a, 2, "", "")
     head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown commit"
     dirty = " + uncommitted csrc/ changes" if git("diff", "--quiet", "HEAD", "--", "csrc").returncode == 1 else ""
     lib = Path(ns._C.__file__)

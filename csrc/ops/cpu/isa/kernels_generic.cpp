@@ -85,55 +85,7 @@ inline float half_to_float(uint16_t h) {
 
 template <typename VT, typename IT, int NB>
 static int64_t spmv_rows(const SparseRows& w, const Epilogue& ep, const SpmvBatch& s, int64_t r0, int64_t r1) {
-  const VT* vals = static_cast<const VT*>(w.values);
-  const IT* cols = static_cast<const IT*>(w.col_idx);
-  const uint64_t K = static_cast<uint64_t>(w.cols);
-  constexpr int U = NB == 1 ? 8 : (NB == 2 ? 4 : 2);  // independent partial sums per input row
-  int64_t bad = 0;
-  for (int64_t r = r0; r < r1; ++r) {
-    float acc[NB][U] = {};
-    bool ok = true;
-    int64_t p = w.row_start[r];
-    const int64_t e = w.row_stop[r];
-    for (; p + U <= e; p += U) {
-      uint64_t c[U];
-      float v[U];
-      bool in = true;
-      for (int u = 0; u < U; ++u) {
-        c[u] = static_cast<uint64_t>(static_cast<int64_t>(cols[p + u]));
-        v[u] = to_float(vals[p + u]);
-        in &= c[u] < K;
-      }
-      if (__builtin_expect(!in, 0)) {
-        ok = false;
-        break;
-      }
-      for (int b = 0; b < NB; ++b) {
-        const float* xb = s.x + b * s.ldx;
-        for (int u = 0; u < U; ++u) acc[b][u] += v[u] * xb[c[u]];
-      }
-    }
-    for (; ok && p < e; ++p) {
-      const uint64_t c = static_cast<uint64_t>(static_cast<int64_t>(cols[p]));
-      if (c >= K) {
-        ok = false;
-        break;
-      }
-      const float v = to_float(vals[p]);
-      for (int b = 0; b < NB; ++b) acc[b][0] += v * s.x[b * s.ldx + c];
-    }
-    if (!ok) {
-      ++bad;
-      continue;
-    }
-    const float bias = ep.bias ? ep.bias[r] : 0.f;
-    for (int b = 0; b < NB; ++b) {
-      float sum = 0.f;
-      for (int u = 0; u < U; ++u) sum += acc[b][u];
-      s.out[b * s.ldo + r] = activate(sum + bias, ep.act);
-    }
-  }
-  return bad;
+  return spmv_rows_scalar<VT, IT, NB>(w, ep, s, r0, r1);
 }
 
 }  // namespace

@@ -52,6 +52,8 @@ static int64_t spmv_rows(const SparseRows& w, const Epilogue& ep, const SpmvBatc
     const int64_t e = w.row_stop[r];
     bool ok = true;
     for (int64_t p = w.row_start[r]; p < e; p += 16) {
+      __builtin_prefetch(vals + p + kPrefetchEntries);
+      __builtin_prefetch(cols + p + kPrefetchEntries);
       const __mmask16 m = Simd::tail_mask(e - p);
       const __m512i idx = load_cols(cols + p, m);
       const __mmask16 in = _mm512_mask_cmplt_epu32_mask(m, idx, kvec);

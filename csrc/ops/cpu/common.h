@@ -46,6 +46,12 @@ inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, co
 // Tile width for n dense columns: the narrowest of 16/32/64 that holds them, so small batches waste no lanes.
 inline int64_t tile_width(int64_t n) { return n <= 16 ? 16 : (n <= 32 ? 32 : 64); }
 
+// Tile width for a dense operand of `ncols` columns whose rows are `K` long. Every weight row of a tile re-reads
+// the K x TN panel, so it must stay in L2 (about 512 KB) next to the streaming weights: narrower for long rows.
+inline int64_t panel_width(int64_t ncols, int64_t K) {
+  return std::min(tile_width(ncols), K <= 2048 ? int64_t{64} : (K <= 4096 ? int64_t{32} : int64_t{16}));
+}
+
 inline SpmmTileFn spmm_for_width(const KernelTable& k, int64_t tn) {
   return tn == 16 ? k.spmm16 : (tn == 32 ? k.spmm32 : k.spmm64);
 }

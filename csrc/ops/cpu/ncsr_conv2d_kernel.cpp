@@ -1,11 +1,11 @@
 // CPU ncsr_conv2d and its backward.
 //
-// The forward never builds an im2col matrix. The input is copied once, zero-padded and split into its
-// stride phases: plane (ph, pw) of channel c holds xpad[c, i*sh + ph, j*sw + pw]. In that layout the input
-// pixel that weight tap (c, a, b) meets at output (oh, ow) sits at a fixed offset koff[c, a, b] from
-// oh*Wq + ow, for every stride and dilation, so the convolution is the broadcast SpMM kernel over a "wide"
-// output grid of OH x Wq columns whose last Wq - OW columns are computed and dropped. A 1x1 stride-1
-// unpadded convolution skips the copy and reads x itself. The backward uses im2col/col2im (training only).
+// The forward never builds an im2col matrix. The batch is copied once into a zero-padded buffer split by
+// stride phase (conv_f32_phases), where the input pixel that weight tap (c, a, b) meets at output
+// (n, oh, ow) sits at a fixed offset koff[c, a, b] from column n*Hq*Wq + oh*Wq + ow, for every stride and
+// dilation. So the convolution is the broadcast SpMM kernel over a "wide" grid whose padding columns are
+// computed and dropped. A 1x1 stride-1 unpadded convolution skips the copy and reads x itself
+// (conv_f32_direct). float64 and the backward use im2col/col2im (gradient checks and training only).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -67,16 +67,10 @@ ConvShape check_conv(const char* op, const at::Tensor& x, const NcsrLevel& w, at
   return s;
 }
 
-// The tile width for conv columns whose B rows are `ldk` floats apart in cache terms: as for linear, keep the
-// K rows x TN columns a tile touches within about 512 KB.
-int64_t conv_tile_width(int64_t ncols, int64_t K) {
-  return std::min(tile_width(ncols), K <= 2048 ? int64_t{64} : (K <= 4096 ? int64_t{32} : int64_t{16}));
-}
-
 // 1x1, stride 1, no padding: the weight multiplies x[n] viewed as (Cin, H*W) directly, with no copy.
 void conv_f32_direct(const NcsrLevel& w, const ConvShape& s, const at::Tensor& x, const Epilogue& ep, float* out,
                      const std::vector<int32_t>& chunks) {
-  const int64_t HW = s.H * s.W, TN = conv_tile_width(HW, s.K), T = (HW + TN - 1) / TN;
+  const int64_t HW = s.H * s.W, TN = panel_width(HW, s.K), T = (HW + TN - 1) / TN;
   const int64_t P = static_cast<int64_t>(chunks.size()) - 1;
   const float* xf = x.const_data_ptr<float>();
   const SparseRows rows = sparse_rows(w, s.K);
@@ -118,7 +112,7 @@ void conv_f32_phases(const NcsrLevel& w, const ConvShape& s, const at::Tensor& x
     }
   }
   const int64_t N = (s.Nb - 1) * plane + s.OH * Wq;  // the last image's rows past OH are not needed
-  const int64_t TN = conv_tile_width(N, s.K), T = (N + TN - 1) / TN;
+  const int64_t TN = panel_width(N, s.K), T = (N + TN - 1) / TN;
   // Dropped columns read past their plane: size the buffer so every read of every tile stays inside. The
   // buffer is a per-thread workspace kept between calls (no page faults, no full memset): the fill below
   // rewrites every input pixel, and only the padding, which valid outputs do read, is zeroed each call.

@@ -35,9 +35,7 @@ void linear_f32(const NcsrLevel& w, const at::Tensor& x, int64_t N, int64_t K, c
       bad += b;
     });
   } else {
-    // The panel (K x TN floats) is re-read by every weight row of its tile: keep it within ~512 KB so it
-    // stays in L2 next to the streaming weights, narrowing the tile for long rows.
-    const int64_t TN = std::min(tile_width(N), K <= 2048 ? int64_t{64} : (K <= 4096 ? int64_t{32} : int64_t{16}));
+    const int64_t TN = panel_width(N, K);
     const int64_t T = (N + TN - 1) / TN;
     at::Tensor xp = x.reshape({N, K});
     if (T * TN != N) xp = at::constant_pad_nd(xp, {0, 0, 0, T * TN - N});

@@ -31,6 +31,25 @@ TORCH_LIBRARY(nestsparse, m) {
   // Row partition of every level into `num_chunks` pieces of about equal work (non-zeros plus a per-row
   // cost): int32 (L, num_chunks+1). Built once per weight; the ops take it as `plan`.
   m.def("ncsr_plan(Tensor row_ptr, Tensor row_end, int num_chunks) -> Tensor");
+
+  // The same four ops for nested BCR (see formats/nbcr.h): W has `rows` rows tiled into `block_shape` blocks.
+  m.def(
+      "nbcr_linear(Tensor x, Tensor values, Tensor indices, Tensor block_ptr, Tensor blocks, Tensor counts, "
+      "int level, int rows, int[2] block_shape, Tensor? bias=None, str activation='none', Tensor? plan=None) "
+      "-> Tensor");
+  m.def(
+      "nbcr_linear_backward(Tensor grad_z, Tensor x, Tensor values, Tensor indices, Tensor block_ptr, "
+      "Tensor blocks, Tensor counts, int level, int rows, int[2] block_shape) -> (Tensor, Tensor)");
+  m.def(
+      "nbcr_conv2d(Tensor x, Tensor values, Tensor indices, Tensor block_ptr, Tensor blocks, Tensor counts, "
+      "int level, int rows, int[2] block_shape, int[2] kernel_size, Tensor? bias=None, int[2] stride=1, "
+      "int[2] padding=0, int[2] dilation=1, int groups=1, str activation='none', Tensor? plan=None) -> Tensor");
+  m.def(
+      "nbcr_conv2d_backward(Tensor grad_z, Tensor x, Tensor values, Tensor indices, Tensor block_ptr, "
+      "Tensor blocks, Tensor counts, int level, int rows, int[2] block_shape, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");
+  // Block-row partition of every level into `num_chunks` pieces of about equal work: int32 (L, num_chunks+1).
+  m.def("nbcr_plan(Tensor block_ptr, Tensor counts, int rows_per_block, int num_chunks) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, mod) {

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from .formats import DEFAULT_BLOCK_SHAPE, FormatError, NestedBCR
 from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule
 
-__all__ = ["convert", "to_dense"]
+__all__ = ["convert", "to_dense", "FORMATS"]
 
 _FUSABLE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu"}
 
@@ -29,8 +32,13 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+FORMATS = ("ncsr", "nbcr", "auto")
+
+
 def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[float, ...] = (),
-            num_levels: int | None = None, fuse_activations: bool = True, inplace: bool = False) -> nn.Module:
+            num_levels: int | None = None, fuse_activations: bool = True, inplace: bool = False,
+            format: str = "ncsr", block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+            example_input: Tensor | tuple | None = None) -> nn.Module:
     """Replaces each nn.Linear / nn.Conv2d named in ``tags`` by its nested sparse module.
 
     ``tags`` maps module names to int8 tags of the module's weight shape (see nestsparse.pruning). Every
@@ -39,7 +47,18 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
     ``fuse_activations``, an activation that directly follows a converted layer inside an nn.Sequential
     (ReLU, ReLU6, exact GELU) is folded into the kernel's epilogue and replaced by nn.Identity, so the
     output is written once.
+
+    ``format``: "ncsr" (nested CSR, any tags), "nbcr" (nested BCR of ``block_shape``; the tags must be block
+    row/column structured, e.g. from nestsparse.bcr_tags) or "auto", which picks per layer:
+      - tags that are not block row/column structured for ``block_shape`` -> "ncsr";
+      - with ``example_input`` (what the model is called with): the model runs it once to capture every
+        layer's real input, then both formats run that input at level 0 and at the sparsest level (median of
+        5 calls after 2 warm-ups) and the smaller sum wins;
+      - without it, a cost model: the format whose level-0 product reads fewer bytes (values + indices).
+    The chosen format of each layer is its ``format`` attribute.
     """
+    if format not in FORMATS:
+        raise ValueError(f"convert: format must be one of {FORMATS}, got {format!r}")
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -54,6 +73,9 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
             raise TypeError(f"convert: {name!r} is a {type(m).__name__}; only nn.Linear and nn.Conv2d convert")
         if tuple(t.shape) != tuple(m.weight.shape):
             raise ValueError(f"convert: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}")
+    inputs = _layer_inputs(model, list(tags), example_input) if format == "auto" and example_input is not None else {}
+    for name, t in tags.items():
+        m = modules[name]
         parent, child = _parent(model, name)
         act, follower = "none", None
         if fuse_activations and isinstance(parent, nn.Sequential):
@@ -63,11 +85,60 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
                 act = _fusable_activation(parent._modules[keys[i + 1]]) or "none"
                 follower = keys[i + 1] if act != "none" else None
         cls = NestedSparseLinear if isinstance(m, nn.Linear) else NestedSparseConv2d
-        setattr(parent, child, cls.from_dense(m, t, activation=act, densities=densities,
-                                                  num_levels=num_levels))
+
+        def build(fmt: str, m=m, t=t, cls=cls, act=act) -> NestedSparseModule:
+            return cls.from_dense(m, t, activation=act, densities=densities, num_levels=num_levels, format=fmt,
+                                  block_shape=block_shape)
+
+        if format == "auto":
+            new = _pick_faster(build, t, block_shape, inputs.get(name), num_levels)
+        else:
+            new = build(format)
+        setattr(parent, child, new)
         if follower is not None:
             setattr(parent, follower, nn.Identity())
     return model
+
+
+def _layer_inputs(model: nn.Module, names: list[str], example_input) -> dict[str, Tensor]:
+    """Each named layer's input when ``model`` runs ``example_input`` (one forward pass, no gradients)."""
+    captured, hooks = {}, []
+    for name in names:
+        def hook(_mod, args, name=name):
+            captured.setdefault(name, args[0].detach())
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def _median_ms(fn, repeats: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _pick_faster(build, tags: Tensor, block_shape, x: Tensor | None, num_levels: int) -> NestedSparseModule:
+    try:
+        NestedBCR.structured_tags(tags, block_shape)
+    except FormatError:
+        return build("ncsr")
+    candidates = [build("ncsr"), build("nbcr")]
+    if x is None:
+        return min(candidates, key=lambda mod: mod.nested().nbytes(0))
+    levels = sorted({0, num_levels - 1})
+    with torch.no_grad():
+        cost = [sum(_median_ms(lambda lvl=lvl: mod(x, level=lvl)) for lvl in levels) for mod in candidates]
+    return candidates[cost.index(min(cost))]
 
 
 def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.Module:

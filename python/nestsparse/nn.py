@@ -6,23 +6,39 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .formats import NestedCSR
+from .formats import DEFAULT_BLOCK_SHAPE, NestedBCR, NestedCSR
 
 __all__ = ["NestedSparseLinear", "NestedSparseConv2d", "NestedSparseModule", "set_level", "get_levels"]
 
 
-class NestedSparseModule(nn.Module):
-    """Common part: the nested CSR arrays (values trainable), the level in use and the cached plan."""
+_INDEX_BUFFERS = {NestedCSR: ("col_idx", "row_ptr", "row_end"),
+                  NestedBCR: ("indices", "block_ptr", "blocks", "counts")}
 
-    def __init__(self, weight: NestedCSR, bias: Tensor | None, activation: str):
+
+def _nested_from_dense(weight: Tensor, tags: Tensor, fmt: str, num_levels, densities, block_shape) -> NestedCSR | NestedBCR:
+    if fmt == "ncsr":
+        return NestedCSR.from_dense(weight, tags, num_levels=num_levels, densities=densities)
+    if fmt == "nbcr":
+        return NestedBCR.from_dense(weight, tags, block_shape=block_shape, num_levels=num_levels, densities=densities)
+    raise ValueError(f"format must be 'ncsr' or 'nbcr', got {fmt!r}")
+
+
+class NestedSparseModule(nn.Module):
+    """Common part: the nested weight's arrays (values trainable, indices as buffers), the level in use and
+    the cached plan. The weight is nested CSR (``format == "ncsr"``) or nested BCR (``"nbcr"``)."""
+
+    def __init__(self, weight: NestedCSR | NestedBCR, bias: Tensor | None, activation: str):
         super().__init__()
         if activation not in ops.ACTIVATIONS:
             raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {activation!r}")
+        if not isinstance(weight, (NestedCSR, NestedBCR)):
+            raise TypeError(f"weight must be a NestedCSR or NestedBCR, got {type(weight).__name__}")
         weight.validate()
+        self.format = "ncsr" if isinstance(weight, NestedCSR) else "nbcr"
+        self.block_shape = tuple(weight.block_shape) if self.format == "nbcr" else None
         self.values = nn.Parameter(weight.values.detach().clone())
-        self.register_buffer("col_idx", weight.col_idx.clone())
-        self.register_buffer("row_ptr", weight.row_ptr.clone())
-        self.register_buffer("row_end", weight.row_end.clone())
+        for name in _INDEX_BUFFERS[type(weight)]:
+            self.register_buffer(name, getattr(weight, name).clone())
         self.bias = nn.Parameter(bias.detach().to(weight.values.dtype).clone()) if bias is not None else None
         self.weight_shape = tuple(weight.weight_shape)
         self.densities = tuple(weight.densities)
@@ -31,9 +47,12 @@ class NestedSparseModule(nn.Module):
         self._plan: Tensor | None = None
         self._plan_key: tuple | None = None
 
+    def _index_tensors(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, n) for n in _INDEX_BUFFERS[NestedCSR if self.format == "ncsr" else NestedBCR])
+
     @property
     def num_levels(self) -> int:
-        return int(self.row_end.shape[0])
+        return int((self.row_end if self.format == "ncsr" else self.counts).shape[0])
 
     def set_level(self, level: int) -> None:
         """Selects the level used when forward() is given none. Copies nothing."""
@@ -45,20 +64,26 @@ class NestedSparseModule(nn.Module):
                              "(0 = densest)")
         return level
 
-    def nested(self) -> NestedCSR:
-        """The weight as a NestedCSR sharing this module's tensors."""
-        return NestedCSR(self.values.detach(), self.col_idx, self.row_ptr, self.row_end, self.weight_shape,
+    def nested(self) -> NestedCSR | NestedBCR:
+        """The weight as a NestedCSR / NestedBCR sharing this module's tensors."""
+        if self.format == "ncsr":
+            return NestedCSR(self.values.detach(), *self._index_tensors(), self.weight_shape, self.densities)
+        return NestedBCR(self.values.detach(), *self._index_tensors(), self.weight_shape, self.block_shape,
                          self.densities)
 
     def plan(self) -> Tensor | None:
-        """The row partition for the CPU kernels, built once per weight and thread count, then reused."""
+        """The row (or block-row) partition for the CPU kernels, built once per weight and thread count."""
         if self.values.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         # A buffer replaced, reloaded in place or moved invalidates the plan.
-        key = (self.row_ptr.data_ptr(), self.row_end.data_ptr(), self.row_ptr._version, self.row_end._version,
-               tuple(self.row_end.shape), torch.get_num_threads())
+        idx = self._index_tensors()
+        key = (tuple(t.data_ptr() for t in idx), tuple(t._version for t in idx), tuple(idx[-1].shape),
+               torch.get_num_threads())
         if self._plan is None or self._plan_key != key:
-            self._plan = ops.ncsr_plan(self.row_ptr, self.row_end)
+            if self.format == "ncsr":
+                self._plan = ops.ncsr_plan(self.row_ptr, self.row_end)
+            else:
+                self._plan = ops.nbcr_plan(self.block_ptr, self.counts, self.block_shape[0])
             self._plan_key = key
         return self._plan
 
@@ -67,13 +92,15 @@ class NestedSparseModule(nn.Module):
 
     def _extra(self) -> str:
         dens = ", ".join(f"{self.nested().density(lvl):.3f}" for lvl in range(self.num_levels))
-        return f"levels={self.num_levels} (densities {dens}), level={self.level}, activation={self.activation}"
+        fmt = self.format if self.format == "ncsr" else f"nbcr {self.block_shape[0]}x{self.block_shape[1]}"
+        return (f"format={fmt}, levels={self.num_levels} (densities {dens}), level={self.level}, "
+                f"activation={self.activation}")
 
 
 class NestedSparseLinear(NestedSparseModule):
     """y = act(x @ W_level^T + b) with W stored once for all levels."""
 
-    def __init__(self, weight: NestedCSR, bias: Tensor | None = None, activation: str = "none"):
+    def __init__(self, weight: NestedCSR | NestedBCR, bias: Tensor | None = None, activation: str = "none"):
         if len(weight.weight_shape) != 2:
             raise ValueError(f"NestedSparseLinear needs a 2-D weight, got shape {weight.weight_shape}")
         super().__init__(weight, bias, activation)
@@ -81,16 +108,22 @@ class NestedSparseLinear(NestedSparseModule):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
-                   num_levels: int | None = None) -> "NestedSparseLinear":
-        w = NestedCSR.from_dense(linear.weight.detach(), tags, num_levels=num_levels, densities=densities)
+                   num_levels: int | None = None, format: str = "ncsr",
+                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> "NestedSparseLinear":
+        """``format`` "ncsr" stores any nested tags; "nbcr" needs block row/column structured tags
+        (nestsparse.bcr_tags) of ``block_shape``."""
+        w = _nested_from_dense(linear.weight.detach(), tags, format, num_levels, densities, block_shape)
         return cls(w, linear.bias, activation)
 
     def forward(self, x: Tensor, level: int | None = None) -> Tensor:
         lvl = self.level if level is None else self._checked_level(level)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}")
-        return ops.ncsr_linear(x.contiguous(), self.values, self.col_idx, self.row_ptr, self.row_end, lvl, self.bias,
-                               self.activation, self.plan())
+        if self.format == "ncsr":
+            return ops.ncsr_linear(x.contiguous(), self.values, *self._index_tensors(), lvl, self.bias,
+                                   self.activation, self.plan())
+        return ops.nbcr_linear(x.contiguous(), self.values, *self._index_tensors(), lvl, self.out_features,
+                               self.block_shape, self.bias, self.activation, self.plan())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._extra()}"
@@ -99,7 +132,7 @@ class NestedSparseLinear(NestedSparseModule):
 class NestedSparseConv2d(NestedSparseModule):
     """NCHW convolution with the weight (Cout, Cin/groups, kh, kw) stored once for all levels."""
 
-    def __init__(self, weight: NestedCSR, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+    def __init__(self, weight: NestedCSR | NestedBCR, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                  groups: int = 1, activation: str = "none"):
         if len(weight.weight_shape) != 4:
             raise ValueError(f"NestedSparseConv2d needs a 4-D weight, got shape {weight.weight_shape}")
@@ -112,7 +145,8 @@ class NestedSparseConv2d(NestedSparseModule):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
-                   num_levels: int | None = None) -> "NestedSparseConv2d":
+                   num_levels: int | None = None, format: str = "ncsr",
+                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> "NestedSparseConv2d":
         if conv.padding_mode != "zeros":
             raise ValueError(f"NestedSparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         padding = conv.padding
@@ -120,7 +154,7 @@ class NestedSparseConv2d(NestedSparseModule):
             if padding != "valid":
                 raise ValueError("NestedSparseConv2d: padding='same' is not supported; give explicit padding")
             padding = 0
-        w = NestedCSR.from_dense(conv.weight.detach(), tags, num_levels=num_levels, densities=densities)
+        w = _nested_from_dense(conv.weight.detach(), tags, format, num_levels, densities, block_shape)
         return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
 
     def forward(self, x: Tensor, level: int | None = None) -> Tensor:
@@ -128,9 +162,13 @@ class NestedSparseConv2d(NestedSparseModule):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, "
                              f"got shape {tuple(x.shape)}")
-        return ops.ncsr_conv2d(x.contiguous(), self.values, self.col_idx, self.row_ptr, self.row_end, lvl,
-                               self.kernel_size, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                               self.activation, self.plan())
+        if self.format == "ncsr":
+            return ops.ncsr_conv2d(x.contiguous(), self.values, *self._index_tensors(), lvl, self.kernel_size,
+                                   self.bias, self.stride, self.padding, self.dilation, self.groups, self.activation,
+                                   self.plan())
+        return ops.nbcr_conv2d(x.contiguous(), self.values, *self._index_tensors(), lvl, self.out_channels,
+                               self.block_shape, self.kernel_size, self.bias, self.stride, self.padding,
+                               self.dilation, self.groups, self.activation, self.plan())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -6,14 +6,17 @@ masks of all levels are nested by construction: ``mask(l) = tags >= l``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LevelSpec", "magnitude_tags", "global_magnitude_tags", "model_tags", "masks_from_tags",
-           "tags_from_masks", "prunable_layers"]
+from .formats import DEFAULT_BLOCK_SHAPE, _blocked, _check_block_shape, _element_tags, _grid, _inside, _matrix_shape
+
+__all__ = ["LevelSpec", "magnitude_tags", "global_magnitude_tags", "bcr_tags", "global_bcr_tags", "model_tags",
+           "masks_from_tags", "tags_from_masks", "prunable_layers"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,117 @@ def global_magnitude_tags(weights: Mapping[str, Tensor], densities: LevelSpec | 
     return out
 
 
+def _bcr_level(w2: Tensor, cand_r: Tensor, cand_c: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """One level of structured selection over blocks ``w2`` (B, bm, bk) of squared weights: the kept rows
+    (B, bm) and columns (B, bk), among the candidates, with at most ``budget`` elements (see bcr_tags)."""
+    B, bm, bk = w2.shape
+    # Squared L2 norms (they rank as the norms do): rows over the candidate columns, columns over the rows.
+    row_score = (w2 @ cand_c.to(w2.dtype).unsqueeze(2)).squeeze(2)
+    col_score = (cand_r.to(w2.dtype).unsqueeze(1) @ w2).squeeze(1)
+
+    def ranking(score: Tensor, cand: Tensor) -> Tensor:  # flat positions of the candidates, best first
+        ids = cand.flatten().nonzero().squeeze(1)
+        return ids[torch.argsort(score.flatten()[ids], descending=True, stable=True)]
+
+    rows, cols = ranking(row_score, cand_r), ranking(col_score, cand_c)
+    Nr, Nc = rows.numel(), cols.numel()
+    if not Nr:
+        return cand_r, cand_c
+
+    def sorted_ranks(order: Tensor, width: int) -> Tensor:  # (B, width): each block's ranks, ascending
+        ranks = torch.full((B * width,), order.numel(), dtype=torch.int64, device=order.device)
+        ranks[order] = torch.arange(order.numel(), device=order.device)
+        return ranks.reshape(B, width).sort(1).values
+
+    row_ranks, col_ranks = sorted_ranks(rows, bm), sorted_ranks(cols, bk)
+
+    def kept(t: int) -> tuple[int, int]:  # the rows and columns the fraction rho = t / (Nr * Nc) keeps
+        return t // Nc, t // Nr
+
+    def nnz(t: int) -> int:  # the sum over blocks of rows kept x columns kept
+        r = torch.searchsorted(row_ranks, torch.full((B, 1), kept(t)[0], device=w2.device))
+        c = torch.searchsorted(col_ranks, torch.full((B, 1), kept(t)[1], device=w2.device))
+        return int((r * c).sum())
+
+    # Bisection for the largest rho within budget, over the steps of t = rho * Nr * Nc where a row or a
+    # column joins (multiples of Nc or Nr); lo and hi are always such steps.
+    def step_after(t: int) -> int:
+        return min((t // Nc + 1) * Nc, (t // Nr + 1) * Nr)
+
+    lo, hi = 0, Nr * Nc
+    if nnz(hi) <= budget:
+        lo = hi
+    while lo < hi and step_after(lo) < hi:
+        mid = max((lo + hi) // 2 // Nc * Nc, (lo + hi) // 2 // Nr * Nr, step_after(lo))
+        lo, hi = (mid, hi) if nnz(mid) <= budget else (lo, mid)
+    kr, kc = kept(lo)
+    keep_r = torch.zeros(B * bm, dtype=torch.bool, device=w2.device)
+    keep_c = torch.zeros(B * bk, dtype=torch.bool, device=w2.device)
+    keep_r[rows[:kr]], keep_c[cols[:kc]] = True, True
+    keep_r, keep_c = keep_r.reshape(B, bm), keep_c.reshape(B, bk)
+    both = keep_r.any(1, keepdim=True) & keep_c.any(1, keepdim=True)
+    keep_r, keep_c = keep_r & both, keep_c & both
+    if not both.any():  # even one row and one column is too many: keep the best element
+        b = int(rows[0]) // bm
+        keep_r.view(-1)[rows[0]] = True
+        keep_c[b, col_score[b].masked_fill(~cand_c[b], -math.inf).argmax()] = True
+    return keep_r, keep_c
+
+
+def _bcr_tags(mats: Sequence[Tensor], spec: LevelSpec, block_shape: tuple[int, int]) -> list[Tensor]:
+    """Element tags (M, K) of (M, K) matrices that share one budget per level."""
+    bm, bk = block_shape
+    grids = [_grid(*m.shape, block_shape) for m in mats]
+    w2 = torch.cat([_blocked(m.float() ** 2, block_shape, 0).reshape(-1, bm, bk) for m in mats])
+    inside = [_inside(*m.shape, block_shape, m.device) for m in mats]
+    cand_r = torch.cat([r.expand(MB, KB, bm).reshape(-1, bm) for (r, _), (MB, KB) in zip(inside, grids)])
+    cand_c = torch.cat([c.expand(MB, KB, bk).reshape(-1, bk) for (_, c), (MB, KB) in zip(inside, grids)])
+    n = sum(m.numel() for m in mats)
+    row_tags = torch.full(cand_r.shape, -1, dtype=torch.int8, device=w2.device)
+    col_tags = torch.full(cand_c.shape, -1, dtype=torch.int8, device=w2.device)
+    for lvl, d in enumerate(spec.densities):
+        cand_r, cand_c = _bcr_level(w2, cand_r, cand_c, math.floor(d * n + 1e-6))
+        row_tags[cand_r], col_tags[cand_c] = lvl, lvl
+    out, start = [], 0
+    for m, (MB, KB) in zip(mats, grids):
+        rt, ct = row_tags[start:start + MB * KB], col_tags[start:start + MB * KB]
+        out.append(_element_tags(rt.reshape(MB, KB, bm), ct.reshape(MB, KB, bk), *m.shape))
+        start += MB * KB
+    return out
+
+
+def bcr_tags(weight: Tensor, densities: LevelSpec | Sequence[float],
+             block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> Tensor:
+    """Nested block row/column (BCR) tags of one layer, ready for NestedBCR.from_dense (weight-shaped int8;
+    a conv weight is seen as (Cout, Cin/g*kh*kw)).
+
+    Levels go from densest to sparsest; level l chooses among the rows and columns kept at level l-1
+    (every one at level 0), so levels nest. In each block, a candidate row scores the L2 norm of its
+    elements in the block's candidate columns, a candidate column the L2 norm over the candidate rows.
+    All candidate rows of the layer are ranked together, and so are the columns (ties: first position
+    first); the top fraction rho of each ranking is kept, and a block keeping rows but no columns (or
+    the reverse) keeps nothing. rho is the largest value (bisection) keeping at most d_l of the weights;
+    if even the first row and column are too many, the level keeps the single best element."""
+    spec, bs = _spec(densities), _check_block_shape("bcr_tags", block_shape)
+    M, K = _matrix_shape(tuple(weight.shape))
+    return _bcr_tags([weight.detach().reshape(M, K)], spec, bs)[0].reshape(weight.shape)
+
+
+def global_bcr_tags(weights: Mapping[str, Tensor], densities: LevelSpec | Sequence[float],
+                    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> dict[str, Tensor]:
+    """Nested BCR tags (see bcr_tags) with one budget across all layers: each level keeps d_l of all weights
+    together, the rows and columns of every layer ranked against each other. So that layers of different
+    scales compete fairly, each layer's scores are divided by the RMS of its weights."""
+    spec, bs = _spec(densities), _check_block_shape("global_bcr_tags", block_shape)
+    mats = []
+    for w in weights.values():
+        m = w.detach().float().cpu().reshape(_matrix_shape(tuple(w.shape)))
+        rms = float(m.pow(2).mean().sqrt()) if m.numel() else 0.0
+        mats.append(m / rms if rms > 0 else m)
+    tags = _bcr_tags(mats, spec, bs) if mats else []
+    return {k: t.reshape(w.shape).to(w.device) for (k, w), t in zip(weights.items(), tags)}
+
+
 def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Module]:
     """The nn.Linear and nn.Conv2d modules of ``model`` by qualified name, without those in ``skip``."""
     skip = set(skip)
@@ -90,16 +204,25 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.
 
 
 def model_tags(model: nn.Module, densities: LevelSpec | Sequence[float], scope: str = "layer",
-               skip: Iterable[str] = ()) -> dict[str, Tensor]:
-    """Nested magnitude tags for every Linear/Conv2d of ``model`` (minus ``skip``), per layer or with one
-    global budget (``scope="global"``). Keys are module names, ready for ``nestsparse.convert``."""
+               skip: Iterable[str] = (), structure: str = "unstructured",
+               block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> dict[str, Tensor]:
+    """Nested tags for every Linear/Conv2d of ``model`` (minus ``skip``), per layer or with one global budget
+    (``scope="global"``): magnitude tags (``structure="unstructured"``, for NestedCSR) or block row/column
+    tags (``structure="bcr"``, for NestedBCR with ``block_shape``). Keys are module names, ready for
+    ``nestsparse.convert``."""
+    if structure not in ("unstructured", "bcr"):
+        raise ValueError(f"model_tags: structure must be 'unstructured' or 'bcr', got {structure!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"model_tags: scope must be 'layer' or 'global', got {scope!r}")
     layers = prunable_layers(model, skip)
     weights = {name: m.weight for name, m in layers.items()}
-    if scope == "layer":
-        return {name: magnitude_tags(w, densities) for name, w in weights.items()}
+    if structure == "bcr":
+        if scope == "global":
+            return global_bcr_tags(weights, densities, block_shape)
+        return {name: bcr_tags(w, densities, block_shape) for name, w in weights.items()}
     if scope == "global":
         return global_magnitude_tags(weights, densities)
-    raise ValueError(f"model_tags: scope must be 'layer' or 'global', got {scope!r}")
+    return {name: magnitude_tags(w, densities) for name, w in weights.items()}
 
 
 def masks_from_tags(tags: Tensor, level: int) -> Tensor:

@@ -2,12 +2,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <atomic>
 #include <limits>
 #include <optional>
 #include <string>
 
+#include "formats/nbcr.h"
 #include "formats/ncsr.h"
 #include "ops/cpu/isa/kernel_api.h"
 #include "ops/cpu/sparse_loops.h"
@@ -54,6 +56,10 @@ inline int64_t panel_width(int64_t ncols, int64_t K) {
 
 inline SpmmTileFn spmm_for_width(const KernelTable& k, int64_t tn) {
   return tn == 16 ? k.spmm16 : (tn == 32 ? k.spmm32 : k.spmm64);
+}
+
+inline BlockTileFn block_fn_for_width(const KernelTable& k, int64_t tn) {
+  return tn == 16 ? k.block16 : (tn == 32 ? k.block32 : k.block64);
 }
 
 // Grain for at::parallel_for over `items` pieces of a product with `work` multiply-adds in all: below about

@@ -1,12 +1,12 @@
 // CPU ncsr_linear and its backward. Batches of 1-4 rows use the gather kernel (the weight is read once, x
-// sits in L1); larger batches pack x into column panels of width 16/32/64 (K x TN, transposed, so the
-// panel stays in cache while every weight row streams through it) and use the broadcast kernel.
+// sits in L1); larger batches go through panel_product (lowering.h) and the broadcast kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu_isa.h"
 #include "ops/cpu/common.h"
+#include "ops/cpu/lowering.h"
 #include "ops/debug.h"
 
 namespace nestsparse::cpu {
@@ -35,37 +35,10 @@ void linear_f32(const NcsrLevel& w, const at::Tensor& x, int64_t N, int64_t K, c
       bad += b;
     });
   } else {
-    const int64_t TN = panel_width(N, K);
-    const int64_t T = (N + TN - 1) / TN;
-    at::Tensor xp = x.reshape({N, K});
-    if (T * TN != N) xp = at::constant_pad_nd(xp, {0, 0, 0, T * TN - N});
-    const at::Tensor panels = xp.reshape({T, TN, K}).transpose(1, 2).contiguous();  // (T, K, TN)
-    const float* pan = panels.const_data_ptr<float>();
-    // Output y[n, r] is transposed to the tiles' rows. Long rows store it directly (TN scalar stores per row,
-    // little next to their multiply-adds); short rows store each tile row contiguously into (T, M, TN) and
-    // the whole is transposed once at the end, since TN scalar stores would cost more than the row itself.
-    const bool direct = w.nnz >= 32 * M;
-    at::Tensor tiles = direct ? at::Tensor() : at::empty({T, M, TN}, at::kFloat);
-    float* tp = direct ? nullptr : tiles.data_ptr<float>();
-    const Segment whole{0, static_cast<int32_t>(TN), 0};
-    const SpmmTileFn fn = spmm_for_width(kt, TN);
-    at::parallel_for(0, T * P, grain_for(T * P, w.nnz * N), [&](int64_t i0, int64_t i1) {
-      int64_t b = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t t = i / P, c = i % P, tn = std::min(TN, N - t * TN);
-        const SpmmTile tile = direct
-            ? SpmmTile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, tn, out + t * TN * M, 1, M, nullptr, 0}
-            : SpmmTile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, tn, tp + t * M * TN, TN, 1, &whole, 1};
-        b += fn(rows, ep, tile, chunks[c], chunks[c + 1]);
-      }
-      bad += b;
+    const SpmmTileFn fn = spmm_for_width(kt, panel_width(N, K));
+    bad += panel_product(xf, N, K, M, P, w.nnz, out, [&](const SpmmTile& tile, int64_t c) {
+      return fn(rows, ep, tile, chunks[c], chunks[c + 1]);
     });
-    if (!direct) {
-      const at::Tensor y = at::from_blob(out, {N, M}, at::kFloat);
-      const int64_t full = N / TN, rem = N - full * TN;  // whole tiles, then the last one's valid columns
-      if (full > 0) y.narrow(0, 0, full * TN).view({full, TN, M}).copy_(tiles.narrow(0, 0, full).permute({0, 2, 1}));
-      if (rem > 0) y.narrow(0, full * TN, rem).copy_(tiles[full].narrow(1, 0, rem).t());
-    }
   }
   if (bad.load() != 0) fail_column_out_of_range(kOp, w, K);
 }

@@ -20,17 +20,6 @@ Act parse_activation(const char* op, const std::string& name) {
   TORCH_CHECK(false, op, ": unknown activation '", name, "'; expected one of none, relu, relu6, gelu");
 }
 
-namespace {
-template <typename T>
-T activate_exact(T y, Act act) {
-  switch (act) {
-    case Act::Relu: return y < T(0) ? T(0) : y;
-    case Act::Relu6: return y < T(0) ? T(0) : (y > T(6) ? T(6) : y);
-    case Act::Gelu: return T(0.5) * y * (T(1) + std::erf(y * T(0.70710678118654752440)));
-    default: return y;
-  }
-}
-}  // namespace
 
 template <typename T>
 int64_t spmm_strided(const RowsView& w, const T* v, const T* B, int64_t ldb_k, int64_t ldb_j, int64_t ncols,

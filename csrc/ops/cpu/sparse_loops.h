@@ -7,7 +7,9 @@
 // before any read and returns how many out-of-range columns it met.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "formats/ncsr.h"
 #include "ops/cpu/isa/kernel_api.h"
@@ -43,5 +45,16 @@ int64_t sddmm(const RowsView& w, const T* A, int64_t lda, int64_t stride_a, cons
               int64_t stride_b, int64_t ncols, int64_t nbatch, T* gv, int64_t r0, int64_t r1);
 
 Act parse_activation(const char* op, const std::string& name);
+
+// The activations in exact arithmetic (the float64 paths).
+template <typename T>
+inline T activate_exact(T y, Act act) {
+  switch (act) {
+    case Act::Relu: return y < T(0) ? T(0) : y;
+    case Act::Relu6: return y < T(0) ? T(0) : (y > T(6) ? T(6) : y);
+    case Act::Gelu: return T(0.5) * y * (T(1) + std::erf(y * T(0.70710678118654752440)));
+    default: return y;
+  }
+}
 
 }  // namespace nestsparse::cpu

@@ -63,17 +63,39 @@ struct SpmvBatch {
   int64_t ldo;
 };
 
-// Each returns how many out-of-range column indices it met (their rows are left unfinished).
+// One level of a nested BCR matrix (formats/nbcr.h). Every block's counts, offsets, block column and
+// indices are checked against these bounds before they are used.
+struct SparseBlocks {
+  const void* values;
+  ValueKind value_kind;
+  const int16_t* indices;
+  const int32_t* block_ptr;  // (MB+1)
+  const int32_t* blocks;     // (B, 3): block column, value offset, index offset
+  const int32_t* counts;     // (B, 2) of the level used: r_l, c_l
+  const int32_t* counts0;    // (B, 2) of level 0: r_0 (the split of the index list), c_0 (leading dimension)
+  int64_t num_values, num_indices;
+  int64_t rows, cols;  // M, K
+  int64_t bm, bk;
+  int64_t block_cols;  // KB
+};
+
+// Each returns how many out-of-range column indices (CSR) or bad blocks (BCR) it met; their rows are left
+// unfinished. The BCR kernels take block rows [r0, r1) instead of rows.
 using SpmmTileFn = int64_t (*)(const SparseRows&, const Epilogue&, const SpmmTile&, int64_t r0, int64_t r1);
 using SpmvFn = int64_t (*)(const SparseRows&, const Epilogue&, const SpmvBatch&, int64_t r0, int64_t r1);
+using BlockTileFn = int64_t (*)(const SparseBlocks&, const Epilogue&, const SpmmTile&, int64_t r0, int64_t r1);
+using BlockSpmvFn = int64_t (*)(const SparseBlocks&, const Epilogue&, const SpmvBatch&, int64_t r0, int64_t r1);
 
 constexpr int kMaxTile = 64;  // widest tile, in floats
 constexpr int kMaxSpmvBatch = 4;
+constexpr int kMaxBlockRows = 256, kMaxBlockCols = 256;  // nested BCR block shape limits (formats/nbcr.h)
 
 struct KernelTable {
   const char* name;
   SpmmTileFn spmm16, spmm32, spmm64;  // tile widths 16, 32, 64
   SpmvFn spmv;
+  BlockTileFn block16, block32, block64;  // nested BCR, tile widths 16, 32, 64
+  BlockSpmvFn block_spmv;
 };
 
 const KernelTable* generic_kernels();

@@ -2,6 +2,7 @@
 // The small-batch kernel is the shared scalar one: an AVX2 gather loop measured slower.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernel_api.h"
@@ -11,6 +12,7 @@ namespace avx2 {
 namespace {
 
 struct Simd {
+  static constexpr int kAccRegs = 8;  // vector registers a micro-kernel may hold as accumulators
   static constexpr int W = 8;
   using V = __m256;
   using Mask = __m256i;
@@ -24,6 +26,11 @@ struct Simd {
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static float reduce(V v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+  }
   static Mask tail_mask(int64_t n) {
     const int32_t k = n >= 8 ? 8 : n <= 0 ? 0 : static_cast<int32_t>(n);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -33,6 +40,7 @@ struct Simd {
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 #include "kernels_impl.inc"
+#include "kernels_nbcr.inc"
 
 template <typename VT, typename IT, int NB>
 static int64_t spmv_rows(const SparseRows& w, const Epilogue& ep, const SpmvBatch& s, int64_t r0, int64_t r1) {

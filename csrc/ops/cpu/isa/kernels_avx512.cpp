@@ -1,6 +1,7 @@
 // AVX-512 kernels (F, BW, VL, DQ). Built with -mavx512*; only reached when the processor has them.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernel_api.h"
@@ -10,6 +11,7 @@ namespace avx512 {
 namespace {
 
 struct Simd {
+  static constexpr int kAccRegs = 24;  // vector registers a micro-kernel may hold as accumulators
   static constexpr int W = 16;
   using V = __m512;
   using Mask = __mmask16;
@@ -22,12 +24,14 @@ struct Simd {
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static float reduce(V v) { return _mm512_reduce_add_ps(v); }
   static Mask tail_mask(int64_t n) { return n >= 16 ? Mask(0xFFFF) : n <= 0 ? Mask(0) : Mask((1u << n) - 1u); }
 };
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 #include "kernels_impl.inc"
+#include "kernels_nbcr.inc"
 
 inline __m512i load_cols(const int16_t* p, __mmask16 m) { return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p)); }
 inline __m512i load_cols(const int32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }

@@ -1,5 +1,6 @@
 // Portable kernels for any x86-64 (and any other target): fixed-width blocks of plain floats that the
 // compiler maps onto whatever vector unit the baseline flags allow.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -10,6 +11,7 @@ namespace generic {
 namespace {
 
 struct Simd {
+  static constexpr int kAccRegs = 4;  // vector registers a micro-kernel may hold as accumulators
   static constexpr int W = 8;
   struct V {
     float f[8];
@@ -50,6 +52,11 @@ struct Simd {
   static void store(float* p, V v) {
     for (int i = 0; i < W; ++i) p[i] = v.f[i];
   }
+  static float reduce(V v) {
+    float s = 0.f;
+    for (int i = 0; i < W; ++i) s += v.f[i];
+    return s;
+  }
   static Mask tail_mask(int64_t n) { return n; }
 };
 
@@ -81,6 +88,7 @@ inline float half_to_float(uint16_t h) {
 }
 
 #include "kernels_impl.inc"
+#include "kernels_nbcr.inc"
 
 
 template <typename VT, typename IT, int NB>

@@ -1,0 +1,251 @@
+// The dense side of the CPU float32 products (see lowering.h).
+#include "ops/cpu/lowering.h"
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "ops/cpu/common.h"
+
+namespace nestsparse::cpu {
+
+int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t P, int64_t work, float* out,
+                      TileRun run) {
+  const int64_t TN = panel_width(N, K);
+  const int64_t T = (N + TN - 1) / TN;
+  at::Tensor xp = at::from_blob(const_cast<float*>(x), {N, K}, at::kFloat);
+  if (T * TN != N) xp = at::constant_pad_nd(xp, {0, 0, 0, T * TN - N});
+  const at::Tensor panels = xp.reshape({T, TN, K}).transpose(1, 2).contiguous();  // (T, K, TN)
+  const float* pan = panels.const_data_ptr<float>();
+  // Output y[n, r] is transposed to the tiles' rows. Long rows store it directly (TN scalar stores per row,
+  // little next to their multiply-adds); short rows store each tile row contiguously into (T, M, TN) and
+  // the whole is transposed once at the end, since TN scalar stores would cost more than the row itself.
+  const bool direct = work >= 32 * M;
+  at::Tensor tiles = direct ? at::Tensor() : at::empty({T, M, TN}, at::kFloat);
+  float* tp = direct ? nullptr : tiles.data_ptr<float>();
+  const Segment whole{0, static_cast<int32_t>(TN), 0};
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, T * P, grain_for(T * P, work * N), [&](int64_t i0, int64_t i1) {
+    int64_t b = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / P, c = i % P, tn = std::min(TN, N - t * TN);
+      const SpmmTile tile = direct
+          ? SpmmTile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, tn, out + t * TN * M, 1, M, nullptr, 0}
+          : SpmmTile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, tn, tp + t * M * TN, TN, 1, &whole, 1};
+      b += run(tile, c);
+    }
+    bad += b;
+  });
+  if (!direct) {
+    const at::Tensor y = at::from_blob(out, {N, M}, at::kFloat);
+    const int64_t full = N / TN, rem = N - full * TN;  // whole tiles, then the last one's valid columns
+    if (full > 0) y.narrow(0, 0, full * TN).view({full, TN, M}).copy_(tiles.narrow(0, 0, full).permute({0, 2, 1}));
+    if (rem > 0) y.narrow(0, full * TN, rem).copy_(tiles[full].narrow(1, 0, rem).t());
+  }
+  return bad.load();
+}
+
+int64_t ConvShape::grid_columns() const {
+  if (direct()) return H * W;
+  const int64_t Hq = (H + 2 * ph + sh - 1) / sh, Wq = (W + 2 * pw + sw - 1) / sw;
+  return (Nb - 1) * Hq * Wq + OH * Wq;  // the last image's rows past OH are not needed
+}
+
+int64_t ConvShape::tile_width() const { return panel_width(grid_columns(), K); }
+
+ConvShape check_conv(const char* op, const at::Tensor& x, int64_t M, at::IntArrayRef kernel_size,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be NCHW (4-D), got shape ", x.sizes());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": kernel_size, stride, padding and dilation must have 2 entries each");
+  ConvShape s{};
+  s.Nb = x.size(0), s.Cin = x.size(1), s.H = x.size(2), s.W = x.size(3), s.M = M;
+  s.kh = kernel_size[0], s.kw = kernel_size[1], s.sh = stride[0], s.sw = stride[1];
+  s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1], s.groups = groups;
+  TORCH_CHECK(s.kh > 0 && s.kw > 0, op, ": kernel_size must be positive, got ", kernel_size);
+  TORCH_CHECK(s.sh > 0 && s.sw > 0, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(s.ph >= 0 && s.pw >= 0, op, ": padding must be non-negative, got ", padding);
+  TORCH_CHECK(s.dh > 0 && s.dw > 0, op, ": dilation must be positive, got ", dilation);
+  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+  // Bounds that keep every offset computed below far from int64 overflow (and K within int32 indices).
+  constexpr int64_t kMaxTap = 1 << 16, kMaxPad = 1 << 24;
+  TORCH_CHECK(s.kh <= kMaxTap && s.kw <= kMaxTap && s.sh <= kMaxTap && s.sw <= kMaxTap && s.dh <= kMaxTap &&
+                  s.dw <= kMaxTap,
+              op, ": kernel_size, stride and dilation must be at most ", kMaxTap, ", got ", kernel_size, ", ", stride,
+              ", ", dilation);
+  TORCH_CHECK(s.ph <= kMaxPad && s.pw <= kMaxPad, op, ": padding must be at most ", kMaxPad, ", got ", padding);
+  int64_t padded = 0, total = 0;
+  const bool overflow = __builtin_mul_overflow(s.H + 2 * s.ph, s.W + 2 * s.pw, &padded) ||
+                        __builtin_mul_overflow(padded, std::max<int64_t>(s.Cin, 1) * std::max<int64_t>(s.Nb, 1), &total) ||
+                        total > (int64_t{1} << 40);
+  TORCH_CHECK(!overflow, op, ": the padded input (", s.Nb, " x ", s.Cin, " x ", s.H + 2 * s.ph, " x ", s.W + 2 * s.pw,
+              ") is too large");
+  TORCH_CHECK(s.Cin % groups == 0, op, ": input channels (", s.Cin, ") are not divisible by groups (", groups, ")");
+  TORCH_CHECK(s.M % groups == 0, op, ": output channels (", s.M, " weight rows) are not divisible by groups (", groups, ")");
+  s.Cg = s.Cin / groups;
+  s.K = s.Cg * s.kh * s.kw;
+  TORCH_CHECK(s.K <= std::numeric_limits<int32_t>::max(), op, ": a filter has ", s.K,
+              " weights (Cin/groups x kh x kw), more than int32 column indices can address");
+  s.OH = (s.H + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
+  s.OW = (s.W + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
+  TORCH_CHECK(s.H + 2 * s.ph >= s.dh * (s.kh - 1) + 1 && s.W + 2 * s.pw >= s.dw * (s.kw - 1) + 1, op,
+              ": input ", s.H, "x", s.W, " with padding ", padding, " is smaller than the dilated kernel ",
+              kernel_size, " (dilation ", dilation, ")");
+  return s;
+}
+
+namespace {
+
+// 1x1, stride 1, no padding: the weight multiplies x[n] viewed as (Cin, H*W) directly, with no copy.
+int64_t conv_direct(const ConvShape& s, const float* xf, int64_t P, int64_t work, float* out, TileRun run) {
+  const int64_t HW = s.H * s.W, TN = s.tile_width(), T = (HW + TN - 1) / TN;
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, s.Nb * T * P, grain_for(s.Nb * T * P, work * s.Nb * HW), [&](int64_t i0, int64_t i1) {
+    int64_t nbad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / (T * P), t = (i / P) % T, c = i % P, tn = std::min(TN, HW - t * TN);
+      const SpmmTile tile{xf + n * s.Cin * HW + t * TN, nullptr, HW, s.M / s.groups, s.Cg * HW, tn,
+                          out + n * s.M * HW + t * TN, HW, 1, nullptr, 0};
+      nbad += run(tile, c);
+    }
+    bad += nbad;
+  });
+  return bad.load();
+}
+
+// Every other geometry. The batch is copied once into a zero-padded buffer laid out [c][phase][n][Hq][Wq]:
+// phase (ph, pw) of image n holds xpad[n, c, i*sh + ph, j*sw + pw]. Then the input pixel that weight tap
+// (c, a, b) meets at output (n, oh, ow) is column J = n*Hq*Wq + oh*Wq + ow of a row starting at koff[c, a, b],
+// for any stride and dilation, and the whole batch is one SpMM over J. Columns with oh >= OH or ow >= OW are
+// computed and dropped (the store keeps only the runs of valid outputs).
+int64_t conv_phases(const ConvShape& s, const float* xf, int64_t P, int64_t work, float* out, TileRun run) {
+  const int64_t Hp = s.H + 2 * s.ph, Wp = s.W + 2 * s.pw;
+  const int64_t Hq = (Hp + s.sh - 1) / s.sh, Wq = (Wp + s.sw - 1) / s.sw, plane = Hq * Wq;
+  const int64_t phases = s.sh * s.sw, chan = phases * s.Nb * plane;  // floats per input channel
+  std::vector<int64_t> koff(std::max<int64_t>(s.K, 1));
+  int64_t max_koff = 0;
+  for (int64_t c = 0; c < s.Cg; ++c) {
+    for (int64_t a = 0; a < s.kh; ++a) {
+      for (int64_t b = 0; b < s.kw; ++b) {
+        const int64_t ya = a * s.dh, xb = b * s.dw;
+        const int64_t off = c * chan + ((ya % s.sh) * s.sw + xb % s.sw) * s.Nb * plane + (ya / s.sh) * Wq + xb / s.sw;
+        koff[(c * s.kh + a) * s.kw + b] = off;
+        max_koff = std::max(max_koff, off);
+      }
+    }
+  }
+  const int64_t N = s.grid_columns(), TN = s.tile_width(), T = (N + TN - 1) / TN;
+  // Dropped columns read past their plane: size the buffer so every read of every tile stays inside. The
+  // buffer is a per-thread workspace kept between calls (no page faults, no full memset): the fill below
+  // rewrites every input pixel, and only the padding, which valid outputs do read, is zeroed each call.
+  // Whatever else it holds only reaches dropped outputs.
+  const int64_t size = std::max(s.Cin * chan, (s.groups - 1) * s.Cg * chan + max_koff + T * TN);
+  // Buffers above 64 MB (large batches) are allocated per call rather than kept alive by the thread.
+  constexpr int64_t kMaxCachedFloats = int64_t{16} << 20;
+  thread_local std::vector<float> workspace;
+  at::Tensor big;
+  float* bp;
+  if (size > kMaxCachedFloats) {
+    big = at::empty({size}, at::kFloat);
+    bp = big.data_ptr<float>();
+    std::fill(bp + s.Cin * chan, bp + size, 0.f);  // the slack past the planes, read by dropped columns only
+  } else {
+    if (static_cast<int64_t>(workspace.size()) < size) workspace.assign(size, 0.f);
+    bp = workspace.data();
+  }
+  // Rows [r_lo, r_hi) of phase row qr and columns [c_lo, c_hi) of phase column qc hold input pixels.
+  std::vector<int64_t> r_lo(s.sh), r_hi(s.sh), c_lo(s.sw), c_hi(s.sw);
+  const auto interior = [](int64_t q, int64_t stride, int64_t pad, int64_t size_in, int64_t n, int64_t& lo, int64_t& hi) {
+    lo = n, hi = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t y = i * stride + q - pad;
+      if (y >= 0 && y < size_in) lo = std::min(lo, i), hi = i + 1;
+    }
+    if (lo > hi) lo = hi = 0;
+  };
+  for (int64_t q = 0; q < s.sh; ++q) interior(q, s.sh, s.ph, s.H, Hq, r_lo[q], r_hi[q]);
+  for (int64_t q = 0; q < s.sw; ++q) interior(q, s.sw, s.pw, s.W, Wq, c_lo[q], c_hi[q]);
+  at::parallel_for(0, s.Cin * phases * s.Nb, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t cq = i / s.Nb, qr = (cq % phases) / s.sw, qc = cq % s.sw;
+      float* pl = bp + i * plane;  // planes are ordered [c][phase][n]
+      for (int64_t r = 0; r < Hq; ++r) {
+        float* row = pl + r * Wq;
+        if (r < r_lo[qr] || r >= r_hi[qr]) {
+          std::fill(row, row + Wq, 0.f);
+        } else {
+          std::fill(row, row + c_lo[qc], 0.f);
+          std::fill(row + c_hi[qc], row + Wq, 0.f);
+        }
+      }
+    }
+  });
+  // Where each input row lands (phase row and row inside the phase), and for each phase column q its first
+  // input column and destination: computed once, since images can be as small as a few pixels a row.
+  std::vector<int64_t> row_dst(s.H), col_first(s.sw), col_dst(s.sw);
+  for (int64_t y = 0; y < s.H; ++y) {
+    const int64_t yp = y + s.ph;
+    row_dst[y] = (yp % s.sh) * s.sw * s.Nb * plane + (yp / s.sh) * Wq;
+  }
+  for (int64_t q = 0; q < s.sw; ++q) {  // phase column q holds padded columns q, q + sw, ...
+    col_first[q] = ((q - s.pw) % s.sw + s.sw) % s.sw;
+    col_dst[q] = q * s.Nb * plane + (col_first[q] + s.pw) / s.sw;
+  }
+  at::parallel_for(0, s.Nb * s.Cin, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / s.Cin, c = i % s.Cin;
+      const float* src = xf + (n * s.Cin + c) * s.H * s.W;
+      float* dimg = bp + c * chan + n * plane;
+      for (int64_t y = 0; y < s.H; ++y) {
+        const float* sr = src + y * s.W;
+        float* drow = dimg + row_dst[y];
+        if (s.sw == 1) {
+          std::memcpy(drow + s.pw, sr, sizeof(float) * s.W);
+          continue;
+        }
+        for (int64_t q = 0; q < s.sw; ++q) {
+          float* dq = drow + col_dst[q];
+          for (int64_t xx = col_first[q]; xx < s.W; xx += s.sw) *dq++ = sr[xx];
+        }
+      }
+    }
+  });
+  const int64_t L = s.OH * s.OW;
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, T * P, grain_for(T * P, work * N), [&](int64_t i0, int64_t i1) {
+    Segment segs[kMaxTile];
+    int64_t nbad = 0, seg_tile = -1, nsegs = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / P, c = i % P, tn = std::min(TN, N - t * TN);
+      if (t != seg_tile) {  // the runs of valid outputs in this tile, shared by all its rows
+        nsegs = 0;
+        for (int64_t j = 0; j < tn;) {
+          const int64_t J = t * TN + j, n = J / plane, within = J - n * plane, oh = within / Wq, ow = within - oh * Wq;
+          if (oh >= s.OH || ow >= s.OW) {
+            ++j;
+            continue;
+          }
+          const int64_t len = std::min(s.OW - ow, tn - j);
+          segs[nsegs++] = Segment{static_cast<int32_t>(j), static_cast<int32_t>(len), n * s.M * L + oh * s.OW + ow};
+          j += len;
+        }
+        seg_tile = t;
+      }
+      const SpmmTile tile{bp + t * TN, koff.data(), 0, s.M / s.groups, s.Cg * chan, tn, out, L, 1, segs, nsegs};
+      nbad += run(tile, c);
+    }
+    bad += nbad;
+  });
+  return bad.load();
+}
+
+}  // namespace
+
+int64_t conv_product(const ConvShape& s, const float* x, int64_t chunks, int64_t work, float* out, TileRun run) {
+  return (s.direct() ? conv_direct : conv_phases)(s, x, chunks, work, out, run);
+}
+
+}  // namespace nestsparse::cpu

@@ -21,6 +21,7 @@ build: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PY) bench/spmm.py
 	$(PY) bench/conv.py
+	$(PY) bench/nbcr.py
 
 # Builds the extension with CUDA on against torch 2.14.1+cu130 in a second environment (no GPU needed).
 cuda-check:

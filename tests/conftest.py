@@ -3,6 +3,7 @@ import torch
 
 import nestsparse
 from nestsparse import NestedCSR
+from nestsparse.formats import NestedBCR
 
 ISAS = nestsparse._C.cpu_isas()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -57,3 +58,45 @@ def assert_close_to_reference(out, ref, dtype):
     scale = ref.abs().max().item() + 1.0
     err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
     assert err <= tolerance(dtype) * scale, f"max error {err:.3g} > {tolerance(dtype)} x scale {scale:.3g}"
+
+
+def random_bcr_tags(shape, block_shape, num_levels, keep=0.6, empty_blocks=0.2, level0_only_blocks=0.2,
+                    empty_level=None, all_pruned=False, generator=None):
+    """Random block row/column structured nested element tags of a weight of ``shape`` (a conv weight is seen
+    as (Cout, Cin/g*kh*kw)), for NestedBCR.from_dense. Every local row and column of every block gets a tag
+    (kept at level l with probability keep**(l+1)), with odd features: ``empty_blocks`` of the blocks keep
+    nothing; ``level0_only_blocks`` of them keep rows at level 0 only (no row at any higher level);
+    ``empty_level`` (an index) keeps nothing at that level and beyond; ``all_pruned`` keeps nothing at all."""
+    g = generator or torch.Generator().manual_seed(0)
+    M = shape[0]
+    K = torch.Size(shape[1:]).numel() if len(shape) > 1 else 1
+    bm, bk = block_shape
+    MB, KB = -(-M // bm), -(-K // bk)
+    levels = num_levels if empty_level is None else empty_level
+
+    def side(n):
+        u = torch.rand(MB, KB, n, generator=g)
+        t = torch.full(u.shape, -1, dtype=torch.int8)
+        for lvl in range(levels):
+            t[u < keep ** (lvl + 1)] = lvl
+        return t
+
+    rt, ct = side(bm), side(bk)
+    rt[torch.rand(MB, KB, generator=g) < empty_blocks] = -1
+    capped = torch.rand(MB, KB, generator=g) < level0_only_blocks
+    rt[capped] = rt[capped].clamp(max=0)
+    full = torch.minimum(rt[:, :, :, None], ct[:, :, None, :]).permute(0, 2, 1, 3).reshape(MB * bm, KB * bk)
+    tags = full[:M, :K].reshape(shape).contiguous()
+    if all_pruned:
+        tags.fill_(-1)
+    return tags
+
+
+def nested_bcr(weight, tags, block_shape, num_levels):
+    """A validated NestedBCR of ``weight`` with element ``tags``."""
+    return NestedBCR.from_dense(weight, tags, block_shape, num_levels=num_levels).validate()
+
+
+def bcr_args(w):
+    """The tensors the nbcr ops take between x and the level: (values, indices, block_ptr, blocks, counts)."""
+    return w.values, w.indices, w.block_ptr, w.blocks, w.counts

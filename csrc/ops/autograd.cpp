@@ -168,9 +168,14 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op, Con
   }
 };
 
-std::vector<int64_t> concat(std::initializer_list<IA> parts) {
+// The integer arguments in schema order. The list arguments are int[2] in the schemas, but a caller can pass
+// another length; it is refused here, before the traits index the bundle by fixed offsets.
+std::vector<int64_t> concat(const char* op, std::initializer_list<std::pair<const char*, IA>> parts) {
   std::vector<int64_t> out;
-  for (IA p : parts) out.insert(out.end(), p.begin(), p.end());
+  for (const auto& [name, p] : parts) {
+    TORCH_CHECK(name == nullptr || p.size() == 2, op, ": ", name, " must have 2 entries, got ", p);
+    out.insert(out.end(), p.begin(), p.end());
+  }
   return out;
 }
 
@@ -183,7 +188,7 @@ at::Tensor ncsr_linear_autograd(T x, T values, T col_idx, T row_ptr, T row_end, 
 at::Tensor ncsr_conv2d_autograd(T x, T values, T col_idx, T row_ptr, T row_end, int64_t level, IA kernel_size,
                                 const OptTensor& bias, IA stride, IA padding, IA dilation, int64_t groups,
                                 c10::string_view activation, const OptTensor& plan) {
-  ProductArgs a{{col_idx, row_ptr, row_end}, level, concat({kernel_size, stride, padding, dilation})};
+  ProductArgs a{{col_idx, row_ptr, row_end}, level, concat("ncsr_conv2d", {{"kernel_size", kernel_size}, {"stride", stride}, {"padding", padding}, {"dilation", dilation}})};
   a.ints.push_back(groups);
   return ProductFunction<NcsrConv, true>::apply(x, values, bias, a, activation, plan);
 }
@@ -191,7 +196,7 @@ at::Tensor ncsr_conv2d_autograd(T x, T values, T col_idx, T row_ptr, T row_end, 
 at::Tensor nbcr_linear_autograd(T x, T values, T indices, T block_ptr, T blocks, T counts, int64_t level, int64_t rows,
                                 IA block_shape, const OptTensor& bias, c10::string_view activation,
                                 const OptTensor& plan) {
-  ProductArgs a{{indices, block_ptr, blocks, counts}, level, concat({IA(rows), block_shape})};
+  ProductArgs a{{indices, block_ptr, blocks, counts}, level, concat("nbcr_linear", {{nullptr, IA(rows)}, {"block_shape", block_shape}})};
   return ProductFunction<NbcrLinear, false>::apply(x, values, bias, a, activation, plan);
 }
 
@@ -199,7 +204,8 @@ at::Tensor nbcr_conv2d_autograd(T x, T values, T indices, T block_ptr, T blocks,
                                 IA block_shape, IA kernel_size, const OptTensor& bias, IA stride, IA padding,
                                 IA dilation, int64_t groups, c10::string_view activation, const OptTensor& plan) {
   ProductArgs a{{indices, block_ptr, blocks, counts}, level,
-                concat({IA(rows), block_shape, kernel_size, stride, padding, dilation})};
+                concat("nbcr_conv2d", {{nullptr, IA(rows)}, {"block_shape", block_shape}, {"kernel_size", kernel_size},
+                                       {"stride", stride}, {"padding", padding}, {"dilation", dilation}})};
   a.ints.push_back(groups);
   return ProductFunction<NbcrConv, true>::apply(x, values, bias, a, activation, plan);
 }

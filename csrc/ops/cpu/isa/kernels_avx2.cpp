@@ -31,6 +31,13 @@ struct Simd {
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
   }
+  // out[i] = sum of the lanes of d[i], i < 8, with a horizontal-add tree.
+  static constexpr int kReduceRows = 8;
+  static void reduce_rows(const V* d, float* out) {
+    const V h0 = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));
+    const V h1 = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31)));
+  }
   static Mask tail_mask(int64_t n) {
     const int32_t k = n >= 8 ? 8 : n <= 0 ? 0 : static_cast<int32_t>(n);
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));

@@ -25,6 +25,22 @@ struct Simd {
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static float reduce(V v) { return _mm512_reduce_add_ps(v); }
+  // out[i] = sum of the lanes of d[i], i < 16: a transpose-add tree (unpack ps, unpack pd, two 128-bit
+  // shuffles), 45 operations for all 16 instead of about 8 per vector.
+  static constexpr int kReduceRows = 16;
+  static void reduce_rows(const V* d, float* out) {
+    V w[8], z[4];
+    for (int i = 0; i < 8; ++i) {
+      w[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
+    }
+    for (int i = 0; i < 4; ++i) {  // lane group g of z[i] holds partial sums of rows 4i .. 4i+3
+      const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+      z[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const V p0 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+    const V p1 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], 0x88), _mm512_shuffle_f32x4(z[2], z[3], 0xDD));
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(p0, p1, 0x88), _mm512_shuffle_f32x4(p0, p1, 0xDD)));
+  }
   static Mask tail_mask(int64_t n) { return n >= 16 ? Mask(0xFFFF) : n <= 0 ? Mask(0) : Mask((1u << n) - 1u); }
 };
 

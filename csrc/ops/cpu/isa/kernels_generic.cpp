@@ -57,6 +57,10 @@ struct Simd {
     for (int i = 0; i < W; ++i) s += v.f[i];
     return s;
   }
+  static constexpr int kReduceRows = 4;
+  static void reduce_rows(const V* d, float* out) {
+    for (int i = 0; i < kReduceRows; ++i) out[i] = reduce(d[i]);
+  }
   static Mask tail_mask(int64_t n) { return n; }
 };
 

@@ -3,32 +3,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import random_bcr_tags
 from nestsparse.formats import DEFAULT_BLOCK_SHAPE, FormatError, NestedBCR
 
 BLOCK_SHAPES = [(1, 1), (3, 5), (8, 8), (16, 16), (32, 32)]
 
 
 def block_tags(shape, block_shape, num_levels, keep=0.6, empty_blocks=0.2, empty_level=None, generator=None):
-    """Random block row/column structured element tags of a weight of ``shape``: every local row and column
-    of every block gets a tag (level l kept with probability keep**(l+1)); ``empty_blocks`` of the blocks
-    keep nothing; ``empty_level`` (an index) keeps nothing at that level and beyond."""
-    g = generator or torch.Generator().manual_seed(0)
-    M, K = shape[0], (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
-    bm, bk = block_shape
-    MB, KB = -(-M // bm), -(-K // bk)
-    levels = num_levels if empty_level is None else empty_level
-
-    def side(n):
-        u = torch.rand(MB, KB, n, generator=g)
-        t = torch.full(u.shape, -1, dtype=torch.int8)
-        for lvl in range(levels):
-            t[u < keep ** (lvl + 1)] = lvl
-        return t
-
-    rt, ct = side(bm), side(bk)
-    rt[torch.rand(MB, KB, generator=g) < empty_blocks] = -1
-    full = torch.minimum(rt[:, :, :, None], ct[:, :, None, :]).permute(0, 2, 1, 3).reshape(MB * bm, KB * bk)
-    return full[:M, :K].reshape(shape).contiguous()
+    """conftest.random_bcr_tags without the level-0-only blocks (these tests count blocks exactly)."""
+    return random_bcr_tags(shape, block_shape, num_levels, keep=keep, empty_blocks=empty_blocks, level0_only_blocks=0.0,
+                           empty_level=empty_level, generator=generator)
 
 
 def check_round_trip(weight, tags, block_shape, num_levels):

@@ -26,6 +26,15 @@ def isa(request):
     nestsparse._C.set_cpu_isa(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train faster on one thread: on a shared machine several threads only spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_tags(shape, num_levels, density=0.3, empty_rows=0, empty_level=None, generator=None):
     """Nested tags with odd features: level l keeps about density/(l+1); `empty_rows` leading rows are
     pruned at every level; `empty_level` (an index) keeps nothing at that level and beyond."""

@@ -5,10 +5,12 @@ and values, are a subset of every denser level's. Pick the level per call, or sw
 """
 
 from ._library import _C
-from . import ops
+from . import ops, pruning
 from .convert import convert, to_dense
+from .io import CheckpointError, load, save
 from .formats import DEFAULT_BLOCK_SHAPE, FormatError, NestedBCR, NestedCSR
-from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, get_levels, set_level
+from .nn import (LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, get_levels,
+                 level_batchnorms, set_level)
 from .pruning import (LevelSpec, bcr_tags, global_bcr_tags, global_magnitude_tags, magnitude_tags, masks_from_tags,
                       model_tags, prunable_layers, tags_from_masks)
 
@@ -27,7 +29,8 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "NestedCSR", "NestedBCR", "DEFAULT_BLOCK_SHAPE", "FormatError", "bcr_tags", "global_bcr_tags", "NestedSparseLinear", "NestedSparseConv2d", "NestedSparseModule", "set_level",
-    "get_levels", "convert", "to_dense", "LevelSpec", "magnitude_tags", "global_magnitude_tags", "model_tags",
-    "masks_from_tags", "tags_from_masks", "prunable_layers", "ops", "cpu_isa", "build_info",
+    "NestedCSR", "NestedBCR", "DEFAULT_BLOCK_SHAPE", "FormatError", "bcr_tags", "global_bcr_tags", "NestedSparseLinear",
+    "NestedSparseConv2d", "NestedSparseModule", "LevelBatchNorm", "level_batchnorms", "set_level", "get_levels",
+    "convert", "to_dense", "LevelSpec", "magnitude_tags", "global_magnitude_tags", "model_tags", "masks_from_tags",
+    "tags_from_masks", "prunable_layers", "save", "load", "CheckpointError", "ops", "pruning", "cpu_isa", "build_info",
 ]

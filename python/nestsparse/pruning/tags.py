@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .formats import DEFAULT_BLOCK_SHAPE, _blocked, _check_block_shape, _element_tags, _grid, _inside, _matrix_shape
+from ..formats import DEFAULT_BLOCK_SHAPE, _blocked, _check_block_shape, _element_tags, _grid, _inside, _matrix_shape
 
 __all__ = ["LevelSpec", "magnitude_tags", "global_magnitude_tags", "bcr_tags", "global_bcr_tags", "model_tags",
-           "masks_from_tags", "tags_from_masks", "prunable_layers"]
+           "weight_tags", "masks_from_tags", "tags_from_masks", "prunable_layers"]
 
 
 @dataclass(frozen=True)
@@ -209,13 +209,19 @@ def model_tags(model: nn.Module, densities: LevelSpec | Sequence[float], scope: 
     """Nested tags for every Linear/Conv2d of ``model`` (minus ``skip``), per layer or with one global budget
     (``scope="global"``): magnitude tags (``structure="unstructured"``, for NestedCSR) or block row/column
     tags (``structure="bcr"``, for NestedBCR with ``block_shape``). Keys are module names, ready for
-    ``nestsparse.convert``."""
+    ``nestsparse.convert``. This is training method 1 (one-shot, no training)."""
+    weights = {name: m.weight for name, m in prunable_layers(model, skip).items()}
+    return weight_tags(weights, densities, scope, structure, block_shape)
+
+
+def weight_tags(weights: Mapping[str, Tensor], densities: LevelSpec | Sequence[float], scope: str = "layer",
+                structure: str = "unstructured",
+                block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> dict[str, Tensor]:
+    """model_tags on named weight tensors (scores are their magnitudes)."""
     if structure not in ("unstructured", "bcr"):
         raise ValueError(f"model_tags: structure must be 'unstructured' or 'bcr', got {structure!r}")
     if scope not in ("layer", "global"):
         raise ValueError(f"model_tags: scope must be 'layer' or 'global', got {scope!r}")
-    layers = prunable_layers(model, skip)
-    weights = {name: m.weight for name, m in layers.items()}
     if structure == "bcr":
         if scope == "global":
             return global_bcr_tags(weights, densities, block_shape)

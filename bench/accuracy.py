@@ -1,0 +1,332 @@
+"""Accuracy per level of nested sparse models, four families, three ways of getting the levels.
+
+For each family (nestsparse.tasks: digits/ResNet, point clouds/PointNet++, seq2seq/GNMT, graph/GAT) it trains
+the dense baseline, then gets levels (0.13, 0.05) by
+  1. one-shot nested magnitude tags on the dense model (no training; BatchNorm statistics re-estimated per
+     level without labels or weight updates),
+  2. progressive core-first training (nestsparse.pruning.core_first),
+  3. joint sandwich training with distillation (nestsparse.pruning.joint),
+and prints weights %, FLOPs % and the test score per level side by side, the targets (level 0 within 0.5
+points of dense, level 1 within 3.25% relative), the latency of each level through the sparse kernels,
+and the size of the saved file (nestsparse.save) next to the densest level's storage. A PNG plots accuracy
+against weights kept.
+
+    python bench/accuracy.py [--quick] [--families digits,graph] [--plot PATH] [--csv PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.benchmark import Timer
+
+import nestsparse
+from nestsparse import models, pruning, tasks
+from nestsparse.nn import LevelBatchNorm, NestedSparseModule
+
+DENSITIES = (0.13, 0.05)
+METHODS = ("one-shot", "core-first", "joint")
+BATCH = 64  # the batched latency's batch size
+
+
+@dataclass
+class Family:
+    """How one family is built and trained. Epoch counts are for the full run; --quick divides them."""
+
+    task: Callable[[int, bool], object]
+    model: Callable[[], nn.Module]
+    example: Callable[[object, int], tuple]  # the first n test inputs, as model(*example)
+    dense_epochs: int
+    prune_epochs: int
+    core_epochs: int
+    level_epochs: int
+    joint_epochs: int
+    lr: float = 2e-3
+    finetune_lr: float = 1e-3
+    max_grad_norm: float | None = None
+
+
+def _seq_example(task, n):
+    src, tgt = task.data.src_test[:n], task.data.tgt_test[:n]
+    return src, task.decoder_input(tgt)
+
+
+FAMILIES = {
+    "digits": Family(
+        task=lambda seed, quick: tasks.digits_task(seed),
+        model=lambda: models.resnet_small(num_classes=10, in_channels=1, width=16),
+        example=lambda t, n: (t.test[0][:n].contiguous(),),
+        dense_epochs=30, prune_epochs=10, core_epochs=10, level_epochs=10, joint_epochs=40),
+    "pointcloud": Family(
+        task=lambda seed, quick: tasks.point_cloud_task(seed, n_per_class=40 if quick else 150),
+        model=lambda: models.pointnet2(num_classes=len(nestsparse.data.POINT_CLOUD_CLASSES)),
+        example=lambda t, n: (t.test[0][:n].contiguous(),),
+        dense_epochs=25, prune_epochs=10, core_epochs=10, level_epochs=10, joint_epochs=40),
+    "seq2seq": Family(
+        task=lambda seed, quick: tasks.seq2seq_task(seed, n_train=600 if quick else 4000),
+        model=lambda: models.gnmt(),
+        example=_seq_example,
+        dense_epochs=12, prune_epochs=5, core_epochs=5, level_epochs=5, joint_epochs=20, lr=3e-3, finetune_lr=2e-3,
+        max_grad_norm=1.0),
+    "graph": Family(
+        task=lambda seed, quick: tasks.graph_task(seed),
+        model=lambda: models.gat(),
+        example=lambda t, n: (t.graph.x, t.graph.adj),  # one graph: always all of it
+        dense_epochs=40, prune_epochs=10, core_epochs=10, level_epochs=10, joint_epochs=40, lr=5e-3, finetune_lr=5e-3),
+}
+
+
+@dataclass
+class LevelRow:
+    family: str
+    method: str
+    level: str
+    weights_pct: float
+    flops_pct: float
+    score: float
+
+
+def layer_flops(model: nn.Module, example: tuple) -> dict[str, int]:
+    """Multiply-adds x 2 of every nn.Linear / nn.Conv2d call on ``example``, summed per module name."""
+    flops: dict[str, int] = {}
+
+    def hook(name):
+        def f(m, inp, out):  # every output element of a Linear or Conv2d costs one row of the weight
+            flops[name] = flops.get(name, 0) + 2 * m.weight[0].numel() * out.numel()
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model.eval()(*example)
+    for h in handles:
+        h.remove()
+    return flops
+
+
+def level_stats(tags: dict[str, Tensor], flops: dict[str, int], level: int, weight_sizes: dict[str, int]) -> tuple[float, float]:
+    """Weights % of the pruned layers and FLOPs % of all Linear/Conv2d layers at ``level``."""
+    kept = {n: int((t >= level).sum()) for n, t in tags.items()}
+    w_pct = 100.0 * sum(kept.values()) / sum(weight_sizes[n] for n in tags)
+    total = sum(flops.values())
+    sparse = sum(f * (kept[n] / weight_sizes[n] if n in tags else 1.0) for n, f in flops.items())
+    return w_pct, 100.0 * sparse / total
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, task, levels: int, batches: int = 20) -> None:
+    """Re-estimates every level's BatchNorm statistics from training inputs (no labels, no weight update)."""
+    bns = [m for m in model.modules() if isinstance(m, LevelBatchNorm)]
+    if not bns:
+        return
+    for level in range(levels):
+        nestsparse.set_level(model, level)
+        for bn in bns:
+            bn.running_mean[level].zero_()
+            bn.running_var[level].fill_(1)
+            bn.num_batches_tracked[level] = 0
+            bn.momentum = None
+        model.train()
+        for i, batch in enumerate(task.batches(0)):
+            if i == batches:
+                break
+            task.logits(model, batch)
+    for bn in bns:
+        bn.momentum = 0.1
+    nestsparse.set_level(model, 0)
+    model.eval()
+
+
+def scores(model: nn.Module, task, levels: int) -> list[float]:
+    out = []
+    for level in range(levels):
+        nestsparse.set_level(model, level)
+        out.append(task.evaluate(model))
+    nestsparse.set_level(model, 0)
+    return out
+
+
+def median_ms(model: nn.Module, example: tuple) -> float:
+    with torch.no_grad():
+        return Timer("m(*x)", globals={"m": model, "x": example}).blocked_autorange(min_run_time=0.3).median * 1e3
+
+
+def run_family(name: str, fam: Family, quick: bool, seed: int, save_dir: str) -> tuple[list[LevelRow], dict]:
+    div = 4 if quick else 1
+    ep = lambda e: max(1, e // div)  # noqa: E731
+    task = fam.task(seed, quick)
+    torch.manual_seed(seed)
+    dense = fam.model()
+    skip = models.dense_layers(dense)
+    t0 = time.perf_counter()
+    pruning.train_dense(dense, task, ep(fam.dense_epochs), lr=fam.lr, max_grad_norm=fam.max_grad_norm, seed=seed)
+    info = {"dense_s": time.perf_counter() - t0}
+    example = fam.example(task, 1)
+    flops = layer_flops(dense, example)
+    sizes = {n: dense.get_submodule(n).weight.numel() for n, m in dense.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    dense_score = task.evaluate(dense)
+    rows = [LevelRow(name, "dense", "dense", 100.0, 100.0, dense_score)]
+    L = len(DENSITIES)
+    trained = {}
+
+    one = copy.deepcopy(dense)
+    tags = nestsparse.model_tags(one, DENSITIES, skip=skip)
+    pruning.prepare(one, L, skip=skip)
+    pruning.apply_level_masks(one, tags, L)
+    recalibrate_bn(one, task, L)
+    trained["one-shot"] = (one, tags, 0.0)
+
+    t0 = time.perf_counter()
+    core = copy.deepcopy(dense)
+    tags = pruning.core_first(core, task, DENSITIES, prune_epochs=ep(fam.prune_epochs), core_epochs=ep(fam.core_epochs),
+                              level_epochs=ep(fam.level_epochs), lr=fam.finetune_lr, skip=skip,
+                              max_grad_norm=fam.max_grad_norm, seed=seed)
+    trained["core-first"] = (core, tags, time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    joint = copy.deepcopy(dense)
+    tags = pruning.joint(joint, task, DENSITIES, ep(fam.joint_epochs), lr=fam.finetune_lr, skip=skip,
+                         max_grad_norm=fam.max_grad_norm, seed=seed)
+    trained["joint"] = (joint, tags, time.perf_counter() - t0)
+
+    for method, (model, tags, secs) in trained.items():
+        info[f"{method}_s"] = secs
+        for level, s in enumerate(scores(model, task, L)):
+            w, f = level_stats(tags, flops, level, sizes)
+            rows.append(LevelRow(name, method, f"level {level}", w, f, s))
+
+    # The best method (level 0, then level 1) goes through the sparse kernels and a save/load round trip.
+    best = max(METHODS, key=lambda m: tuple(r.score for r in rows if r.method == m))
+    model, _, _ = trained[best]
+    plain, tags = pruning.unmask(copy.deepcopy(model))
+    sparse = nestsparse.convert(plain, tags, densities=DENSITIES).eval()
+    lat = {}
+    for n in (1, BATCH) if name != "graph" else (1,):
+        x = fam.example(task, n)
+        lat[n] = {"dense": median_ms(dense, x)}
+        for level in range(L):
+            nestsparse.set_level(sparse, level)
+            lat[n][f"level {level}"] = median_ms(sparse, x)
+    nestsparse.set_level(sparse, 0)
+    path = os.path.join(save_dir, f"{name}.safetensors")
+    size = nestsparse.save(sparse, path)
+    loaded = nestsparse.load(path)
+    same = all(torch.equal(a, b) for a, b in zip(sparse.state_dict().values(), loaded.state_dict().values()))
+    stored = sum(m.nested().nbytes() for m in sparse.modules() if isinstance(m, NestedSparseModule))
+    nested_ids = {id(t) for m in sparse.modules() if isinstance(m, NestedSparseModule)
+                  for t in [m.values, *m._index_tensors()]}
+    rest = sum(t.numel() * t.element_size() for t in sparse.state_dict(keep_vars=True).values() if id(t) not in nested_ids)
+    info.update(best=best, latency_ms=lat, file_bytes=size, nested_bytes=stored, rest_bytes=rest, roundtrip=same,
+                dense_bytes=sum(p.numel() * p.element_size() for p in dense.state_dict().values()),
+                bn_extra_bytes=sum((m.num_levels - 1) * m.num_features * 4 * (2 + 2 * m.per_level_affine)
+                                   for m in sparse.modules() if isinstance(m, LevelBatchNorm)))
+    return rows, info
+
+
+def targets(rows: list[LevelRow]) -> list[str]:
+    """Per method: level 0 within 0.5 points of dense, level 1 within 3.25% relative of dense."""
+    dense = next(r.score for r in rows if r.method == "dense")
+    out = []
+    for method in METHODS:
+        l0 = next(r.score for r in rows if r.method == method and r.level == "level 0")
+        l1 = next(r.score for r in rows if r.method == method and r.level == "level 1")
+        ok0 = l0 >= dense - 0.005
+        ok1 = l1 >= dense * (1 - 0.0325)
+        out.append(f"{method}: level 0 {100 * (l0 - dense):+.2f} pt ({'MET' if ok0 else 'NOT MET'}), "
+                   f"level 1 {100 * (l1 / dense - 1):+.2f}% rel ({'MET' if ok1 else 'NOT MET'})")
+    return out
+
+
+def print_family(name: str, rows: list[LevelRow], info: dict) -> None:
+    print(f"\n### {name}\n")
+    print("| method | level | weights % | FLOPs % | test score |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r.method} | {r.level} | {r.weights_pct:.1f} | {r.flops_pct:.1f} | {100 * r.score:.2f}% |")
+    print()
+    for line in targets(rows):
+        print(f"- {line}")
+    for n, lat in info["latency_ms"].items():
+        what = "the whole graph" if name == "graph" else f"batch {n}"
+        print(f"- latency through the sparse kernels ({info['best']} model, {what}, median): dense {lat['dense']:.3f} ms; "
+              + "; ".join(f"{k} {v:.3f} ms ({lat['dense'] / v:.2f}x)" for k, v in lat.items() if k != "dense"))
+    print(f"- saved file {info['file_bytes'] / 1e3:.1f} kB = nested layers (all levels, one buffer each) "
+          f"{info['nested_bytes'] / 1e3:.1f} kB + dense rest {info['rest_bytes'] / 1e3:.1f} kB + header "
+          f"{(info['file_bytes'] - info['nested_bytes'] - info['rest_bytes']) / 1e3:.1f} kB; dense model "
+          f"{info['dense_bytes'] / 1e3:.1f} kB; round trip exact: {info['roundtrip']}")
+    if info["bn_extra_bytes"]:
+        print(f"- level-aware BatchNorm costs {info['bn_extra_bytes'] / 1e3:.1f} kB of extra statistics "
+              f"({100 * info['bn_extra_bytes'] / info['file_bytes']:.2f}% of the file) and no extra time")
+    print(f"- training time: dense {info['dense_s']:.0f} s, core-first {info['core-first_s']:.0f} s, "
+          f"joint {info['joint_s']:.0f} s")
+
+
+def plot(all_rows: list[LevelRow], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = list(dict.fromkeys(r.family for r in all_rows))
+    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.6), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        rows = [r for r in all_rows if r.family == fam]
+        dense = next(r.score for r in rows if r.method == "dense")
+        ax.axhline(100 * dense, color="k", lw=1, ls="--", label="dense")
+        ax.axhspan(100 * dense * (1 - 0.0325), 100 * dense, color="0.9")
+        for method, marker in zip(METHODS, "osD"):
+            pts = [r for r in rows if r.method == method]
+            ax.plot([r.weights_pct for r in pts], [100 * r.score for r in pts], marker + "-", label=method)
+        ax.set(title=fam, xlabel="weights kept in pruned layers (%)", ylabel="test score (%)")
+        lo, hi = min(r.score for r in rows), max(r.score for r in rows)
+        ax.set_ylim(max(0, 100 * lo - 3), min(100.5, 100 * hi + 2))
+        ax.set_xticks([100 * d for d in DENSITIES])
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a quarter of the epochs and smaller data (a smoke run)")
+    ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", default="bench/results/accuracy.png", help="PNG path ('' for none)")
+    ap.add_argument("--csv", default="", help="also write the rows as CSV")
+    args = ap.parse_args(argv)
+    fams = [f for f in args.families.split(",") if f]
+    unknown = [f for f in fams if f not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    print(f"nestsparse {nestsparse.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"levels {DENSITIES}, {'quick' if args.quick else 'full'} run, seed {args.seed}")
+    all_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in fams:
+            rows, info = run_family(name, FAMILIES[name], args.quick, args.seed, tmp)
+            print_family(name, rows, info)
+            all_rows += rows
+            sys.stdout.flush()
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["family", "method", "level", "weights_pct", "flops_pct", "score"])
+            for r in all_rows:
+                w.writerow([r.family, r.method, r.level, f"{r.weights_pct:.3f}", f"{r.flops_pct:.3f}", f"{r.score:.5f}"])
+    if args.plot:
+        os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
+        plot(all_rows, args.plot)
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

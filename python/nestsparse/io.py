@@ -1,0 +1,476 @@
+"""Saving and loading converted nested sparse models, as safetensors files (never pickle).
+
+File layout (one standard safetensors file, readable by any safetensors reader):
+
+- 8 bytes: little-endian u64 ``N``, the length of the JSON header that follows;
+- ``N`` bytes: the JSON header (padded with spaces). It maps every tensor name to its dtype, shape and byte
+  range, and holds ``"__metadata__"`` (str -> str): the user's ``metadata`` entries and, under the key
+  ``"nestsparse"``, one JSON string describing the model (below);
+- the raw bytes of every tensor of ``model.state_dict()``, contiguous, little-endian, no gaps.
+
+The tensors are the model's state dict as it is, nothing duplicated: each nested layer contributes its ONE
+values buffer (all levels) and its index arrays ("level tables": ``col_idx``/``row_ptr``/``row_end`` for
+nested CSR, ``indices``/``block_ptr``/``blocks``/``counts`` for nested BCR) and its bias; a LevelBatchNorm its
+per-level running statistics; every other module its ordinary parameters and buffers. A tensor tied under
+two names is stored once and recorded as an alias. The file is therefore the densest level's storage plus
+the dense rest plus the header.
+
+The ``"nestsparse"`` description (JSON object, compact, ``checksum`` first):
+
+- ``checksum``: ``"sha256:<hex>"`` over the user metadata, this description (with the checksum's hex digits
+  replaced by zeros) and, in sorted name order, every tensor's name, dtype, shape and raw bytes;
+- ``format_version`` (1), ``nestsparse_version``;
+- ``arch``: ``model.arch`` when the model has one (``{"name": ..., "kwargs": {...}}``, as set by
+  ``nestsparse.models.build``), else null; lets :func:`load` rebuild the skeleton without ``model=``;
+- ``level``: the level of every level-aware module (one int), a ``{module name: level}`` map when they
+  differ, or null when the model has none;
+- ``nested``: ``{module name: {kind: linear|conv2d, format: ncsr|nbcr, weight_shape, block_shape, densities,
+  activation, bias, dtype, stride, padding, dilation, groups}}`` (the geometry for conv2d only);
+- ``level_batchnorms``: ``{module name: LevelBatchNorm constructor arguments}``;
+- ``identities``: names of the nn.Identity modules (where ``convert`` fused an activation into the layer
+  before);
+- ``aliases``: ``{name: stored name}`` for tensors tied to another state-dict entry.
+
+Loading fills the skeleton in place and, like ``load_state_dict``, leaves its train/eval mode alone (a model
+built from the arch starts in training mode: call ``.eval()`` before inference). It never executes code from
+the file: safetensors parses a JSON header and copies raw bytes, and
+every index array is checked by its format's ``validate()`` before a kernel sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .formats import FormatError, NestedBCR, NestedCSR
+from .nn import (_INDEX_BUFFERS, LevelAware, LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear,
+                 NestedSparseModule)
+
+__all__ = ["save", "load", "read_metadata", "CheckpointError", "FORMAT_VERSION", "METADATA_KEY"]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "nestsparse"
+_CHECKSUM_RE = re.compile(r'^\{"checksum":"sha256:([0-9a-f]{64})"')
+_PLACEHOLDER = "0" * 64
+_BN_ARGS = ("num_features", "num_levels", "eps", "momentum", "affine", "per_level_affine")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be loaded (or a model cannot be saved); the message names the file and why."""
+
+
+# ---- shared helpers ---------------------------------------------------------------------------------
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding ``name`` and the attribute name inside it."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _checksum(description: str, user: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:
+    """The SHA-256 hex digest of the user metadata, the description string and every tensor (sorted by name)."""
+    h = hashlib.sha256(b"nestsparse-checkpoint\n")
+    h.update(json.dumps(sorted(user.items()), separators=(",", ":")).encode() + b"\n")
+    h.update(description.encode() + b"\n")
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        h.update(json.dumps([name, str(t.dtype), list(t.shape), raw.numel()], separators=(",", ":")).encode() + b"\n")
+        h.update(raw.numpy())
+    return h.hexdigest()
+
+
+def _key(module: str, tensor: str) -> str:
+    """The state-dict key of ``tensor`` in the module named ``module`` ("" for the root)."""
+    return f"{module}.{tensor}" if module else tensor
+
+
+def _level_aware(model: nn.Module) -> dict[str, LevelAware]:
+    """The level-aware modules of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LevelAware)}
+
+
+# ---- save -------------------------------------------------------------------------------------------
+
+def _refuse_parametrized(model: nn.Module) -> None:
+    """Raises ValueError naming the first module that still carries training-time parametrizations."""
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            raise ValueError(f"save: module {name or '<root>'!r} ({type(m).__name__}) still has training-time "
+                             "parametrizations (level masks); call nestsparse.pruning.unmask(model) and then "
+                             "nestsparse.convert(...) to get a nested sparse model before saving")
+
+
+def _describe_nested(m: NestedSparseModule) -> dict[str, Any]:
+    """The constructor arguments of a nested layer, besides its tensors."""
+    d: dict[str, Any] = {
+        "kind": "conv2d" if isinstance(m, NestedSparseConv2d) else "linear",
+        "format": m.format,
+        "weight_shape": [int(s) for s in m.weight_shape],
+        "block_shape": [int(b) for b in m.block_shape] if m.block_shape is not None else None,
+        "densities": [float(x) for x in m.densities],
+        "activation": m.activation,
+        "bias": m.bias is not None,
+        "dtype": str(m.values.dtype).removeprefix("torch."),
+    }
+    if isinstance(m, NestedSparseConv2d):
+        d.update(stride=[int(x) for x in m.stride], padding=[int(x) for x in m.padding],
+                 dilation=[int(x) for x in m.dilation], groups=int(m.groups))
+    return d
+
+
+def _describe_levels(model: nn.Module) -> int | dict[str, int] | None:
+    """One level if every level-aware module uses the same, else a map by module name; None without any."""
+    levels = {name: int(m.level) for name, m in _level_aware(model).items()}
+    if not levels:
+        return None
+    distinct = set(levels.values())
+    return distinct.pop() if len(distinct) == 1 else levels
+
+
+def _describe(model: nn.Module) -> dict[str, Any]:
+    """The "nestsparse" description of ``model`` (without checksum and aliases)."""
+    arch = getattr(model, "arch", None)
+    if arch is not None:
+        try:
+            arch = json.loads(json.dumps(arch))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"save: model.arch must be JSON-serialisable, got {arch!r}") from e
+    nested, bns, identities = {}, {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (NestedSparseLinear, NestedSparseConv2d)):
+            nested[name] = _describe_nested(m)
+        elif isinstance(m, LevelBatchNorm):
+            bns[name] = {"num_features": int(m.num_features), "num_levels": int(m.num_levels), "eps": float(m.eps),
+                         "momentum": None if m.momentum is None else float(m.momentum), "affine": bool(m.affine),
+                         "per_level_affine": bool(m.per_level_affine)}
+        elif isinstance(m, nn.Identity) and name:
+            identities.append(name)
+    import nestsparse
+    return {"format_version": FORMAT_VERSION, "nestsparse_version": nestsparse.__version__, "arch": arch,
+            "level": _describe_levels(model), "nested": nested, "level_batchnorms": bns, "identities": identities}
+
+
+def _stored_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict as contiguous CPU tensors, each storage once; and the aliases of tied entries."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        storage = (t.device, t.untyped_storage().data_ptr())
+        key = (*storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out = t.cpu().contiguous()
+        if t.numel() and storage in storages:
+            out = out.clone()  # a view into storage another entry shares: safetensors stores each on its own
+        storages.add(storage)
+        tensors[name] = out
+    return tensors, aliases
+
+
+def save(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> int:
+    """Writes a converted ``model`` to one safetensors file at ``path``; returns the bytes written."""
+    from safetensors.torch import save_file
+
+    _refuse_parametrized(model)
+    user = dict(metadata or {})
+    for k, v in user.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"save: metadata must map str to str, got {k!r}: {v!r}")
+        if k == METADATA_KEY:
+            raise ValueError(f"save: metadata key {METADATA_KEY!r} is reserved")
+    tensors, aliases = _stored_tensors(model)
+    desc = {"checksum": "sha256:" + _PLACEHOLDER, **_describe(model), "aliases": aliases}
+    text = json.dumps(desc, separators=(",", ":"))
+    digest = _checksum(text, user, tensors)
+    text = text.replace(_PLACEHOLDER, digest, 1)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={**user, METADATA_KEY: text})
+        os.replace(tmp, path)  # never leaves a half-written file under the real name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return os.path.getsize(path)
+
+
+# ---- load -------------------------------------------------------------------------------------------
+
+def _read(path: str) -> tuple[dict[str, Any], str, dict[str, str], dict[str, Tensor]]:
+    """The parsed description, its raw string, the user metadata and every tensor (on CPU), unverified."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"nestsparse.io.load: no such file: {path!r}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError and whatever a damaged header makes the parser raise
+        raise CheckpointError(f"{path}: not a safetensors file, or truncated or damaged ({e})") from e
+    text = meta.pop(METADATA_KEY, None)
+    if text is None:
+        raise CheckpointError(f"{path}: no {METADATA_KEY!r} metadata; the file was not written by "
+                              "nestsparse.io.save")
+    try:
+        desc = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON: the file was altered or "
+                              "damaged") from e
+    if not isinstance(desc, dict):
+        raise CheckpointError(f"{path}: the {METADATA_KEY!r} metadata is not a JSON object: the file was altered "
+                              "or damaged")
+    return desc, text, meta, tensors
+
+
+def _verify(path: str, text: str, user: Mapping[str, str], tensors: Mapping[str, Tensor]) -> None:
+    """Raises CheckpointError unless the stored checksum matches the metadata and tensors."""
+    m = _CHECKSUM_RE.match(text)
+    if m is None:
+        raise CheckpointError(f"{path}: the nestsparse metadata has no checksum where it should: the file was "
+                              "altered or damaged")
+    stored = m.group(1)
+    expect = _checksum(text.replace(stored, _PLACEHOLDER, 1), user, tensors)
+    if expect != stored:
+        raise CheckpointError(f"{path}: checksum mismatch (stored sha256 {stored[:12]}..., computed "
+                              f"{expect[:12]}...): the file was altered or damaged")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The nestsparse description of a checkpoint (checksum verified), with the user metadata under "user"."""
+    path = os.fspath(path)
+    desc, text, user, tensors = _read(path)
+    _verify(path, text, user, tensors)
+    return {**desc, "user": user}
+
+
+def _skeleton_from_arch(path: str, arch: Any) -> nn.Module:
+    """A fresh dense model of the recorded architecture, from nestsparse.models.build."""
+    if arch is None:
+        raise CheckpointError(f"{path}: the file records no architecture (the saved model had no .arch); pass "
+                              "the dense model to fill as load(path, model=...)")
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or \
+            not isinstance(arch.get("kwargs", {}), dict):
+        raise CheckpointError(f"{path}: malformed arch {arch!r}; expected {{'name': str, 'kwargs': dict}}")
+    try:
+        from . import models
+    except ImportError as e:
+        raise CheckpointError(f"{path}: the file records architecture {arch['name']!r} but nestsparse.models "
+                              f"cannot be imported ({e}); pass the dense model as load(path, model=...)") from e
+    try:
+        return models.build(arch["name"], **arch.get("kwargs", {}))
+    except Exception as e:
+        raise CheckpointError(f"{path}: unknown arch {arch['name']!r} (or bad arguments "
+                              f"{arch.get('kwargs', {})!r}): nestsparse.models.build failed: {e}") from e
+
+
+def _conv_geometry(m: nn.Module) -> dict[str, Any]:
+    """Stride, padding, dilation and groups of a dense or nested conv as lists, comparable with the file's."""
+    padding = (0, 0) if m.padding == "valid" else m.padding
+    return {"stride": [int(x) for x in m.stride],
+            "padding": padding if isinstance(padding, str) else [int(x) for x in padding],
+            "dilation": [int(x) for x in m.dilation], "groups": int(m.groups)}
+
+
+def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) -> None:
+    """Raises CheckpointError unless the skeleton has a layer of the recorded kind, shape and geometry."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{path}: skeleton mismatch: the file has a nested {d['kind']} layer {name!r} but "
+                              "the model has no module of that name") from None
+    kind = d["kind"]
+    dense_cls, nested_cls = (nn.Conv2d, NestedSparseConv2d) if kind == "conv2d" else (nn.Linear, NestedSparseLinear)
+    if isinstance(old, nested_cls):
+        shape, has_bias = tuple(old.weight_shape), old.bias is not None
+    elif isinstance(old, dense_cls):
+        shape, has_bias = tuple(old.weight.shape), old.bias is not None
+    else:
+        raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: the file has a nested {kind} layer, "
+                              f"the model has a {type(old).__name__} (expected nn.{dense_cls.__name__})")
+    want = tuple(d["weight_shape"])
+    if shape != want:
+        raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: weight shape in the file {want}, in "
+                              f"the model {shape}")
+    if has_bias != bool(d["bias"]):
+        raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: the file "
+                              f"{'has' if d['bias'] else 'has no'} bias, the model {'has' if has_bias else 'has no'}")
+    if kind == "conv2d":
+        if getattr(old, "padding_mode", "zeros") != "zeros":
+            raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: padding_mode {old.padding_mode!r}; "
+                                  "nested convs pad with zeros")
+        got = _conv_geometry(old)
+        want_geo = {k: d[k] for k in ("stride", "padding", "dilation", "groups")}
+        if got != want_geo:
+            raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: conv geometry in the file "
+                                  f"{want_geo}, in the model {got}")
+
+
+def _nested_module(path: str, name: str, d: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> NestedSparseModule:
+    """The nested layer ``name`` rebuilt from its description and stored tensors, its index arrays validated."""
+    fmt = d["format"]
+    cls = {"ncsr": NestedCSR, "nbcr": NestedBCR}.get(fmt)
+    if cls is None:
+        raise CheckpointError(f"{path}: layer {name!r} has unknown format {fmt!r}")
+    needed = ("values",) + _INDEX_BUFFERS[cls] + (("bias",) if d["bias"] else ())
+    missing = [_key(name, k) for k in needed if _key(name, k) not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing} of nested layer {name!r}")
+    arrays = {k: tensors[_key(name, k)] for k in ("values",) + _INDEX_BUFFERS[cls]}
+    shape = tuple(int(s) for s in d["weight_shape"])
+    densities = tuple(float(x) for x in d["densities"])
+    if fmt == "ncsr":
+        weight = NestedCSR(**arrays, weight_shape=shape, densities=densities)
+    else:
+        weight = NestedBCR(**arrays, weight_shape=shape, block_shape=tuple(int(b) for b in d["block_shape"]),
+                           densities=densities)
+    try:
+        weight.validate()
+    except FormatError as e:
+        raise CheckpointError(f"{path}: corrupted index arrays in layer {name!r}: {e}") from e
+    bias = tensors[_key(name, "bias")] if d["bias"] else None
+    if d["kind"] == "conv2d":
+        return NestedSparseConv2d(weight, bias, d["stride"], d["padding"], d["dilation"], int(d["groups"]),
+                                  d["activation"])
+    return NestedSparseLinear(weight, bias, d["activation"])
+
+
+def _level_batchnorm(path: str, model: nn.Module, name: str, args: Mapping[str, Any],
+                     tensors: Mapping[str, Tensor]) -> LevelBatchNorm:
+    """A LevelBatchNorm with the recorded arguments, after checking the skeleton has a BatchNorm there."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{path}: skeleton mismatch: the file has a LevelBatchNorm {name!r} but the model "
+                              "has no module of that name") from None
+    if not isinstance(old, (nn.modules.batchnorm._BatchNorm, LevelBatchNorm)):
+        raise CheckpointError(f"{path}: skeleton mismatch at {name!r}: the file has a LevelBatchNorm, the model a "
+                              f"{type(old).__name__} (expected a BatchNorm)")
+    if int(old.num_features) != int(args["num_features"]):
+        raise CheckpointError(f"{path}: skeleton mismatch at {name!r}: {args['num_features']} features in the "
+                              f"file, {old.num_features} in the model")
+    stats = tensors.get(_key(name, "running_mean"))
+    if stats is None or tuple(stats.shape) != (int(args["num_levels"]), int(args["num_features"])):
+        raise CheckpointError(f"{path}: LevelBatchNorm {name!r} records {args['num_levels']} levels of "
+                              f"{args['num_features']} features but its running_mean tensor is "
+                              f"{'missing' if stats is None else tuple(stats.shape)}")
+    return LevelBatchNorm(**{k: args[k] for k in _BN_ARGS})
+
+
+def _replacements(path: str, model: nn.Module, desc: Mapping[str, Any],
+                  tensors: Mapping[str, Tensor]) -> dict[str, nn.Module]:
+    """Every module to put into the skeleton, by name, all built and checked before any is put in."""
+    new: dict[str, nn.Module] = {}
+    for name, d in desc.get("nested", {}).items():
+        _check_slot(path, model, name, d)
+        new[name] = _nested_module(path, name, d, tensors)
+    for name, args in desc.get("level_batchnorms", {}).items():
+        new[name] = _level_batchnorm(path, model, name, args, tensors)
+    for name in desc.get("identities", []):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: skeleton mismatch: the file has a fused activation (nn.Identity) at "
+                                  f"{name!r} but the model has no module of that name") from None
+        new[name] = nn.Identity()
+    return new
+
+
+def _check_state(path: str, model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Raises CheckpointError on missing or unexpected tensors or a shape mismatch, before anything is loaded."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the file does not fit the model: missing tensors {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                              f"{'...' if len(unexpected) > 8 else ''}")
+    for k, t in expected.items():
+        if tuple(t.shape) != tuple(tensors[k].shape):
+            raise CheckpointError(f"{path}: skeleton mismatch: tensor {k!r} has shape {tuple(tensors[k].shape)} in "
+                                  f"the file, {tuple(t.shape)} in the model")
+
+
+def _match_dtypes(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Gives every skeleton parameter and buffer the dtype stored in the file, so loading is exact."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    for k, t in named.items():
+        if k in tensors and t is not None and t.dtype != tensors[k].dtype:
+            t.data = t.data.to(tensors[k].dtype)
+
+
+def _restore_levels(path: str, model: nn.Module, level: Any) -> None:
+    """Puts every level-aware module back at its saved level."""
+    import nestsparse
+
+    if level is None:
+        return
+    try:
+        if isinstance(level, dict):
+            mods = _level_aware(model)
+            for name, lvl in level.items():
+                mods[name].set_level(lvl)
+        else:
+            nestsparse.set_level(model, level)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot restore the saved level {level!r}: {e}") from e
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None,
+         map_location: str | torch.device | None = "cpu") -> nn.Module:
+    """Reads a file written by :func:`save` into ``model`` (a dense skeleton, or built from the file's arch)."""
+    path = os.fspath(path)
+    desc, text, user, tensors = _read(path)
+    _verify(path, text, user, tensors)
+    version = desc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version!r} is not supported (this nestsparse reads up to "
+                              f"{FORMAT_VERSION}); upgrade nestsparse")
+    aliases = desc.get("aliases", {})
+    for name, target in aliases.items():
+        if target not in tensors:
+            raise CheckpointError(f"{path}: tensor {name!r} is an alias of {target!r}, which is not in the file")
+        tensors[name] = tensors[target]
+    if model is None:
+        model = _skeleton_from_arch(path, desc.get("arch"))
+    try:
+        new = _replacements(path, model, desc, tensors)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed nestsparse metadata ({type(e).__name__}: {e})") from e
+    undo = []
+    try:
+        for name, mod in new.items():
+            if not name:  # the saved model was a single layer: it replaces the skeleton itself
+                model = mod
+                continue
+            parent, child = _parent(model, name)
+            undo.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, mod)
+        _check_state(path, model, tensors)
+    except BaseException:
+        for parent, child, old in reversed(undo):  # leave the caller's model as it was
+            setattr(parent, child, old)
+        raise
+    _match_dtypes(model, tensors)
+    model.load_state_dict(tensors, strict=True)
+    _restore_levels(path, model, desc.get("level"))
+    if desc.get("arch") is not None and getattr(model, "arch", None) is None:
+        model.arch = desc["arch"]  # so that saving the loaded model again records it too
+    return model.to(map_location) if map_location is not None else model

@@ -128,20 +128,21 @@ def recalibrate_bn(model: nn.Module, task, levels: int, batches: int = 20) -> No
     bns = [m for m in model.modules() if isinstance(m, LevelBatchNorm)]
     if not bns:
         return
+    momentum = [bn.momentum for bn in bns]
     for level in range(levels):
         nestsparse.set_level(model, level)
         for bn in bns:
             bn.running_mean[level].zero_()
             bn.running_var[level].fill_(1)
             bn.num_batches_tracked[level] = 0
-            bn.momentum = None
+            bn.momentum = None  # a cumulative average over the batches
         model.train()
         for i, batch in enumerate(task.batches(0)):
             if i == batches:
                 break
             task.logits(model, batch)
-    for bn in bns:
-        bn.momentum = 0.1
+    for bn, m in zip(bns, momentum):
+        bn.momentum = m
     nestsparse.set_level(model, 0)
     model.eval()
 
@@ -220,7 +221,8 @@ def run_family(name: str, fam: Family, quick: bool, seed: int, save_dir: str) ->
     path = os.path.join(save_dir, f"{name}.safetensors")
     size = nestsparse.save(sparse, path)
     loaded = nestsparse.load(path)
-    same = all(torch.equal(a, b) for a, b in zip(sparse.state_dict().values(), loaded.state_dict().values()))
+    a, b = sparse.state_dict(), loaded.state_dict()
+    same = list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     stored = sum(m.nested().nbytes() for m in sparse.modules() if isinstance(m, NestedSparseModule))
     nested_ids = {id(t) for m in sparse.modules() if isinstance(m, NestedSparseModule)
                   for t in [m.values, *m._index_tensors()]}
@@ -282,12 +284,18 @@ def plot(all_rows: list[LevelRow], path: str) -> None:
         dense = next(r.score for r in rows if r.method == "dense")
         ax.axhline(100 * dense, color="k", lw=1, ls="--", label="dense")
         ax.axhspan(100 * dense * (1 - 0.0325), 100 * dense, color="0.9")
+        trained = [r.score for r in rows if r.method != "one-shot"]
+        lo, hi = 100 * min(trained) - 3, min(100.5, 100 * max(trained) + 1.5)
         for method, marker in zip(METHODS, "osD"):
             pts = [r for r in rows if r.method == method]
-            ax.plot([r.weights_pct for r in pts], [100 * r.score for r in pts], marker + "-", label=method)
+            ys = [max(100 * r.score, lo) for r in pts]  # a point below the axis sits on its edge, value written
+            line, = ax.plot([r.weights_pct for r in pts], ys, marker + "-", label=method)
+            for r, y in zip(pts, ys):
+                if 100 * r.score < lo:
+                    ax.annotate(f"{100 * r.score:.0f}%", (r.weights_pct, y), textcoords="offset points", xytext=(4, 4),
+                                color=line.get_color(), fontsize=8)
         ax.set(title=fam, xlabel="weights kept in pruned layers (%)", ylabel="test score (%)")
-        lo, hi = min(r.score for r in rows), max(r.score for r in rows)
-        ax.set_ylim(max(0, 100 * lo - 3), min(100.5, 100 * hi + 2))
+        ax.set_ylim(lo - 0.5, hi)
         ax.set_xticks([100 * d for d in DENSITIES])
     axes[0][0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()

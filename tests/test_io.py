@@ -339,6 +339,19 @@ def test_corrupted_index_arrays_with_valid_checksum(saved, tmp_path):
     assert isinstance(skeleton[3], nn.Conv2d), "a failed load must leave the skeleton as it was"
 
 
+def test_corrupted_index_arrays_of_a_layer_the_description_leaves_out(saved, tmp_path):
+    # Loaded into a skeleton that is already nested, a layer missing from the description gets its arrays
+    # through load_state_dict: they must still be validated before a kernel can see them.
+    fmt, model, path = saved
+    desc, meta, tensors = read_all(path)
+    corrupt(fmt, tensors)
+    desc = {**desc, "nested": {k: v for k, v in desc["nested"].items() if k != "3"}}
+    out = tmp_path / "forged.safetensors"
+    forge(out, desc, meta, tensors)
+    with pytest.raises(nsio.CheckpointError, match=r"forged\.safetensors: layer '3' has corrupted index arrays"):
+        nsio.load(out, converted_model(fmt))
+
+
 def test_missing_and_unexpected_tensors(saved, tmp_path):
     desc, meta, tensors = read_all(saved[2])
     out = tmp_path / "forged.safetensors"

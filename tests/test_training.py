@@ -694,3 +694,15 @@ def test_core_first_refuses_bad_arguments(kwargs):
     args = dict(prune_epochs=1, core_epochs=1, level_epochs=1) | kwargs
     with pytest.raises(ValueError, match="core_first"):
         core_first(mlp(), mlp_task(), (0.5, 0.2), progress=False, **args)
+
+
+def test_frozen_values_keep_the_weight_dtype_exactly():
+    model = nn.Sequential(nn.Linear(6, 5)).double()
+    apply_level_masks(model, model_tags(model, (0.6, 0.2)), 2)
+    mask = level_masks(model)["0"]
+    raw = model[0].parametrizations.weight.original
+    with torch.no_grad():
+        raw.add_(1e-12)  # a difference float32 cannot hold
+    mask.freeze(torch.ones_like(mask.frozen), raw)
+    assert mask.frozen_values.dtype == torch.float64
+    assert torch.equal(model[0].weight, raw * (mask.tags >= 0))

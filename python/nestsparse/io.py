@@ -442,6 +442,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
         raise CheckpointError(f"{path}: format version {version!r} is not supported (this nestsparse reads up to "
                               f"{FORMAT_VERSION}); upgrade nestsparse")
     aliases = desc.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CheckpointError(f"{path}: malformed nestsparse metadata (aliases must map tensor names to names)")
     for name, target in aliases.items():
         if target not in tensors:
             raise CheckpointError(f"{path}: tensor {name!r} is an alias of {target!r}, which is not in the file")
@@ -464,13 +466,22 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             undo.append((parent, child, getattr(parent, child)))
             setattr(parent, child, mod)
         _check_state(path, model, tensors)
+        _match_dtypes(model, tensors)
+        model.load_state_dict(tensors, strict=True)
+        # Every nested layer's arrays are checked as loaded, including those of a skeleton that was already
+        # nested (their tensors came through load_state_dict, not through _replacements).
+        for name, mod in model.named_modules():
+            if isinstance(mod, NestedSparseModule):
+                try:
+                    mod.nested().validate()
+                except FormatError as e:
+                    raise CheckpointError(f"{path}: layer {name!r} has corrupted index arrays: {e}") from e
+        _restore_levels(path, model, desc.get("level"))
     except BaseException:
-        for parent, child, old in reversed(undo):  # leave the caller's model as it was
+        # Leave the caller's module structure as it was (parameters already copied keep the file's values).
+        for parent, child, old in reversed(undo):
             setattr(parent, child, old)
         raise
-    _match_dtypes(model, tensors)
-    model.load_state_dict(tensors, strict=True)
-    _restore_levels(path, model, desc.get("level"))
     if desc.get("arch") is not None and getattr(model, "arch", None) is None:
         model.arch = desc["arch"]  # so that saving the loaded model again records it too
     return model.to(map_location) if map_location is not None else model

@@ -3,8 +3,8 @@
 ``apply_level_masks`` registers a parametrization on each pruned layer's weight, so ``layer.weight`` is
 ``weight * (tags >= level)`` (torch.nn.utils.parametrize): the model stays a plain nn.Module that trains,
 wraps in DistributedDataParallel and switches level with ``nestsparse.set_level``. The tags live in the
-parametrization and are what every training method updates; ``unmask`` hands back a plain model plus the
-tags, ready for ``nestsparse.convert``.
+parametrization and are what every training method updates; ``unmask`` hands back the model without masks
+(its per-level BatchNorm stays) plus the tags, ready for ``nestsparse.convert``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class LevelMask(LevelAware, nn.Module):
     ``grad_sum`` (over the levels of a step it adds up to the gradient of their summed loss, and under
     DistributedDataParallel an all-reduce makes it the global one); grow-and-prune regrows by its size."""
 
-    def __init__(self, tags: Tensor, num_levels: int):
+    def __init__(self, tags: Tensor, num_levels: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         if tags.dtype != torch.int8:
             raise TypeError(f"LevelMask: tags must be int8, got {tags.dtype}")
@@ -40,8 +40,9 @@ class LevelMask(LevelAware, nn.Module):
             raise ValueError(f"LevelMask: a tag is {int(tags.min())}; tags are -1 (pruned) or a level")
         self.register_buffer("tags", tags.clone())
         self.register_buffer("frozen", torch.zeros(tags.shape, dtype=torch.bool, device=tags.device))
-        self.register_buffer("frozen_values", torch.zeros(tags.shape, device=tags.device))
-        self.register_buffer("grad_sum", torch.zeros(0, device=tags.device))
+        # Kept in the weight's dtype, so a frozen value is the exact value it had.
+        self.register_buffer("frozen_values", torch.zeros(tags.shape, dtype=dtype, device=tags.device))
+        self.register_buffer("grad_sum", torch.zeros(0, dtype=dtype, device=tags.device))
         self._num_levels = num_levels
         self.level = 0
 
@@ -55,7 +56,7 @@ class LevelMask(LevelAware, nn.Module):
 
     @capture_grad.setter
     def capture_grad(self, on: bool) -> None:
-        self.grad_sum = torch.zeros(self.tags.shape, device=self.tags.device) if on else self.grad_sum.new_zeros(0)
+        self.grad_sum = self.frozen_values.new_zeros(self.tags.shape if on else (0,))
 
     def freeze(self, where: Tensor, values: Tensor) -> None:
         """Fixes the elements ``where`` at ``values``."""
@@ -99,7 +100,7 @@ def apply_level_masks(model: nn.Module, tags: Mapping[str, Tensor], num_levels: 
                 raise ValueError(f"apply_level_masks: {name!r} has {mask.num_levels} levels, asked for {num_levels}")
             mask.tags.copy_(t)
         else:
-            parametrize.register_parametrization(m, "weight", LevelMask(t, num_levels))
+            parametrize.register_parametrization(m, "weight", LevelMask(t, num_levels, m.weight.dtype))
     return model
 
 

@@ -216,7 +216,8 @@ def joint(model: nn.Module, task: Task, densities: LevelSpec | Sequence[float], 
     The levels of a step follow the sandwich rule: the densest, the sparsest and (with three or more
     levels) one drawn at random in between; ``sandwich=False`` uses every level. With ``distill`` > 0, a
     sparser level's loss is ``(1 - distill) * task loss + distill * KL(densest || level)`` at ``temperature``,
-    the densest level's logits (detached) as the teacher. Each level keeps its own BatchNorm statistics.
+    the densest level's logits (detached) as the teacher. Each level keeps its own BatchNorm statistics
+    (and its own affine with ``per_level_affine``, which applies when joint prepares the model itself).
 
     Masks: over the first ``prune_fraction`` of the steps every level's density follows the cubic schedule
     from 1 to its target (``tag_updates`` times), its tags recomputed from the weights' magnitudes among
@@ -323,7 +324,9 @@ def core_first(model: nn.Module, task: Task, densities: LevelSpec | Sequence[flo
        starts out computing what the sparser one does), and trains ``level_epochs`` with only its new
        weights and its own BatchNorm moving; then it is frozen too.
     Biases and layers left dense are trained with the core and then fixed, so a finished level's function
-    never changes. BatchNorm gets per-level statistics and affine parameters. With ``grow_prune_every`` > 0
+    never changes. BatchNorm gets per-level statistics and affine parameters (on a model that ``prepare``
+    gave a shared BatchNorm affine, that affine stays as the core left it and only statistics are per level).
+    The budget is per epoch of ``task.batches`` (with structure="bcr", ``prune_epochs`` is not used). With ``grow_prune_every`` > 0
     (unstructured), the weights being trained also drop and regrow (grow-and-prune) that often, in steps.
     Returns the tags; the model keeps its masks."""
     spec = _spec(densities)

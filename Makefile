@@ -23,6 +23,7 @@ bench: $(VENV)/.built
 	$(PY) bench/conv.py
 	$(PY) bench/nbcr.py
 	$(PY) bench/accuracy.py
+	$(PY) bench/qos.py
 
 # Builds the extension with CUDA on against torch 2.14.1+cu130 in a second environment (no GPU needed).
 cuda-check:

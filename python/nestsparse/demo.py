@@ -123,10 +123,35 @@ def run(levels=(0.3, 0.13, 0.05), width: int = 64, epochs: int = 25, seed: int =
     dense_bytes = total_w * 4
     print(f"\nAll {spec.num_levels} levels live in one buffer: {one_buffer / 1e6:.2f} MB of nested CSR for the pruned "
           f"layers, vs {dense_bytes / 1e6:.2f} MB dense (float32 values, int16 column indices).")
+    show_rerouting(sparse, test_set, seed)
     if plot:
         plot_levels(rows, plot)
         print(f"plot written to {plot}")
     return rows
+
+
+def show_rerouting(sparse: nn.Module, test_set, seed: int, n: int = 300, batch: int = 16) -> None:
+    """A short QoS run: batches of test digits under the fluctuating CPU-load scenario, deadline at the densest
+    level's unloaded p95, every policy side by side (``python -m nestsparse qos`` runs the full version)."""
+    from .qos import labelled_batches
+    from .runtime import ReroutingExecutor, qos_table, run_qos
+    from .scenarios import make_scenario
+
+    inputs, score = labelled_batches(test_set, batch)
+    scenario = make_scenario("fluctuating", seed=seed)
+    print(f"\nRerouting: {n} inferences of {batch} digits per policy, one thread, checkpoints before each sparse "
+          f"layer; {scenario.describe()}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ReroutingExecutor(sparse, "block", margin=0.1) as ex:
+            profile = ex.measure_profile(*inputs(0), repeats=40, gap=0.002)
+            results = run_qos(ex, inputs, n, profile.percentile(0, 95), scenario=scenario, score=score)
+    finally:
+        torch.set_num_threads(threads)
+    print(qos_table(results))
+    print("A rerouted inference starts at level 0 and, when a checkpoint predicts a miss, finishes at the densest level "
+          "that still fits; effective accuracy counts a missed deadline as wrong.")
 
 
 def print_table(rows: list[Row]) -> None:

@@ -416,10 +416,11 @@ class ReroutingExecutor:
         run.expected += profile.times[k][run.levels[k - 1] if k else lvl]
         elapsed = now - run.start
         ratio = elapsed / run.expected if run.expected > 0 else 1.0
-        if lvl < self.num_levels - 1 and elapsed + ratio * profile.remaining(k + 1, lvl) > run.budget:
+        suffix = profile._suffix  # remaining(k + 1, level) without its argument checks: this is the hot path
+        if lvl < self.num_levels - 1 and elapsed + ratio * suffix[lvl][k + 1] > run.budget:
             new = self.num_levels - 1
             for cand in range(lvl + 1, self.num_levels - 1):
-                if elapsed + ratio * profile.remaining(k + 1, cand) <= run.budget:
+                if elapsed + ratio * suffix[cand][k + 1] <= run.budget:
                     new = cand
                     break
             for owned in self._owned_list[k:]:

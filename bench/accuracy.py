@@ -1,6 +1,6 @@
 """Accuracy per level of nested sparse models, four families, three ways of getting the levels.
 
-For each family (nestsparse.tasks: digits/ResNet, point clouds/PointNet++, seq2seq/GNMT, graph/GAT) it trains
+For each family (nestsparse.apps.tasks: digits/ResNet, point clouds/PointNet++, seq2seq/GNMT, graph/GAT) it trains
 the dense baseline, then gets levels (0.13, 0.05) by
   1. one-shot nested magnitude tags on the dense model (no training; BatchNorm statistics re-estimated per
      level without labels or weight updates),
@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.utils.benchmark import Timer
 
 import nestsparse
-from nestsparse import models, pruning, tasks
+from nestsparse import pruning
+from nestsparse.apps import data, models, tasks
 from nestsparse.nn import LevelBatchNorm, NestedSparseModule
 
 DENSITIES = (0.13, 0.05)
@@ -69,7 +70,7 @@ FAMILIES = {
         dense_epochs=30, prune_epochs=10, core_epochs=10, level_epochs=10, joint_epochs=40),
     "pointcloud": Family(
         task=lambda seed, quick: tasks.point_cloud_task(seed, n_per_class=40 if quick else 150),
-        model=lambda: models.pointnet2(num_classes=len(nestsparse.data.POINT_CLOUD_CLASSES)),
+        model=lambda: models.pointnet2(num_classes=len(data.POINT_CLOUD_CLASSES)),
         example=lambda t, n: (t.test[0][:n].contiguous(),),
         dense_epochs=25, prune_epochs=10, core_epochs=10, level_epochs=10, joint_epochs=40),
     "seq2seq": Family(

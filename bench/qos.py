@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from nestsparse import qos
+from nestsparse.apps import qos
 
 TARGETS = """Targets: static densest meets the deadline in at most ~90-99% of inferences; rerouting in at least 99.9%
 (one to two nines more); rerouting's effective accuracy above both static policies (digits); a checkpoint costs
@@ -61,9 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot-dir", default="bench/results", help="latency CDF PNGs go here ('' for none)")
     ap.add_argument("--csv", default="", help="also write one row per model and policy")
     ap.add_argument("--levels", default="", help="level densities for ResNet-50, e.g. 0.3,0.13,0.05,0.02 "
-                    "(default nestsparse.qos.DEFAULT_LEVELS)")
+                    "(default nestsparse.apps.qos.DEFAULT_LEVELS)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per inference (default 1: see nestsparse.scenarios on why)")
+                    help="torch threads per inference (default 1: see nestsparse.apps.scenarios on why)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = args.inferences or (40 if args.quick else 1000)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from nestsparse import data
-from nestsparse.data import BOS, EOS, PAD
+from nestsparse.apps import data
+from nestsparse.apps.data import BOS, EOS, PAD
 
 
 def assert_same(a, b):

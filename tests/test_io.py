@@ -123,7 +123,7 @@ def test_round_trip_is_exact(saved, no_pickle):
     nested = [m for m in loaded.modules() if isinstance(m, NestedSparseModule)]
     assert [type(m) for m in nested] == [NestedSparseConv2d, NestedSparseConv2d, NestedSparseLinear, NestedSparseLinear]
     assert all(m.format == fmt for m in nested)
-    assert all(m.block_shape == ((8, 8) if fmt == "nbcr" else None) for m in nested)
+    assert all(m.options == ({"block_shape": (8, 8)} if fmt == "nbcr" else {}) for m in nested)
     assert [m.activation for m in nested] == ["none", "relu", "relu", "none"]
     assert isinstance(loaded[1], LevelBatchNorm) and isinstance(loaded[4], nn.Identity)
     assert isinstance(loaded[7], nn.Identity) and isinstance(loaded[2], nn.ReLU)
@@ -221,7 +221,7 @@ def test_metadata_describes_the_model(models, tmp_path):
 
 
 def test_model_with_arch_loads_without_skeleton(tmp_path, no_pickle):
-    models = pytest.importorskip("nestsparse.models")
+    models = pytest.importorskip("nestsparse.apps.models")
     dense = models.build("resnet_small", num_classes=10, in_channels=1, width=8, blocks=(1, 1, 1))
     tags = nestsparse.model_tags(dense, DENSITIES)
     level_batchnorms(dense, len(DENSITIES))
@@ -257,7 +257,7 @@ def test_no_arch_needs_a_model(saved):
 
 
 def test_unknown_arch(tmp_path):
-    pytest.importorskip("nestsparse.models")
+    pytest.importorskip("nestsparse.apps.models")
     model = converted_model("ncsr")
     model.arch = {"name": "no_such_net", "kwargs": {}}
     path = tmp_path / "arch.safetensors"

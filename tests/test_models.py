@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import nestsparse
-from nestsparse import data, models
-from nestsparse.data import BOS, EOS, PAD
-from nestsparse.models import build, dense_layers
+from nestsparse.apps import data, models
+from nestsparse.apps.data import BOS, EOS, PAD
+from nestsparse.apps.models import build, dense_layers
 
 
 def seq_batch(B=3, S=7, T=8, vocab=20, seed=0):
@@ -38,11 +38,12 @@ CASES = {
     "gnmt": ({"vocab": 20, "embed": 16, "hidden": 32, "enc_layers": 3, "dec_layers": 3}, seq_batch, (3, 8, 20)),
     "gat": ({"in_features": 16, "num_classes": 3, "hidden": 4, "heads": 4}, lambda: (small_graph().x, small_graph().adj),
             (60, 3)),
+    "digits_cnn": ({"width": 8}, lambda: (torch.randn(3, 1, 8, 8),), (3, 10)),
 }
 
 
 def test_registry():
-    assert set(models.MODELS) == {"resnet50", "resnet_small", "pointnet2", "gnmt", "gat"}
+    assert set(models.MODELS) == {"resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn"}
     with pytest.raises(KeyError, match="resnet50.*resnet_small|known models"):
         build("vgg16")
     with pytest.raises(ValueError, match="arch"):
@@ -71,7 +72,7 @@ def test_forward_shape(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet_small", "pointnet2", "gnmt", "gat"])
+@pytest.mark.parametrize("name", ["resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn"])
 def test_default_models_and_arch_round_trip(name):
     model = build(name)
     arch = json.loads(json.dumps(model.arch))  # JSON data
@@ -91,7 +92,7 @@ def test_default_models_and_arch_round_trip(name):
     assert str(rebuilt) == str(model)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet_small", "pointnet2", "gnmt", "gat"])
+@pytest.mark.parametrize("name", ["resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn"])
 def test_module_conventions(name):
     model = build(name)
     mods = dict(model.named_modules())
@@ -153,7 +154,7 @@ def test_gat_attends_only_to_neighbours():
 
 
 def test_pointnet_sampling_is_deterministic():
-    from nestsparse.models.pointnet import farthest_point_sample, knn
+    from nestsparse.apps.models.pointnet import farthest_point_sample, knn
     x = torch.randn(2, 50, 3)
     idx = farthest_point_sample(x, 20)
     assert torch.equal(idx, farthest_point_sample(x, 20)) and (idx[:, 0] == 0).all()

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 import nestsparse
-from nestsparse import cli, models, qos, scenarios
+from nestsparse.apps import cli, models, qos, scenarios
 from nestsparse.nn import LevelAware, LevelBatchNorm, NestedSparseConv2d
 from nestsparse.pruning import apply_level_masks
 from nestsparse.runtime import (POLICIES, PROFILE_FORMAT, LatencyProfile, ProfileError, QosResult,
                                 ReroutingExecutor, auto_stages, deadline_from, plot_latency_cdf, qos_table, run_qos)
-from nestsparse.scenarios import CpuLoad, Scenario, Slowdown, Trace, make_scenario
+from nestsparse.apps.scenarios import CpuLoad, Scenario, Slowdown, Trace, make_scenario
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -1156,9 +1156,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def cheap_cost(monkeypatch):
-    """The checkpoint-cost estimate times 200 000 empty calls; 2 000 are enough here."""
+    """The checkpoint-cost estimate times empty calls for 0.2 s each way; 10 ms are enough here."""
     original = qos.checkpoint_cost
-    monkeypatch.setattr(qos, "checkpoint_cost", lambda ex, results: original(ex, results, repeats=200))
+    monkeypatch.setattr(qos, "checkpoint_cost", lambda ex, results: original(ex, results, min_run_time=0.01))
 
 
 def cli_error(argv, capsys) -> str:

@@ -6,7 +6,7 @@
 // columns are kept or pruned, so what a level keeps of a block is a dense sub-block. Every kept row and
 // column of a block has a tag (the sparsest level keeping it); an element's tag is min(row tag, column tag).
 //
-// Contract (the per-call checks in ops/nbcr_checks.cpp, the in-kernel block checks and NestedBCR.validate()
+// Contract (the per-call checks in formats/nbcr.cpp, the in-kernel block checks and NestedBCR.validate()
 // in Python test this same list):
 //   values  (V,)        float32 | float16 | bfloat16 (float64 too, for gradient checks). The level-0
 //                       sub-blocks of the stored blocks, back to back in block order; block b's is r0 x c0,

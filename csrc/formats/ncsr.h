@@ -1,6 +1,6 @@
 // Nested CSR (NCSR): one CSR buffer holding every sparsity level of a matrix W of shape (M, K).
 //
-// Contract (the checks in ops/ncsr_checks.cpp and NestedCSR.validate() in Python test this same list):
+// Contract (the checks in formats/ncsr.cpp and NestedCSR.validate() in Python test this same list):
 //   values  (nnz0,)  float32 | float16 | bfloat16 (float64 too, for gradient checks). nnz0 = non-zeros of
 //                    level 0, the densest level.
 //   col_idx (nnz0,)  int16 when K <= 32767, else int32. 0 <= col_idx < K, no column twice in a row.

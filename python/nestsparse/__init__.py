@@ -2,15 +2,18 @@
 
 One weight buffer holds several sparsity levels (level 0 densest); a sparser level's non-zeros, positions
 and values, are a subset of every denser level's. Pick the level per call, or switch it mid-inference.
+
+This package is the library core; the applications built on it (demo, qos command, load scenarios, model zoo,
+datasets, training tasks) are in nestsparse.apps. ARCHITECTURE.md maps the code.
 """
 
 from ._library import _C
-from . import ops, pruning
+from . import formats, ops, pruning, runtime
 from .convert import convert, to_dense
-from .io import CheckpointError, load, save
-from .formats import DEFAULT_BLOCK_SHAPE, FormatError, NestedBCR, NestedCSR
-from .nn import (LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, get_levels,
-                 level_batchnorms, set_level)
+from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError, NestedBCR, NestedCSR, NestedFormat
+from .io import CheckpointError, load, register_architecture, save
+from .nn import (LevelAware, LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, get_levels,
+                 level_aware_modules, level_batchnorms, set_level)
 from .pruning import (LevelSpec, bcr_tags, global_bcr_tags, global_magnitude_tags, magnitude_tags, masks_from_tags,
                       model_tags, prunable_layers, tags_from_masks)
 
@@ -29,8 +32,10 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "NestedCSR", "NestedBCR", "DEFAULT_BLOCK_SHAPE", "FormatError", "bcr_tags", "global_bcr_tags", "NestedSparseLinear",
-    "NestedSparseConv2d", "NestedSparseModule", "LevelBatchNorm", "level_batchnorms", "set_level", "get_levels",
-    "convert", "to_dense", "LevelSpec", "magnitude_tags", "global_magnitude_tags", "model_tags", "masks_from_tags",
-    "tags_from_masks", "prunable_layers", "save", "load", "CheckpointError", "ops", "pruning", "cpu_isa", "build_info",
+    "NestedFormat", "NestedCSR", "NestedBCR", "FORMATS", "DEFAULT_BLOCK_SHAPE", "FormatError", "bcr_tags",
+    "global_bcr_tags", "NestedSparseLinear", "NestedSparseConv2d", "NestedSparseModule", "LevelAware", "LevelBatchNorm",
+    "level_batchnorms", "level_aware_modules", "set_level", "get_levels", "convert", "to_dense", "LevelSpec",
+    "magnitude_tags", "global_magnitude_tags", "model_tags", "masks_from_tags", "tags_from_masks", "prunable_layers",
+    "save", "load", "register_architecture", "CheckpointError", "formats", "ops", "pruning", "runtime", "cpu_isa",
+    "build_info",
 ]

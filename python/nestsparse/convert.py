@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .formats import DEFAULT_BLOCK_SHAPE, FormatError, NestedBCR
-from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule
+from .activations import ACTIVATIONS, fusable_activation
+from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError
+from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, parent_module
+from .runtime.timing import median_time
 
-__all__ = ["convert", "to_dense", "FORMATS"]
-
-_FUSABLE = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu"}
-
-
-def _fusable_activation(m: nn.Module) -> str | None:
-    if isinstance(m, nn.GELU) and m.approximate != "none":
-        return None
-    for cls, name in _FUSABLE.items():
-        if type(m) is cls:
-            return name
-    return None
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
-FORMATS = ("ncsr", "nbcr", "auto")
+__all__ = ["convert", "to_dense"]
 
 
 def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[float, ...] = (),
@@ -48,17 +29,17 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
     (ReLU, ReLU6, exact GELU) is folded into the kernel's epilogue and replaced by nn.Identity, so the
     output is written once.
 
-    ``format``: "ncsr" (nested CSR, any tags), "nbcr" (nested BCR of ``block_shape``; the tags must be block
-    row/column structured, e.g. from nestsparse.bcr_tags) or "auto", which picks per layer:
-      - tags that are not block row/column structured for ``block_shape`` -> "ncsr";
+    ``format``: a name of nestsparse.formats.FORMATS -- "ncsr" (nested CSR, any tags), "nbcr" (nested BCR of
+    ``block_shape``; the tags must be block row/column structured, e.g. from nestsparse.bcr_tags) -- or "auto",
+    which picks per layer among the formats that can store its tags (unstructured tags: NCSR only):
       - with ``example_input`` (what the model is called with): the model runs it once to capture every
-        layer's real input, then both formats run that input at level 0 and at the sparsest level (median of
-        5 calls after 2 warm-ups) and the smaller sum wins;
+        layer's real input, then each candidate runs that input at level 0 and at the sparsest level
+        (nestsparse.runtime.median_time) and the smaller sum wins;
       - without it, a cost model: the format whose level-0 product reads fewer bytes (values + indices).
     The chosen format of each layer is its ``format`` attribute.
     """
-    if format not in FORMATS:
-        raise ValueError(f"convert: format must be one of {FORMATS}, got {format!r}")
+    if format not in FORMATS and format != "auto":
+        raise ValueError(f"convert: format must be one of {(*FORMATS, 'auto')}, got {format!r}")
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -76,13 +57,13 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
     inputs = _layer_inputs(model, list(tags), example_input) if format == "auto" and example_input is not None else {}
     for name, t in tags.items():
         m = modules[name]
-        parent, child = _parent(model, name)
+        parent, child = parent_module(model, name)
         act, follower = "none", None
         if fuse_activations and isinstance(parent, nn.Sequential):
             keys = list(parent._modules)
             i = keys.index(child)
             if i + 1 < len(keys):
-                act = _fusable_activation(parent._modules[keys[i + 1]]) or "none"
+                act = fusable_activation(parent._modules[keys[i + 1]]) or "none"
                 follower = keys[i + 1] if act != "none" else None
         cls = NestedSparseLinear if isinstance(m, nn.Linear) else NestedSparseConv2d
 
@@ -91,7 +72,7 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
                                   block_shape=block_shape)
 
         if format == "auto":
-            new = _pick_faster(build, t, block_shape, inputs.get(name), num_levels)
+            new = _pick_faster(build, inputs.get(name), num_levels)
         else:
             new = build(format)
         setattr(parent, child, new)
@@ -116,28 +97,21 @@ def _layer_inputs(model: nn.Module, names: list[str], example_input) -> dict[str
     return captured
 
 
-def _median_ms(fn, repeats: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def _pick_faster(build, tags: Tensor, block_shape, x: Tensor | None, num_levels: int) -> NestedSparseModule:
-    try:
-        NestedBCR.structured_tags(tags, block_shape)
-    except FormatError:
-        return build("ncsr")
-    candidates = [build("ncsr"), build("nbcr")]
+def _pick_faster(build, x: Tensor | None, num_levels: int) -> NestedSparseModule:
+    candidates = []
+    for fmt in FORMATS:
+        try:
+            candidates.append(build(fmt))
+        except FormatError:  # the tags do not have the format's structure
+            pass
+    if len(candidates) == 1:
+        return candidates[0]
     if x is None:
         return min(candidates, key=lambda mod: mod.nested().nbytes(0))
     levels = sorted({0, num_levels - 1})
     with torch.no_grad():
-        cost = [sum(_median_ms(lambda lvl=lvl: mod(x, level=lvl)) for lvl in levels) for mod in candidates]
+        cost = [sum(median_time(lambda lvl=lvl: mod(x, level=lvl), min_run_time=0.02) for lvl in levels)
+                for mod in candidates]
     return candidates[cost.index(min(cost))]
 
 
@@ -160,7 +134,7 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
             dense.weight.copy_(w)
             if m.bias is not None:
                 dense.bias.copy_(m.bias)
-        act = {"relu": nn.ReLU(), "relu6": nn.ReLU6(), "gelu": nn.GELU()}.get(m.activation)
-        parent, child = _parent(model, name)
-        setattr(parent, child, nn.Sequential(dense, act) if act is not None else dense)
+        act = ACTIVATIONS[m.activation]
+        parent, child = parent_module(model, name)
+        setattr(parent, child, nn.Sequential(dense, act.module()) if act is not None else dense)
     return model

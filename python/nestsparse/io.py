@@ -20,12 +20,15 @@ The ``"nestsparse"`` description (JSON object, compact, ``checksum`` first):
 - ``checksum``: ``"sha256:<hex>"`` over the user metadata, this description (with the checksum's hex digits
   replaced by zeros) and, in sorted name order, every tensor's name, dtype, shape and raw bytes;
 - ``format_version`` (1), ``nestsparse_version``;
-- ``arch``: ``model.arch`` when the model has one (``{"name": ..., "kwargs": {...}}``, as set by
-  ``nestsparse.models.build``), else null; lets :func:`load` rebuild the skeleton without ``model=``;
+- ``arch``: ``model.arch`` when the model has one (``{"name": ..., "kwargs": {...}}``, as the builders of the
+  model zoo, nestsparse.apps.models, set it), else null; lets :func:`load` rebuild the skeleton without
+  ``model=`` when a builder of that name is registered (:func:`register_architecture`; importing the zoo
+  registers its models);
 - ``level``: the level of every level-aware module (one int), a ``{module name: level}`` map when they
   differ, or null when the model has none;
-- ``nested``: ``{module name: {kind: linear|conv2d, format: ncsr|nbcr, weight_shape, block_shape, densities,
-  activation, bias, dtype, stride, padding, dilation, groups}}`` (the geometry for conv2d only);
+- ``nested``: ``{module name: {kind: linear|conv2d, format: ncsr|nbcr, weight_shape, densities, activation, bias,
+  dtype, the format's options (block_shape for nbcr), stride, padding, dilation, groups}}`` (the geometry for
+  conv2d only);
 - ``level_batchnorms``: ``{module name: LevelBatchNorm constructor arguments}``;
 - ``identities``: names of the nn.Identity modules (where ``convert`` fused an activation into the layer
   before);
@@ -43,18 +46,19 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .formats import FormatError, NestedBCR, NestedCSR
-from .nn import (_INDEX_BUFFERS, LevelAware, LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear,
-                 NestedSparseModule)
+from .formats import FORMATS, FormatError
+from .nn import (LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, level_aware_modules,
+                 parent_module, set_level)
 
-__all__ = ["save", "load", "read_metadata", "CheckpointError", "FORMAT_VERSION", "METADATA_KEY"]
+__all__ = ["save", "load", "read_metadata", "register_architecture", "CheckpointError", "FORMAT_VERSION",
+           "METADATA_KEY"]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "nestsparse"
@@ -67,13 +71,19 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be loaded (or a model cannot be saved); the message names the file and why."""
 
 
+# Builders of the architectures load() can rebuild without model=, by the name recorded in model.arch.
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Lets :func:`load` rebuild models whose ``arch`` names ``name`` as ``builder(**arch["kwargs"])`` (the
+    model zoo, nestsparse.apps.models, registers its models when it is imported)."""
+    if not isinstance(name, str) or not callable(builder):
+        raise TypeError(f"register_architecture: expected a name and a callable, got {name!r}, {builder!r}")
+    _ARCHITECTURES[name] = builder
+
+
 # ---- shared helpers ---------------------------------------------------------------------------------
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module holding ``name`` and the attribute name inside it."""
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
 
 def _checksum(description: str, user: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:
     """The SHA-256 hex digest of the user metadata, the description string and every tensor (sorted by name)."""
@@ -93,11 +103,6 @@ def _key(module: str, tensor: str) -> str:
     return f"{module}.{tensor}" if module else tensor
 
 
-def _level_aware(model: nn.Module) -> dict[str, LevelAware]:
-    """The level-aware modules of ``model`` by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LevelAware)}
-
-
 # ---- save -------------------------------------------------------------------------------------------
 
 def _refuse_parametrized(model: nn.Module) -> None:
@@ -115,7 +120,7 @@ def _describe_nested(m: NestedSparseModule) -> dict[str, Any]:
         "kind": "conv2d" if isinstance(m, NestedSparseConv2d) else "linear",
         "format": m.format,
         "weight_shape": [int(s) for s in m.weight_shape],
-        "block_shape": [int(b) for b in m.block_shape] if m.block_shape is not None else None,
+        **{k: [int(v) for v in o] for k, o in m.options.items()},
         "densities": [float(x) for x in m.densities],
         "activation": m.activation,
         "bias": m.bias is not None,
@@ -129,7 +134,7 @@ def _describe_nested(m: NestedSparseModule) -> dict[str, Any]:
 
 def _describe_levels(model: nn.Module) -> int | dict[str, int] | None:
     """One level if every level-aware module uses the same, else a map by module name; None without any."""
-    levels = {name: int(m.level) for name, m in _level_aware(model).items()}
+    levels = {name: int(m.level) for name, m in level_aware_modules(model).items()}
     if not levels:
         return None
     distinct = set(levels.values())
@@ -259,23 +264,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _skeleton_from_arch(path: str, arch: Any) -> nn.Module:
-    """A fresh dense model of the recorded architecture, from nestsparse.models.build."""
+    """A fresh dense model of the recorded architecture, from its registered builder."""
     if arch is None:
         raise CheckpointError(f"{path}: the file records no architecture (the saved model had no .arch); pass "
                               "the dense model to fill as load(path, model=...)")
     if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or \
             not isinstance(arch.get("kwargs", {}), dict):
         raise CheckpointError(f"{path}: malformed arch {arch!r}; expected {{'name': str, 'kwargs': dict}}")
+    builder = _ARCHITECTURES.get(arch["name"])
+    if builder is None:
+        raise CheckpointError(f"{path}: unknown arch {arch['name']!r} (registered: {sorted(_ARCHITECTURES)}); "
+                              "import the module that registers it (the model zoo: import nestsparse.apps.models) "
+                              "or pass the dense model as load(path, model=...)")
     try:
-        from . import models
-    except ImportError as e:
-        raise CheckpointError(f"{path}: the file records architecture {arch['name']!r} but nestsparse.models "
-                              f"cannot be imported ({e}); pass the dense model as load(path, model=...)") from e
-    try:
-        return models.build(arch["name"], **arch.get("kwargs", {}))
+        return builder(**arch.get("kwargs", {}))
     except Exception as e:
-        raise CheckpointError(f"{path}: unknown arch {arch['name']!r} (or bad arguments "
-                              f"{arch.get('kwargs', {})!r}): nestsparse.models.build failed: {e}") from e
+        raise CheckpointError(f"{path}: arch {arch['name']!r} cannot be built with the arguments "
+                              f"{arch.get('kwargs', {})!r}: {e}") from e
 
 
 def _conv_geometry(m: nn.Module) -> dict[str, Any]:
@@ -323,21 +328,15 @@ def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) ->
 def _nested_module(path: str, name: str, d: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> NestedSparseModule:
     """The nested layer ``name`` rebuilt from its description and stored tensors, its index arrays validated."""
     fmt = d["format"]
-    cls = {"ncsr": NestedCSR, "nbcr": NestedBCR}.get(fmt)
+    cls = FORMATS.get(fmt)
     if cls is None:
         raise CheckpointError(f"{path}: layer {name!r} has unknown format {fmt!r}")
-    needed = ("values",) + _INDEX_BUFFERS[cls] + (("bias",) if d["bias"] else ())
+    needed = ("values",) + cls.index_names + (("bias",) if d["bias"] else ())
     missing = [_key(name, k) for k in needed if _key(name, k) not in tensors]
     if missing:
         raise CheckpointError(f"{path}: missing tensors {missing} of nested layer {name!r}")
-    arrays = {k: tensors[_key(name, k)] for k in ("values",) + _INDEX_BUFFERS[cls]}
-    shape = tuple(int(s) for s in d["weight_shape"])
-    densities = tuple(float(x) for x in d["densities"])
-    if fmt == "ncsr":
-        weight = NestedCSR(**arrays, weight_shape=shape, densities=densities)
-    else:
-        weight = NestedBCR(**arrays, weight_shape=shape, block_shape=tuple(int(b) for b in d["block_shape"]),
-                           densities=densities)
+    weight = cls.from_parts(tensors[_key(name, "values")], {k: tensors[_key(name, k)] for k in cls.index_names},
+                            [int(s) for s in d["weight_shape"]], d["densities"], **{k: d[k] for k in cls.option_lengths})
     try:
         weight.validate()
     except FormatError as e:
@@ -416,17 +415,15 @@ def _match_dtypes(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
 
 def _restore_levels(path: str, model: nn.Module, level: Any) -> None:
     """Puts every level-aware module back at its saved level."""
-    import nestsparse
-
     if level is None:
         return
     try:
         if isinstance(level, dict):
-            mods = _level_aware(model)
+            mods = level_aware_modules(model)
             for name, lvl in level.items():
                 mods[name].set_level(lvl)
         else:
-            nestsparse.set_level(model, level)
+            set_level(model, level)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot restore the saved level {level!r}: {e}") from e
 
@@ -462,7 +459,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None,
             if not name:  # the saved model was a single layer: it replaces the skeleton itself
                 model = mod
                 continue
-            parent, child = _parent(model, name)
+            parent, child = parent_module(model, name)
             undo.append((parent, child, getattr(parent, child)))
             setattr(parent, child, mod)
         _check_state(path, model, tensors)

@@ -48,60 +48,19 @@ int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t P
   return bad.load();
 }
 
-int64_t ConvShape::grid_columns() const {
-  if (direct()) return H * W;
-  const int64_t Hq = (H + 2 * ph + sh - 1) / sh, Wq = (W + 2 * pw + sw - 1) / sw;
-  return (Nb - 1) * Hq * Wq + OH * Wq;  // the last image's rows past OH are not needed
+int64_t grid_columns(const ConvShape& s) {
+  if (is_direct(s)) return s.H * s.W;
+  const int64_t Hq = (s.H + 2 * s.ph + s.sh - 1) / s.sh, Wq = (s.W + 2 * s.pw + s.sw - 1) / s.sw;
+  return (s.Nb - 1) * Hq * Wq + s.OH * Wq;  // the last image's rows past OH are not needed
 }
 
-int64_t ConvShape::tile_width() const { return panel_width(grid_columns(), K); }
-
-ConvShape check_conv(const char* op, const at::Tensor& x, int64_t M, at::IntArrayRef kernel_size,
-                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, op, ": x must be NCHW (4-D), got shape ", x.sizes());
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": kernel_size, stride, padding and dilation must have 2 entries each");
-  ConvShape s{};
-  s.Nb = x.size(0), s.Cin = x.size(1), s.H = x.size(2), s.W = x.size(3), s.M = M;
-  s.kh = kernel_size[0], s.kw = kernel_size[1], s.sh = stride[0], s.sw = stride[1];
-  s.ph = padding[0], s.pw = padding[1], s.dh = dilation[0], s.dw = dilation[1], s.groups = groups;
-  TORCH_CHECK(s.kh > 0 && s.kw > 0, op, ": kernel_size must be positive, got ", kernel_size);
-  TORCH_CHECK(s.sh > 0 && s.sw > 0, op, ": stride must be positive, got ", stride);
-  TORCH_CHECK(s.ph >= 0 && s.pw >= 0, op, ": padding must be non-negative, got ", padding);
-  TORCH_CHECK(s.dh > 0 && s.dw > 0, op, ": dilation must be positive, got ", dilation);
-  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
-  // Bounds that keep every offset computed below far from int64 overflow (and K within int32 indices).
-  constexpr int64_t kMaxTap = 1 << 16, kMaxPad = 1 << 24;
-  TORCH_CHECK(s.kh <= kMaxTap && s.kw <= kMaxTap && s.sh <= kMaxTap && s.sw <= kMaxTap && s.dh <= kMaxTap &&
-                  s.dw <= kMaxTap,
-              op, ": kernel_size, stride and dilation must be at most ", kMaxTap, ", got ", kernel_size, ", ", stride,
-              ", ", dilation);
-  TORCH_CHECK(s.ph <= kMaxPad && s.pw <= kMaxPad, op, ": padding must be at most ", kMaxPad, ", got ", padding);
-  int64_t padded = 0, total = 0;
-  const bool overflow = __builtin_mul_overflow(s.H + 2 * s.ph, s.W + 2 * s.pw, &padded) ||
-                        __builtin_mul_overflow(padded, std::max<int64_t>(s.Cin, 1) * std::max<int64_t>(s.Nb, 1), &total) ||
-                        total > (int64_t{1} << 40);
-  TORCH_CHECK(!overflow, op, ": the padded input (", s.Nb, " x ", s.Cin, " x ", s.H + 2 * s.ph, " x ", s.W + 2 * s.pw,
-              ") is too large");
-  TORCH_CHECK(s.Cin % groups == 0, op, ": input channels (", s.Cin, ") are not divisible by groups (", groups, ")");
-  TORCH_CHECK(s.M % groups == 0, op, ": output channels (", s.M, " weight rows) are not divisible by groups (", groups, ")");
-  s.Cg = s.Cin / groups;
-  s.K = s.Cg * s.kh * s.kw;
-  TORCH_CHECK(s.K <= std::numeric_limits<int32_t>::max(), op, ": a filter has ", s.K,
-              " weights (Cin/groups x kh x kw), more than int32 column indices can address");
-  s.OH = (s.H + 2 * s.ph - s.dh * (s.kh - 1) - 1) / s.sh + 1;
-  s.OW = (s.W + 2 * s.pw - s.dw * (s.kw - 1) - 1) / s.sw + 1;
-  TORCH_CHECK(s.H + 2 * s.ph >= s.dh * (s.kh - 1) + 1 && s.W + 2 * s.pw >= s.dw * (s.kw - 1) + 1, op,
-              ": input ", s.H, "x", s.W, " with padding ", padding, " is smaller than the dilated kernel ",
-              kernel_size, " (dilation ", dilation, ")");
-  return s;
-}
+int64_t conv_tile_width(const ConvShape& s) { return panel_width(grid_columns(s), s.K); }
 
 namespace {
 
 // 1x1, stride 1, no padding: the weight multiplies x[n] viewed as (Cin, H*W) directly, with no copy.
 int64_t conv_direct(const ConvShape& s, const float* xf, int64_t P, int64_t work, float* out, TileRun run) {
-  const int64_t HW = s.H * s.W, TN = s.tile_width(), T = (HW + TN - 1) / TN;
+  const int64_t HW = s.H * s.W, TN = conv_tile_width(s), T = (HW + TN - 1) / TN;
   std::atomic<int64_t> bad{0};
   at::parallel_for(0, s.Nb * T * P, grain_for(s.Nb * T * P, work * s.Nb * HW), [&](int64_t i0, int64_t i1) {
     int64_t nbad = 0;
@@ -137,7 +96,7 @@ int64_t conv_phases(const ConvShape& s, const float* xf, int64_t P, int64_t work
       }
     }
   }
-  const int64_t N = s.grid_columns(), TN = s.tile_width(), T = (N + TN - 1) / TN;
+  const int64_t N = grid_columns(s), TN = conv_tile_width(s), T = (N + TN - 1) / TN;
   // Dropped columns read past their plane: size the buffer so every read of every tile stays inside. The
   // buffer is a per-thread workspace kept between calls (no page faults, no full memset): the fill below
   // rewrites every input pixel, and only the padding, which valid outputs do read, is zeroed each call.
@@ -245,7 +204,7 @@ int64_t conv_phases(const ConvShape& s, const float* xf, int64_t P, int64_t work
 }  // namespace
 
 int64_t conv_product(const ConvShape& s, const float* x, int64_t chunks, int64_t work, float* out, TileRun run) {
-  return (s.direct() ? conv_direct : conv_phases)(s, x, chunks, work, out, run);
+  return (is_direct(s) ? conv_direct : conv_phases)(s, x, chunks, work, out, run);
 }
 
 }  // namespace nestsparse::cpu

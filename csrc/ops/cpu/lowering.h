@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "ops/conv2d.h"
 #include "ops/cpu/isa/kernel_api.h"
 
 namespace nestsparse::cpu {
@@ -21,18 +22,13 @@ using TileRun = c10::function_ref<int64_t(const SpmmTile&, int64_t chunk)>;
 int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t chunks, int64_t work, float* out,
                       TileRun run);
 
-struct ConvShape {
-  int64_t Nb, Cin, H, W, M, kh, kw, sh, sw, ph, pw, dh, dw, groups, Cg, K, OH, OW;
-  bool direct() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
-  // Columns of one image's (direct) or the whole batch's (phase buffer) grid, and the tile width over them.
-  int64_t grid_columns() const;
-  int64_t tile_width() const;
-};
-
-// Checks the geometry of an NCHW convolution of x by a weight of M rows (raising with `op` in the message)
-// and bounds it so no offset below can overflow.
-ConvShape check_conv(const char* op, const at::Tensor& x, int64_t M, at::IntArrayRef kernel_size,
-                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+// A 1x1 stride-1 unpadded convolution: x itself is the dense operand, no copy.
+inline bool is_direct(const ConvShape& s) {
+  return s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.ph == 0 && s.pw == 0;
+}
+// Columns of one image's (direct) or the whole batch's (phase buffer) grid, and the tile width over them.
+int64_t grid_columns(const ConvShape& s);
+int64_t conv_tile_width(const ConvShape& s);
 
 // out (Nb, M, OH, OW) for a float32 x. A 1x1 stride-1 unpadded convolution reads x directly; any other
 // geometry goes through the stride-phase buffer (see lowering.cpp). Returns the summed bad counts.

@@ -2,8 +2,6 @@
 
 #include <algorithm>
 
-#include "ops/cpu/common.h"
-
 namespace nestsparse::cpu {
 namespace {
 
@@ -39,19 +37,13 @@ int64_t for_each_entry(const BlocksView& w, int64_t br0, int64_t br1, F&& f) {
 
 }  // namespace
 
-BlocksView blocks_view(const NbcrLevel& w, int64_t K, int64_t group_rows) {
+BlocksView loop_view(const NbcrLevel& w, int64_t K, int64_t group_rows) {
   return BlocksView{w.indices.const_data_ptr<int16_t>(), w.ptr(), w.meta(), w.level_counts(), w.base_counts(),
                     w.values.numel(), w.indices.numel(), w.rows, K, w.bm, w.bk, (K + w.bk - 1) / w.bk, group_rows};
 }
 
-SparseBlocks sparse_blocks(const NbcrLevel& w, int64_t K) {
-  return SparseBlocks{w.values.const_data_ptr(), value_kind(w.values), w.indices.const_data_ptr<int16_t>(), w.ptr(),
-                      w.meta(), w.level_counts(), w.base_counts(), w.values.numel(), w.indices.numel(), w.rows, K,
-                      w.bm, w.bk, (K + w.bk - 1) / w.bk};
-}
-
 template <typename T>
-int64_t nbcr_spmm_strided(const BlocksView& w, const T* v, const T* B, int64_t ldb_k, int64_t ldb_j, int64_t ncols,
+int64_t spmm_strided(const BlocksView& w, const T* v, const T* B, int64_t ldb_k, int64_t ldb_j, int64_t ncols,
                           const T* bias, Act act, T* out, int64_t ors, int64_t ocs, int64_t br0, int64_t br1) {
   const int64_t r_first = br0 * w.bm, r_last = std::min(w.M, br1 * w.bm);
   for (int64_t r = r_first; r < r_last; ++r) {
@@ -64,13 +56,13 @@ int64_t nbcr_spmm_strided(const BlocksView& w, const T* v, const T* B, int64_t l
   });
   for (int64_t r = r_first; r < r_last; ++r) {
     const T b = bias ? bias[r] : T(0);
-    for (int64_t j = 0; j < ncols; ++j) out[r * ors + j * ocs] = activate_exact(out[r * ors + j * ocs] + b, act);
+    for (int64_t j = 0; j < ncols; ++j) out[r * ors + j * ocs] = activate<ExactMath>(act, out[r * ors + j * ocs] + b);
   }
   return bad;
 }
 
 template <typename T>
-int64_t nbcr_spmm_transposed(const BlocksView& w, const T* v, const T* A, int64_t lda, T* C, int64_t ldc, int64_t j0,
+int64_t spmm_transposed(const BlocksView& w, const T* v, const T* A, int64_t lda, T* C, int64_t ldc, int64_t j0,
                              int64_t j1) {
   const int64_t MB = (w.M + w.bm - 1) / w.bm;
   return for_each_entry(w, 0, MB, [&](int64_t r, int64_t k, int64_t p) {
@@ -81,7 +73,7 @@ int64_t nbcr_spmm_transposed(const BlocksView& w, const T* v, const T* A, int64_
 }
 
 template <typename T>
-int64_t nbcr_sddmm(const BlocksView& w, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb,
+int64_t sddmm(const BlocksView& w, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb,
                    int64_t stride_b, int64_t ncols, int64_t nbatch, T* gv, int64_t br0, int64_t br1) {
   return for_each_entry(w, br0, br1, [&](int64_t r, int64_t k, int64_t p) {
     T acc = T(0);
@@ -95,11 +87,11 @@ int64_t nbcr_sddmm(const BlocksView& w, const T* A, int64_t lda, int64_t stride_
 }
 
 #define NESTSPARSE_INSTANTIATE(T)                                                                                    \
-  template int64_t nbcr_spmm_strided<T>(const BlocksView&, const T*, const T*, int64_t, int64_t, int64_t, const T*, \
+  template int64_t spmm_strided<T>(const BlocksView&, const T*, const T*, int64_t, int64_t, int64_t, const T*, \
                                         Act, T*, int64_t, int64_t, int64_t, int64_t);                               \
-  template int64_t nbcr_spmm_transposed<T>(const BlocksView&, const T*, const T*, int64_t, T*, int64_t, int64_t,    \
+  template int64_t spmm_transposed<T>(const BlocksView&, const T*, const T*, int64_t, T*, int64_t, int64_t,    \
                                            int64_t);                                                                \
-  template int64_t nbcr_sddmm<T>(const BlocksView&, const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, \
+  template int64_t sddmm<T>(const BlocksView&, const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, \
                                  int64_t, T*, int64_t, int64_t);
 NESTSPARSE_INSTANTIATE(float)
 NESTSPARSE_INSTANTIATE(double)

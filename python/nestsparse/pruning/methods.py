@@ -29,7 +29,7 @@ from ..formats import DEFAULT_BLOCK_SHAPE
 from ..nn import LevelBatchNorm, level_batchnorms, set_level
 from .masks import apply_level_masks, level_masks, masked_tags, raw_weights
 from .schedules import cubic_density, grow_and_prune
-from .tags import LevelSpec, _spec, _tags_from_scores, prunable_layers, weight_tags
+from .tags import LevelSpec, level_spec, prunable_layers, tags_from_scores, weight_tags
 
 __all__ = ["Task", "SupervisedTask", "shard_batches", "prepare", "train_dense", "core_first", "joint"]
 
@@ -225,7 +225,7 @@ def joint(model: nn.Module, task: Task, densities: LevelSpec | Sequence[float], 
     that many steps level 0 drops ``grow_prune_fraction`` of its own weights by magnitude and regrows as
     many pruned ones by gradient magnitude (starting at zero). Returns the tags; the model keeps its masks
     (evaluate levels with ``set_level``; ``unmask`` before ``convert``)."""
-    spec = _spec(densities)
+    spec = level_spec(densities)
     L = spec.num_levels
     if grow_prune_every and structure != "unstructured":
         raise ValueError("joint: grow-and-prune moves single weights; use it with structure='unstructured'")
@@ -297,11 +297,11 @@ def _grow(masks, reference: dict[str, Tensor], level: int, density: float, scope
     spec = LevelSpec((density,))
     if scope == "global":
         names = list(scores)
-        flat = _tags_from_scores(torch.cat([scores[n].flatten() for n in names]), spec)
+        flat = tags_from_scores(torch.cat([scores[n].flatten() for n in names]), spec)
         sizes = [scores[n].numel() for n in names]
         new = dict(zip(names, (t.reshape(scores[n].shape) for t, n in zip(flat.split(sizes), names))))
     else:
-        new = {n: _tags_from_scores(s, spec) for n, s in scores.items()}
+        new = {n: tags_from_scores(s, spec) for n, s in scores.items()}
     for n, m in masks.items():
         grown = (new[n] >= 0) & (m.tags < 0)
         m.tags[grown] = level
@@ -329,7 +329,7 @@ def core_first(model: nn.Module, task: Task, densities: LevelSpec | Sequence[flo
     The budget is per epoch of ``task.batches`` (with structure="bcr", ``prune_epochs`` is not used). With ``grow_prune_every`` > 0
     (unstructured), the weights being trained also drop and regrow (grow-and-prune) that often, in steps.
     Returns the tags; the model keeps its masks."""
-    spec = _spec(densities)
+    spec = level_spec(densities)
     L = spec.num_levels
     if grow_prune_every and structure != "unstructured":
         raise ValueError("core_first: grow-and-prune moves single weights; use it with structure='unstructured'")

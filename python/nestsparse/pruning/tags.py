@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..formats import DEFAULT_BLOCK_SHAPE, _blocked, _check_block_shape, _element_tags, _grid, _inside, _matrix_shape
+from ..formats.blocks import DEFAULT_BLOCK_SHAPE, blocked, check_block_shape, element_tags, grid, inside, matrix_shape
 
-__all__ = ["LevelSpec", "magnitude_tags", "global_magnitude_tags", "bcr_tags", "global_bcr_tags", "model_tags",
-           "weight_tags", "masks_from_tags", "tags_from_masks", "prunable_layers"]
+__all__ = ["LevelSpec", "level_spec", "tags_from_scores", "magnitude_tags", "global_magnitude_tags", "bcr_tags",
+           "global_bcr_tags", "model_tags", "weight_tags", "masks_from_tags", "tags_from_masks", "prunable_layers"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,12 @@ class LevelSpec:
         return len(self.densities)
 
 
-def _spec(densities) -> LevelSpec:
+def level_spec(densities) -> LevelSpec:
+    """``densities`` as a LevelSpec (checked)."""
     return densities if isinstance(densities, LevelSpec) else LevelSpec(tuple(densities))
 
 
-def _tags_from_scores(scores: Tensor, spec: LevelSpec) -> Tensor:
+def tags_from_scores(scores: Tensor, spec: LevelSpec) -> Tensor:
     """Tags from importance scores: level l keeps the round(d_l * n) highest scores (ties by position)."""
     flat = scores.detach().flatten()
     n = flat.numel()
@@ -62,18 +63,18 @@ def _tags_from_scores(scores: Tensor, spec: LevelSpec) -> Tensor:
 
 def magnitude_tags(weight: Tensor, densities: LevelSpec | Sequence[float]) -> Tensor:
     """One-shot nested magnitude tags of one layer: level l keeps the largest |w|, density d_l."""
-    return _tags_from_scores(weight.abs(), _spec(densities))
+    return tags_from_scores(weight.abs(), level_spec(densities))
 
 
 def global_magnitude_tags(weights: Mapping[str, Tensor], densities: LevelSpec | Sequence[float]) -> dict[str, Tensor]:
     """Nested magnitude tags with one budget across all layers: each level keeps d_l of all weights
     together, so layers with many small weights give up more of them."""
-    spec = _spec(densities)
+    spec = level_spec(densities)
     if not weights:
         return {}
     names = list(weights)
     flat = torch.cat([weights[k].detach().abs().flatten().float().cpu() for k in names])
-    tags = _tags_from_scores(flat, spec)
+    tags = tags_from_scores(flat, spec)
     out, start = {}, 0
     for k in names:
         n = weights[k].numel()
@@ -142,11 +143,11 @@ def _bcr_level(w2: Tensor, cand_r: Tensor, cand_c: Tensor, budget: int) -> tuple
 def _bcr_tags(mats: Sequence[Tensor], spec: LevelSpec, block_shape: tuple[int, int]) -> list[Tensor]:
     """Element tags (M, K) of (M, K) matrices that share one budget per level."""
     bm, bk = block_shape
-    grids = [_grid(*m.shape, block_shape) for m in mats]
-    w2 = torch.cat([_blocked(m.float() ** 2, block_shape, 0).reshape(-1, bm, bk) for m in mats])
-    inside = [_inside(*m.shape, block_shape, m.device) for m in mats]
-    cand_r = torch.cat([r.expand(MB, KB, bm).reshape(-1, bm) for (r, _), (MB, KB) in zip(inside, grids)])
-    cand_c = torch.cat([c.expand(MB, KB, bk).reshape(-1, bk) for (_, c), (MB, KB) in zip(inside, grids)])
+    grids = [grid(*m.shape, block_shape) for m in mats]
+    w2 = torch.cat([blocked(m.float() ** 2, block_shape, 0).reshape(-1, bm, bk) for m in mats])
+    inner = [inside(*m.shape, block_shape, m.device) for m in mats]
+    cand_r = torch.cat([r.expand(MB, KB, bm).reshape(-1, bm) for (r, _), (MB, KB) in zip(inner, grids)])
+    cand_c = torch.cat([c.expand(MB, KB, bk).reshape(-1, bk) for (_, c), (MB, KB) in zip(inner, grids)])
     n = sum(m.numel() for m in mats)
     row_tags = torch.full(cand_r.shape, -1, dtype=torch.int8, device=w2.device)
     col_tags = torch.full(cand_c.shape, -1, dtype=torch.int8, device=w2.device)
@@ -156,7 +157,7 @@ def _bcr_tags(mats: Sequence[Tensor], spec: LevelSpec, block_shape: tuple[int, i
     out, start = [], 0
     for m, (MB, KB) in zip(mats, grids):
         rt, ct = row_tags[start:start + MB * KB], col_tags[start:start + MB * KB]
-        out.append(_element_tags(rt.reshape(MB, KB, bm), ct.reshape(MB, KB, bk), *m.shape))
+        out.append(element_tags(rt.reshape(MB, KB, bm), ct.reshape(MB, KB, bk), *m.shape))
         start += MB * KB
     return out
 
@@ -173,8 +174,8 @@ def bcr_tags(weight: Tensor, densities: LevelSpec | Sequence[float],
     first); the top fraction rho of each ranking is kept, and a block keeping rows but no columns (or
     the reverse) keeps nothing. rho is the largest value (bisection) keeping at most d_l of the weights;
     if even the first row and column are too many, the level keeps the single best element."""
-    spec, bs = _spec(densities), _check_block_shape("bcr_tags", block_shape)
-    M, K = _matrix_shape(tuple(weight.shape))
+    spec, bs = level_spec(densities), check_block_shape("bcr_tags", block_shape)
+    M, K = matrix_shape(tuple(weight.shape))
     return _bcr_tags([weight.detach().reshape(M, K)], spec, bs)[0].reshape(weight.shape)
 
 
@@ -183,10 +184,10 @@ def global_bcr_tags(weights: Mapping[str, Tensor], densities: LevelSpec | Sequen
     """Nested BCR tags (see bcr_tags) with one budget across all layers: each level keeps d_l of all weights
     together, the rows and columns of every layer ranked against each other. So that layers of different
     scales compete fairly, each layer's scores are divided by the RMS of its weights."""
-    spec, bs = _spec(densities), _check_block_shape("global_bcr_tags", block_shape)
+    spec, bs = level_spec(densities), check_block_shape("global_bcr_tags", block_shape)
     mats = []
     for w in weights.values():
-        m = w.detach().float().cpu().reshape(_matrix_shape(tuple(w.shape)))
+        m = w.detach().float().cpu().reshape(matrix_shape(tuple(w.shape)))
         rms = float(m.pow(2).mean().sqrt()) if m.numel() else 0.0
         mats.append(m / rms if rms > 0 else m)
     tags = _bcr_tags(mats, spec, bs) if mats else []

@@ -6,10 +6,11 @@
 
 #include <cstdint>
 
+#include "ops/activation.h"
+
 namespace nestsparse::cpu {
 
 enum class ValueKind : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
-enum class Act : int32_t { None = 0, Relu = 1, Relu6 = 2, Gelu = 3 };
 
 // The rows of one level of a nested CSR matrix.
 struct SparseRows {

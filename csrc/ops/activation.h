@@ -1,0 +1,109 @@
+// The activations an op fuses into its epilogue: the one C++ definition, used by the CPU kernels of every
+// instruction set, the CUDA kernels, the argument parser and autograd. Adding an activation on the C++ side
+// touches this file only:
+//   1. a row of NESTSPARSE_ACTIVATIONS (enum name, name in the op schemas);
+//   2. its formula in activate();
+//   3. its derivative in grad_through_activation().
+// The Python side names the torch module it stands for in python/nestsparse/activations.py.
+//
+// Nothing here has external linkage and nothing here needs another header: the ISA kernel files include it,
+// and an inline function with external linkage compiled there for AVX-512 could be the copy the linker keeps
+// for every caller (see ops/cpu/isa/kernel_api.h).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define NESTSPARSE_HOST_DEVICE __host__ __device__
+#else
+#define NESTSPARSE_HOST_DEVICE
+#endif
+
+namespace nestsparse {
+
+// X(enum name, schema name)
+#define NESTSPARSE_ACTIVATIONS(X) \
+  X(None, "none")                 \
+  X(Relu, "relu")                 \
+  X(Relu6, "relu6")               \
+  X(Gelu, "gelu")
+
+enum class Act : int32_t {
+#define NESTSPARSE_ACT_ENUM(e, name) e,
+  NESTSPARSE_ACTIVATIONS(NESTSPARSE_ACT_ENUM)
+#undef NESTSPARSE_ACT_ENUM
+};
+
+// The schema names, indexed by Act.
+constexpr const char* kActivationNames[] = {
+#define NESTSPARSE_ACT_NAME(e, name) name,
+    NESTSPARSE_ACTIVATIONS(NESTSPARSE_ACT_NAME)
+#undef NESTSPARSE_ACT_NAME
+};
+constexpr int kNumActivations = sizeof(kActivationNames) / sizeof(kActivationNames[0]);
+
+namespace {
+
+// erf as the float64 paths, autograd and the references compute it. A kernel that needs another (the ISA files'
+// vectorisable polynomial, CUDA's device erf) passes its own Math with a static erf.
+struct ExactMath {
+  template <typename T>
+  static T erf(T x) {
+    return std::erf(x);
+  }
+};
+
+// act(z). Comparisons are written so that NaN passes through, as torch.relu, relu6 and gelu do.
+template <typename Math, typename T>
+NESTSPARSE_HOST_DEVICE inline T activate(Act act, T z) {
+  switch (act) {
+    case Act::Relu:
+      return z < T(0) ? T(0) : z;
+    case Act::Relu6:
+      return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
+    case Act::Gelu:  // exact: z/2 (1 + erf(z / sqrt 2)), as torch's approximate='none'
+      return T(0.5) * z * (T(1) + Math::erf(z * T(0.70710678118654752440)));
+    case Act::None:
+      break;
+  }
+  return z;
+}
+
+// y[i] = act(y[i]) for i < n, the switch taken once outside the loop so that the loop vectorises.
+template <typename Math, typename T>
+NESTSPARSE_HOST_DEVICE inline void activate_all(Act act, T* y, int64_t n) {
+  switch (act) {
+#define NESTSPARSE_ACT_LOOP(e, name)                                     \
+  case Act::e:                                                           \
+    for (int64_t i = 0; i < n; ++i) y[i] = activate<Math>(Act::e, y[i]); \
+    break;
+    NESTSPARSE_ACTIVATIONS(NESTSPARSE_ACT_LOOP)
+#undef NESTSPARSE_ACT_LOOP
+  }
+}
+
+// grad_z = grad_y * act'(z) on tensors (autograd), given the op's output y = act(z). `pre_activation()` returns z
+// (a second product, so only what needs it calls it). A template over the tensor type so that this header needs
+// no ATen include; it is only instantiated with at::Tensor.
+template <typename Tensor, typename PreActivation>
+Tensor grad_through_activation(Act act, const Tensor& grad, const Tensor& out, PreActivation pre_activation) {
+  switch (act) {
+    case Act::Relu:
+      return grad * out.gt(0).to(grad.scalar_type());
+    case Act::Relu6:
+      return grad * out.gt(0).logical_and(out.lt(6)).to(grad.scalar_type());
+    case Act::Gelu: {
+      const Tensor z = pre_activation();
+      const Tensor cdf = 0.5 * (1.0 + (z * M_SQRT1_2).erf());
+      const Tensor pdf = (-0.5 * z * z).exp() * (0.5 * M_2_SQRTPI * M_SQRT1_2);
+      return grad * (cdf + z * pdf);
+    }
+    case Act::None:
+      break;
+  }
+  return grad;
+}
+
+}  // namespace
+}  // namespace nestsparse

@@ -1,0 +1,38 @@
+// The argument checks every device shares (the format checks are in formats/*.h), and the output poison switch.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "ops/activation.h"
+
+namespace nestsparse {
+
+// The activation named `name`; raises naming the op and the known activations otherwise.
+Act parse_activation(const char* op, std::string_view name);
+
+// An int[2] argument as a pair; raises "<op>: <what> must have 2 entries, got ..." otherwise (a caller going
+// through torch.ops directly can pass any length).
+std::array<int64_t, 2> int_pair(const char* op, const char* what, at::IntArrayRef v);
+
+// The dense operand `name` must be on the weight's device, of the values' dtype, and contiguous.
+void check_dense_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& values);
+
+// An optional bias must be a dense operand of shape (M,).
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& values, int64_t M);
+
+// The rows of x (..., K) seen as a matrix: the product of its leading dimensions.
+int64_t batch_rows(const at::Tensor& x);
+
+// Test aid: when on, ops fill their outputs with NaN before the kernels run, so an output element a kernel never
+// writes shows up as NaN instead of passing by luck with whatever the allocator left there.
+void set_poison_outputs(bool on);
+bool poison_outputs();
+// An uninitialised output, NaN-filled when poisoning is on.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+}  // namespace nestsparse

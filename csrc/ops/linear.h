@@ -1,0 +1,90 @@
+// <format>_linear: y = act(x @ W_level^T + bias) for x (..., K) and W (M, K) in a nested format, and its backward.
+// Declared once for every format (see ops/op.h); the kernels are ops/cpu/linear.cpp and ops/cuda/linear.cu,
+// autograd is ops/autograd.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "ops/activation.h"
+#include "ops/checks.h"
+#include "ops/op.h"
+#include "ops/weight_args.h"
+
+namespace nestsparse {
+
+// y = act(x @ W_level^T + bias): x (..., K) -> y (..., M). `plan` is an optional int32 (L, P+1) partition from
+// <format>_plan, cached by the caller so that it is not rebuilt per call.
+template <typename F, typename = typename F::Params>
+struct Linear;
+
+template <typename F, typename... W>
+struct Linear<F, Params<W...>> {
+  using Format = F;
+  using Result = at::Tensor;
+  static constexpr int64_t kChannelDim = -1;  // the output dimension a bias adds along
+
+  struct Call {
+    at::Tensor x;
+    typename F::Args w;
+    std::optional<at::Tensor> bias;
+    Act activation;
+    std::optional<at::Tensor> plan;
+    template <typename Fn>
+    void for_each_tensor(Fn&& f) {
+      f(x), w.for_each_tensor(f);
+    }
+  };
+
+  static const char* name() {
+    static const std::string n = std::string(F::name) + "_linear";
+    return n.c_str();
+  }
+  static std::string schema() {
+    return std::string(name()) + "(Tensor x, " + F::schema +
+           ", Tensor? bias=None, str activation='none', Tensor? plan=None) -> Tensor";
+  }
+  static Call unpack(const at::Tensor& x, W... w, const std::optional<at::Tensor>& bias, c10::string_view activation,
+                     const std::optional<at::Tensor>& plan) {
+    return {x, F::unpack(name(), w...), bias, parse_activation(name(), activation), plan};
+  }
+  static auto pack(const Call& c) {
+    return std::tuple_cat(std::forward_as_tuple(c.x), F::pack(c.w),
+                          std::make_tuple(std::cref(c.bias), c10::string_view(kActivationNames[int(c.activation)]),
+                                          std::cref(c.plan)));
+  }
+};
+
+// Gradients of the pre-activation product z = x @ W_level^T: (grad_x, grad_values), grad_values zero outside
+// the level. The bias gradient and the activation's derivative are autograd's (ops/autograd.cpp).
+template <typename F, typename = typename F::Params>
+struct LinearBackward;
+
+template <typename F, typename... W>
+struct LinearBackward<F, Params<W...>> {
+  using Result = std::tuple<at::Tensor, at::Tensor>;
+
+  struct Call {
+    at::Tensor grad_z, x;
+    typename F::Args w;
+  };
+
+  static const char* name() {
+    static const std::string n = std::string(F::name) + "_linear_backward";
+    return n.c_str();
+  }
+  static std::string schema() {
+    return std::string(name()) + "(Tensor grad_z, Tensor x, " + F::schema + ") -> (Tensor, Tensor)";
+  }
+  static Call unpack(const at::Tensor& grad_z, const at::Tensor& x, W... w) {
+    return {grad_z, x, F::unpack(name(), w...)};
+  }
+  static auto pack(const Call& c) { return std::tuple_cat(std::forward_as_tuple(c.grad_z, c.x), F::pack(c.w)); }
+  // The backward call of a forward one.
+  static Call of(const typename Linear<F>::Call& c, const at::Tensor& grad_z) { return {grad_z, c.x, c.w}; }
+};
+
+}  // namespace nestsparse

@@ -1,0 +1,113 @@
+"""The model zoo's training tasks on data that needs no download (nestsparse.data), as nestsparse.pruning
+Tasks: what batches to train on, the logits, the loss and the test score of each family.
+
+| family | data | model | score |
+|---|---|---|---|
+| digits | scikit-learn's 8x8 handwritten digits | ResNet (small) | test accuracy |
+| pointcloud | clouds sampled from 8 parametric shapes | PointNet++ (SSG) | test accuracy |
+| seq2seq | reversal of random token strings, 5% label noise | GNMT (LSTM + attention) | greedy token accuracy |
+| graph | stochastic block model, class-dependent features | GAT | test node accuracy |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import data
+from ..pruning import SupervisedTask, shard_batches
+
+__all__ = ["Seq2SeqTask", "GraphTask", "digits_task", "point_cloud_task", "seq2seq_task", "graph_task"]
+
+
+def digits_task(seed: int = 0, batch_size: int = 64) -> SupervisedTask:
+    """Digits classification: 1257 training and 540 test images."""
+    train, test = data.digits(seed)
+    return SupervisedTask(train, test, batch_size, seed)
+
+
+def point_cloud_task(seed: int = 0, batch_size: int = 32, n_per_class: int = 150, num_points: int = 128) -> SupervisedTask:
+    """Point-cloud shape classification (8 classes)."""
+    train, test = data.point_clouds(n_per_class=n_per_class, num_points=num_points, seed=seed)
+    return SupervisedTask(train, test, batch_size, seed)
+
+
+@dataclass
+class Seq2SeqTask:
+    """Sequence to sequence with teacher forcing; scored by greedy decoding's token accuracy on the test set
+    (every target position up to and including EOS)."""
+
+    data: data.Seq2SeqData
+    batch_size: int = 64
+    seed: int = 0
+
+    def batches(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+        src, tgt = self.data.src_train, self.data.tgt_train
+        for idx in shard_batches(len(src), self.batch_size, self.seed, epoch):
+            yield src[idx], tgt[idx]
+
+    @staticmethod
+    def decoder_input(tgt: Tensor) -> Tensor:
+        return torch.cat([torch.full_like(tgt[:, :1], data.BOS), tgt[:, :-1]], 1)
+
+    def logits(self, model: nn.Module, batch) -> Tensor:
+        src, tgt = batch
+        return model(src, self.decoder_input(tgt))
+
+    def loss(self, logits: Tensor, batch) -> Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1), ignore_index=data.PAD)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        correct = total = 0
+        for src, tgt in zip(self.data.src_test.split(256), self.data.tgt_test.split(256)):
+            out = inner.greedy(src, tgt.shape[1])
+            keep = tgt != data.PAD
+            correct += int(((out[:, :tgt.shape[1]] == tgt) & keep).sum())
+            total += int(keep.sum())
+        model.train(was_training)
+        return correct / max(total, 1)
+
+
+def seq2seq_task(seed: int = 0, batch_size: int = 64, n_train: int = 4000) -> Seq2SeqTask:
+    """Reverse random strings of 4-10 tokens (vocabulary 20), 5% label noise in training targets."""
+    return Seq2SeqTask(data.seq2seq(n_train=n_train, seed=seed), batch_size, seed)
+
+
+@dataclass
+class GraphTask:
+    """Transductive node classification on one graph: every step sees the whole graph (on every rank) and
+    the loss counts the training nodes; scored on the test nodes."""
+
+    graph: data.Graph
+    steps_per_epoch: int = 10
+
+    def batches(self, epoch: int) -> Iterable[data.Graph]:
+        return [self.graph] * self.steps_per_epoch
+
+    def logits(self, model: nn.Module, batch: data.Graph) -> Tensor:
+        return model(batch.x, batch.adj)
+
+    def loss(self, logits: Tensor, batch: data.Graph) -> Tensor:
+        return F.cross_entropy(logits[batch.train_mask], batch.y[batch.train_mask])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        g = self.graph
+        pred = model(g.x, g.adj).argmax(-1)
+        model.train(was_training)
+        return float((pred[g.test_mask] == g.y[g.test_mask]).float().mean())
+
+
+def graph_task(seed: int = 0) -> GraphTask:
+    """A 600-node, 5-class stochastic block model graph; 20 labelled nodes per class."""
+    return GraphTask(data.sbm_graph(seed=seed))

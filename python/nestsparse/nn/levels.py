@@ -1,0 +1,56 @@
+"""Level-aware modules: what every module whose behaviour depends on the level shares, and switching a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["LevelAware", "level_aware_modules", "set_level", "get_levels"]
+
+
+class LevelAware:
+    """What every module whose behaviour depends on the level shares: ``level`` (0 = densest), ``num_levels``
+    and a checked ``set_level``. ``set_level(model, l)`` switches all of them at once."""
+
+    level: int = 0
+
+    @property
+    def num_levels(self) -> int:
+        raise NotImplementedError
+
+    def set_level(self, level: int) -> None:
+        """Selects the level used from now on. Copies nothing."""
+        self.level = self.checked_level(level)
+
+    def checked_level(self, level: int) -> int:
+        """``level`` if it is an int in [0, num_levels); ValueError naming the module otherwise."""
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < self.num_levels:
+            raise ValueError(f"{type(self).__name__}: level {level!r} is out of range for {self.num_levels} levels "
+                             "(0 = densest)")
+        return level
+
+
+def level_aware_modules(model: nn.Module) -> dict[str, LevelAware]:
+    """Every level-aware module of ``model`` by qualified name: nested sparse layers, LevelBatchNorm, and the level
+    masks of nestsparse.pruning (parametrizations are modules too, so named_modules reaches them)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LevelAware)}
+
+
+def get_levels(model: nn.Module) -> int:
+    """The number of levels the level-aware modules of ``model`` share (ValueError if they disagree or none)."""
+    counts = {m.num_levels for m in level_aware_modules(model).values()}
+    if len(counts) != 1:
+        raise ValueError(f"model has level-aware modules with level counts {sorted(counts)}; expected exactly one count")
+    return counts.pop()
+
+
+def set_level(model: nn.Module, level: int) -> nn.Module:
+    """Switches every level-aware module of ``model`` (nested sparse layers, level masks, LevelBatchNorm) to
+    ``level``. Only an integer changes: no weight is copied."""
+    mods = list(level_aware_modules(model).values())
+    if not mods:
+        raise ValueError("set_level: the model has no level-aware modules (convert it or apply level masks first)")
+    for m in mods:
+        m.checked_level(level)
+    for m in mods:
+        m.level = level
+    return model

@@ -1,0 +1,153 @@
+"""Modules that hold one nested weight buffer and run any of its levels through the sparse kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..activations import ACTIVATIONS
+from ..formats import DEFAULT_BLOCK_SHAPE, FORMATS, NestedFormat
+from ..formats import from_dense as pack
+from .levels import LevelAware
+
+__all__ = ["NestedSparseModule", "NestedSparseLinear", "NestedSparseConv2d"]
+
+
+class NestedSparseModule(LevelAware, nn.Module):
+    """Common part: the nested weight's arrays (values trainable, index tensors as buffers), the level in use and
+    the cached plan. The weight is in any format of nestsparse.formats (``format``: its name, "ncsr" or "nbcr");
+    the format's options (NestedBCR's ``block_shape``) become attributes of the module."""
+
+    def __init__(self, weight: NestedFormat, bias: Tensor | None, activation: str):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if not isinstance(weight, NestedFormat):
+            raise TypeError(f"weight must be a nested format ({', '.join(c.__name__ for c in FORMATS.values())}), "
+                            f"got {type(weight).__name__}")
+        weight.validate()
+        self.format = weight.name
+        self._format = type(weight)
+        self.values = nn.Parameter(weight.values.detach().clone())
+        for name, t in zip(weight.index_names, weight.index_tensors()):
+            self.register_buffer(name, t.clone())
+        self.bias = nn.Parameter(bias.detach().to(weight.values.dtype).clone()) if bias is not None else None
+        self.weight_shape = tuple(weight.weight_shape)
+        self.densities = tuple(weight.densities)
+        self.options = weight.options()
+        for name, value in self.options.items():
+            setattr(self, name, value)
+        self._op_args = weight.op_args()
+        self.activation = activation
+        self.level = 0
+        self._plan: Tensor | None = None
+        self._plan_key: tuple | None = None
+
+    def index_tensors(self) -> tuple[Tensor, ...]:
+        """The format's index buffers, in the order its ops take them."""
+        return tuple(getattr(self, n) for n in self._format.index_names)
+
+    @property
+    def num_levels(self) -> int:
+        return int(getattr(self, self._format.level_table).shape[0])
+
+    def nested(self) -> NestedFormat:
+        """The weight as its format's object, sharing this module's tensors."""
+        return self._format.from_parts(self.values.detach(), dict(zip(self._format.index_names, self.index_tensors())),
+                                       self.weight_shape, self.densities, **self.options)
+
+    def plan(self) -> Tensor | None:
+        """The row (or block-row) partition for the CPU kernels, built once per weight and thread count."""
+        if self.values.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        # A buffer replaced, reloaded in place or moved invalidates the plan.
+        idx = self.index_tensors()
+        key = (tuple(t.data_ptr() for t in idx), tuple(t._version for t in idx), tuple(idx[-1].shape),
+               torch.get_num_threads())
+        if self._plan is None or self._plan_key != key:
+            self._plan = self.nested().plan()
+            self._plan_key = key
+        return self._plan
+
+    def nnz(self, level: int | None = None) -> int:
+        return self.nested().nnz(self.level if level is None else level)
+
+    def _extra(self) -> str:
+        w = self.nested()
+        dens = ", ".join(f"{w.density(lvl):.3f}" for lvl in range(self.num_levels))
+        return (f"format={w.describe()}, levels={self.num_levels} (densities {dens}), level={self.level}, "
+                f"activation={self.activation}")
+
+
+class NestedSparseLinear(NestedSparseModule):
+    """y = act(x @ W_level^T + b) with W stored once for all levels."""
+
+    def __init__(self, weight: NestedFormat, bias: Tensor | None = None, activation: str = "none"):
+        if len(weight.weight_shape) != 2:
+            raise ValueError(f"NestedSparseLinear needs a 2-D weight, got shape {weight.weight_shape}")
+        super().__init__(weight, bias, activation)
+        self.out_features, self.in_features = weight.weight_shape
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
+                   num_levels: int | None = None, format: str = "ncsr",
+                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> "NestedSparseLinear":
+        """``format`` "ncsr" stores any nested tags; "nbcr" needs block row/column structured tags
+        (nestsparse.bcr_tags) of ``block_shape``."""
+        w = pack(format, linear.weight.detach(), tags, num_levels=num_levels, densities=densities,
+                 block_shape=block_shape)
+        return cls(w, linear.bias, activation)
+
+    def forward(self, x: Tensor, level: int | None = None) -> Tensor:
+        lvl = self.level if level is None else self.checked_level(level)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        return self._format.linear_op(x.contiguous(), self.values, *self.index_tensors(), lvl, *self._op_args,
+                                      self.bias, self.activation, self.plan())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._extra()}"
+
+
+class NestedSparseConv2d(NestedSparseModule):
+    """NCHW convolution with the weight (Cout, Cin/groups, kh, kw) stored once for all levels."""
+
+    def __init__(self, weight: NestedFormat, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1, activation: str = "none"):
+        if len(weight.weight_shape) != 4:
+            raise ValueError(f"NestedSparseConv2d needs a 4-D weight, got shape {weight.weight_shape}")
+        super().__init__(weight, bias, activation)
+        self.out_channels = weight.weight_shape[0]
+        self.in_channels = weight.weight_shape[1] * groups
+        self.kernel_size = tuple(weight.weight_shape[2:])
+        self.stride, self.padding, self.dilation = ops.pair(stride), ops.pair(padding), ops.pair(dilation)
+        self.groups = groups
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
+                   num_levels: int | None = None, format: str = "ncsr",
+                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> "NestedSparseConv2d":
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"NestedSparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding != "valid":
+                raise ValueError("NestedSparseConv2d: padding='same' is not supported; give explicit padding")
+            padding = 0
+        w = pack(format, conv.weight.detach(), tags, num_levels=num_levels, densities=densities,
+                 block_shape=block_shape)
+        return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
+
+    def forward(self, x: Tensor, level: int | None = None) -> Tensor:
+        lvl = self.level if level is None else self.checked_level(level)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, "
+                             f"got shape {tuple(x.shape)}")
+        return self._format.conv2d_op(x.contiguous(), self.values, *self.index_tensors(), lvl, *self._op_args,
+                                      self.kernel_size, self.bias, self.stride, self.padding, self.dilation,
+                                      self.groups, self.activation, self.plan())
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, {self._extra()}")

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.benchmark import Timer
 
 import nestsparse
 from nestsparse import pruning
 from nestsparse.apps import data, models, tasks
 from nestsparse.nn import LevelBatchNorm, NestedSparseModule
+from nestsparse.runtime import median_time
 
 DENSITIES = (0.13, 0.05)
 METHODS = ("one-shot", "core-first", "joint")
@@ -158,8 +158,9 @@ def scores(model: nn.Module, task, levels: int) -> list[float]:
 
 
 def median_ms(model: nn.Module, example: tuple) -> float:
+    """Median milliseconds of one forward on one thread (the table compares levels, not thread scaling)."""
     with torch.no_grad():
-        return Timer("m(*x)", globals={"m": model, "x": example}).blocked_autorange(min_run_time=0.3).median * 1e3
+        return median_time(lambda: model(*example), min_run_time=0.3, warmup=0, threads=1) * 1e3
 
 
 def run_family(name: str, fam: Family, quick: bool, seed: int, save_dir: str) -> tuple[list[LevelRow], dict]:
@@ -226,7 +227,7 @@ def run_family(name: str, fam: Family, quick: bool, seed: int, save_dir: str) ->
     same = list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     stored = sum(m.nested().nbytes() for m in sparse.modules() if isinstance(m, NestedSparseModule))
     nested_ids = {id(t) for m in sparse.modules() if isinstance(m, NestedSparseModule)
-                  for t in [m.values, *m._index_tensors()]}
+                  for t in [m.values, *m.index_tensors()]}
     rest = sum(t.numel() * t.element_size() for t in sparse.state_dict(keep_vars=True).values() if id(t) not in nested_ids)
     info.update(best=best, latency_ms=lat, file_bytes=size, nested_bytes=stored, rest_bytes=rest, roundtrip=same,
                 dense_bytes=sum(p.numel() * p.element_size() for p in dense.state_dict().values()),

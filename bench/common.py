@@ -13,21 +13,17 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 import nestsparse as ns
+from nestsparse.runtime import median_time
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DLMC = REPO_ROOT.parent / "shared" / "dlmc"
 
 
 def time_ms(fn, min_run_time: float, warmup: int = 3) -> float:
-    """Median milliseconds per call of ``fn()``, with torch's default thread count (Timer's own default
-    is one thread, which would hide every multi-threaded kernel)."""
-    for _ in range(warmup):
-        fn()
-    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    """Median milliseconds per call of ``fn()`` at torch's thread count (nestsparse.runtime.median_time)."""
+    return median_time(fn, min_run_time=min_run_time, warmup=warmup) * 1e3
 
 
 def read_bandwidth_gbs(mib: int = 512, min_run_time: float = 0.5) -> float:

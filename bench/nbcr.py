@@ -37,13 +37,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nestsparse as ns
-from nestsparse import formats
-from nestsparse.formats import NestedBCR, NestedCSR
+from nestsparse.formats import DEFAULT_BLOCK_SHAPE, NestedBCR, NestedCSR
 from nestsparse.pruning import bcr_tags, magnitude_tags
 from common import check_close, environment, load_warning, markdown_table, run_quietly, time_ms, verdict, write_csv
 from conv import INPUT_COPIES, resnet50_convs
 
-DEFAULT_BLOCK_SHAPE = tuple(getattr(ns, "DEFAULT_BLOCK_SHAPE", formats.DEFAULT_BLOCK_SHAPE))
 DENSITIES = (0.13, 0.05)
 CONV_DENSITIES = (0.10, 0.05)   # 90% sparse at level 0
 BATCHES = (1, 16, 64, 256)

@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 import nestsparse
 from nestsparse import NestedCSR
-from nestsparse.formats import NestedBCR
+from nestsparse.formats import FORMATS, NestedBCR
 
 ISAS = nestsparse._C.cpu_isas()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -109,3 +111,83 @@ def nested_bcr(weight, tags, block_shape, num_levels):
 def bcr_args(w):
     """The tensors the nbcr ops take between x and the level: (values, indices, block_ptr, blocks, counts)."""
     return w.values, w.indices, w.block_ptr, w.blocks, w.counts
+
+
+# ---- every format alike -------------------------------------------------------------------------------------
+
+class FormatCase:
+    """How the tests build and call weights of one format, so that one test serves every format."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.cls = FORMATS[name]
+
+    def __repr__(self) -> str:
+        return self.name
+
+    @property
+    def structure(self) -> str:
+        """The tag structure the format stores (for nestsparse.model_tags)."""
+        return "bcr" if self.name == "nbcr" else "unstructured"
+
+    def tags(self, shape, num_levels, generator=None, density=0.4, block_shape=(8, 8), odd=True, empty_level=None,
+             all_pruned=False):
+        """Random nested tags this format can store, keeping about ``density`` of the weight at level 0 and less at
+        every sparser level. With ``odd``: NCSR leaves the first rows empty, NBCR leaves blocks empty and blocks
+        with nothing above level 0. ``empty_level`` keeps nothing from that level on; ``all_pruned`` nothing."""
+        if self.name == "ncsr":
+            tags = random_tags(shape, num_levels, density, empty_rows=min(2, shape[0] - 1) if odd else 0,
+                               empty_level=empty_level, generator=generator)
+            return tags.fill_(-1) if all_pruned else tags
+        return random_bcr_tags(shape, block_shape, num_levels, keep=density ** 0.5, empty_blocks=0.2 if odd else 0,
+                               level0_only_blocks=0.2 if odd else 0, empty_level=empty_level, all_pruned=all_pruned,
+                               generator=generator)
+
+    def weight(self, weight, tags, num_levels, block_shape=(8, 8)):
+        """``weight`` packed by ``tags`` in this format, validated."""
+        w = nestsparse.formats.from_dense(self.name, weight, tags, num_levels=num_levels, block_shape=block_shape)
+        return w.validate()
+
+    def random(self, shape, num_levels, generator=None, dtype=torch.float32, block_shape=(8, 8), **tag_options):
+        """A random weight of ``shape`` and random tags (see ``tags``), packed."""
+        g = generator or torch.Generator().manual_seed(0)
+        weight = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        return self.weight(weight, self.tags(shape, num_levels, g, block_shape=block_shape, **tag_options),
+                           num_levels, block_shape)
+
+    def rows_per_unit(self, w) -> int:
+        """The rows one entry of the plan spans (NBCR plans block rows)."""
+        return w.block_shape[0] if self.name == "nbcr" else 1
+
+    def units(self, w) -> int:
+        """Rows (NCSR) or block rows (NBCR): what the plan partitions."""
+        return -(-w.shape[0] // self.rows_per_unit(w))
+
+
+@pytest.fixture(params=list(FORMATS), ids=list(FORMATS))
+def fmt(request) -> FormatCase:
+    """Runs a test once per storage format."""
+    return FormatCase(request.param)
+
+
+def has_kernel(op: str, device: str) -> bool:
+    """Whether torch.ops.nestsparse.<op> has a kernel for ``device`` ("cpu" or "cuda")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"nestsparse::{op}", device.upper())
+
+
+def value_mask(w, level):
+    """Boolean over w.values: whether each stored value belongs to level ``level``, in any format (each value is
+    numbered, the level densified, and the numbers that appear are the level's)."""
+    numbered = dataclasses.replace(w, values=torch.arange(1, w.values.numel() + 1, dtype=torch.float64))
+    seen = numbered.to_dense(level).flatten().long()
+    mask = torch.zeros(w.values.numel() + 1, dtype=torch.bool)
+    mask[seen] = True
+    return mask[1:]
+
+
+def value_positions(w, level):
+    """For every entry of w's level: (index into values, row, column) in the matrix (M, K)."""
+    numbered = dataclasses.replace(w, values=torch.arange(1, w.values.numel() + 1, dtype=torch.float64))
+    pos = numbered.to_dense(level).reshape(w.shape).long()
+    rows, cols = pos.nonzero(as_tuple=True)
+    return pos[rows, cols] - 1, rows, cols

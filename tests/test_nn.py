@@ -3,7 +3,16 @@ import torch
 from torch import nn
 
 import nestsparse
+from conftest import value_mask
 from nestsparse import NestedSparseConv2d, NestedSparseLinear
+
+BS = (4, 4)
+
+
+def sparse_model(model, densities, fmt, **kwargs):
+    """``model`` converted to ``fmt`` with one-shot tags of the format's structure."""
+    tags = nestsparse.model_tags(model, densities, structure=fmt.structure, block_shape=BS, **kwargs)
+    return nestsparse.convert(model, tags, format=fmt.name, block_shape=BS), tags
 
 
 def small_cnn():
@@ -13,10 +22,10 @@ def small_cnn():
         nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.GELU(), nn.Linear(16, 5))
 
 
-def test_convert_replaces_layers_and_fuses_activations():
+def test_convert_replaces_layers_and_fuses_activations(fmt):
     model = small_cnn()
-    tags = nestsparse.model_tags(model, (0.6, 0.3, 0.1))
-    sparse = nestsparse.convert(model, tags)
+    sparse, _ = sparse_model(model, (0.6, 0.3, 0.1), fmt)
+    assert all(sparse[i].format == fmt.name for i in (0, 2, 5, 7))
     kinds = [type(m).__name__ for m in sparse]
     assert kinds == ["NestedSparseConv2d", "Identity", "NestedSparseConv2d", "Identity", "Flatten",
                      "NestedSparseLinear", "Identity", "NestedSparseLinear"]
@@ -25,10 +34,9 @@ def test_convert_replaces_layers_and_fuses_activations():
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
-def test_every_level_equals_the_masked_dense_model(level):
+def test_every_level_equals_the_masked_dense_model(fmt, level):
     model = small_cnn()
-    tags = nestsparse.model_tags(model, (0.6, 0.3, 0.1), scope="global")
-    sparse = nestsparse.convert(model, tags)
+    sparse, tags = sparse_model(model, (0.6, 0.3, 0.1), fmt, scope="global")
     masked = small_cnn()
     with torch.no_grad():
         for name, t in tags.items():
@@ -39,8 +47,8 @@ def test_every_level_equals_the_masked_dense_model(level):
     torch.testing.assert_close(nestsparse.to_dense(sparse, level)(x), masked(x), rtol=1e-4, atol=1e-5)
 
 
-def test_switching_levels_copies_nothing():
-    sparse = nestsparse.convert(small_cnn(), nestsparse.model_tags(small_cnn(), (0.6, 0.3)))
+def test_switching_levels_copies_nothing(fmt):
+    sparse, _ = sparse_model(small_cnn(), (0.6, 0.3), fmt)
     ptrs = {n: t.data_ptr() for n, t in sparse.state_dict().items()}
     x = torch.randn(1, 3, 8, 8)
     outs = []
@@ -53,9 +61,10 @@ def test_switching_levels_copies_nothing():
     assert nestsparse.get_levels(sparse) == 2
 
 
-def test_per_call_level_overrides_module_level():
+def test_per_call_level_overrides_module_level(fmt):
     lin = nn.Linear(20, 10)
-    sl = NestedSparseLinear.from_dense(lin, nestsparse.magnitude_tags(lin.weight, (0.5, 0.1)))
+    tags = nestsparse.model_tags(nn.Sequential(lin), (0.5, 0.1), structure=fmt.structure, block_shape=BS)["0"]
+    sl = NestedSparseLinear.from_dense(lin, tags, format=fmt.name, block_shape=BS)
     x = torch.randn(4, 20)
     sl.set_level(0)
     a = sl(x, level=1)
@@ -63,9 +72,10 @@ def test_per_call_level_overrides_module_level():
     torch.testing.assert_close(a, sl(x))
 
 
-def test_plan_is_built_once_and_reused():
+def test_plan_is_built_once_and_reused(fmt):
     lin = nn.Linear(64, 32)
-    sl = NestedSparseLinear.from_dense(lin, nestsparse.magnitude_tags(lin.weight, (0.5,)))
+    tags = nestsparse.model_tags(nn.Sequential(lin), (0.5,), structure=fmt.structure, block_shape=BS)["0"]
+    sl = NestedSparseLinear.from_dense(lin, tags, format=fmt.name, block_shape=BS)
     sl(torch.randn(2, 64))
     plan = sl._plan
     assert plan is not None
@@ -73,9 +83,9 @@ def test_plan_is_built_once_and_reused():
     assert sl._plan is plan
 
 
-def test_training_updates_values_and_keeps_structure():
+def test_training_updates_values_and_keeps_structure(fmt):
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
-    sparse = nestsparse.convert(model, nestsparse.model_tags(model, (0.5, 0.25)))
+    sparse, _ = sparse_model(model, (0.5, 0.25), fmt)
     before = [m.values.detach().clone() for m in sparse if isinstance(m, NestedSparseLinear)]
     opt = torch.optim.SGD(sparse.parameters(), lr=0.1)
     x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
@@ -86,8 +96,7 @@ def test_training_updates_values_and_keeps_structure():
         opt.step()
     for m, b in zip([m for m in sparse if isinstance(m, NestedSparseLinear)], before):
         changed = m.values.detach() != b
-        rows = torch.repeat_interleave(torch.arange(m.row_ptr.numel() - 1), m.nested().row_nnz(0))
-        in_level1 = torch.arange(b.numel()) < m.row_end[1].long()[rows]
+        in_level1 = value_mask(m.nested(), 1)
         assert changed[in_level1].any() and not changed[~in_level1].any()
 
 
@@ -109,12 +118,15 @@ def test_build_info_and_version_mismatch_message(monkeypatch):
         importlib.reload(_library)
 
 
-def test_plan_is_rebuilt_when_buffers_change():
+def test_plan_is_rebuilt_when_buffers_change(fmt):
     lin = nn.Linear(64, 32)
-    sl = NestedSparseLinear.from_dense(lin, nestsparse.magnitude_tags(lin.weight, (0.5, 0.2)))
+    tags = fmt.tags((32, 64), 2, torch.Generator().manual_seed(1), block_shape=BS)
+    sl = NestedSparseLinear.from_dense(lin, tags, format=fmt.name, block_shape=BS)
     sl(torch.randn(2, 64))
     first = sl._plan
-    other = NestedSparseLinear.from_dense(lin, nestsparse.magnitude_tags(-lin.weight.abs() + torch.rand(32, 64), (0.5, 0.2)))
+    # The rows in reverse order: other positions, the same array sizes (and still block row/column structured).
+    other = NestedSparseLinear.from_dense(lin, tags.flip(0), format=fmt.name, block_shape=BS)
+    assert not torch.equal(other.nested().tags(), sl.nested().tags())
     sl.load_state_dict(other.state_dict())  # in place: same storage, new contents
     x = torch.randn(3, 64)
     torch.testing.assert_close(sl(x), other(x))
@@ -127,9 +139,9 @@ def test_multihead_attention_projection_is_not_pruned():
     assert set(nestsparse.prunable_layers(model)) == {"0"}
 
 
-def test_bias_is_cast_to_the_value_dtype():
+def test_bias_is_cast_to_the_value_dtype(fmt):
     lin = nn.Linear(8, 4)
-    w = nestsparse.NestedCSR.from_dense(lin.weight.detach(), nestsparse.magnitude_tags(lin.weight, (0.5,)))
+    w = fmt.weight(lin.weight.detach(), fmt.tags((4, 8), 1, block_shape=(2, 2)), 1, block_shape=(2, 2))
     sl = NestedSparseLinear(w.to(dtype=torch.bfloat16), lin.bias)
     assert sl.bias.dtype == torch.bfloat16
     assert sl(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16

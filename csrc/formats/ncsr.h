@@ -4,7 +4,7 @@
 //   values  (nnz0,)  float32 | float16 | bfloat16 (float64 too, for gradient checks). nnz0 = non-zeros of
 //                    level 0, the densest level.
 //   col_idx (nnz0,)  int16 when K <= 32767, else int32. 0 <= col_idx < K, no column twice in a row.
-//   row_ptr (M+1,)   int32. row_ptr[0] == 0, non-decreasing, row_ptr[M] <= nnz0. Row r of level 0 is
+//   row_ptr (M+1,)   int32. row_ptr[0] == 0, non-decreasing, row_ptr[M] == nnz0. Row r of level 0 is
 //                    [row_ptr[r], row_ptr[r+1]).
 //   row_end (L, M)   int32. Row r of level l is the slice [row_ptr[r], row_end[l, r]): each level is a prefix
 //                    of the row at every denser level, because a row's entries are ordered sparsest level

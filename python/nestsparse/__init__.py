@@ -17,7 +17,7 @@ from .nn import (LevelAware, LevelBatchNorm, NestedSparseConv2d, NestedSparseLin
 from .pruning import (LevelSpec, bcr_tags, global_bcr_tags, global_magnitude_tags, magnitude_tags, masks_from_tags,
                       model_tags, prunable_layers, tags_from_masks)
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def cpu_isa() -> str:

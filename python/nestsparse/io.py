@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .formats import FORMATS, FormatError
+from .version import __version__
 from .nn import (LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, level_aware_modules,
                  parent_module, set_level)
 
@@ -159,8 +160,7 @@ def _describe(model: nn.Module) -> dict[str, Any]:
                          "per_level_affine": bool(m.per_level_affine)}
         elif isinstance(m, nn.Identity) and name:
             identities.append(name)
-    import nestsparse
-    return {"format_version": FORMAT_VERSION, "nestsparse_version": nestsparse.__version__, "arch": arch,
+    return {"format_version": FORMAT_VERSION, "nestsparse_version": __version__, "arch": arch,
             "level": _describe_levels(model), "nested": nested, "level_batchnorms": bns, "identities": identities}
 
 

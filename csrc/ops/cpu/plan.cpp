@@ -84,8 +84,9 @@ at::Tensor ncsr_plan(const NcsrPlan::Call& c) {
               row_end.sizes());
   TORCH_CHECK(row_ptr.device().is_cpu() && row_end.device().is_cpu(), "ncsr_plan: plans are for the CPU kernels; ",
               "row_ptr and row_end are on ", row_ptr.device(), " and ", row_end.device());
-  TORCH_CHECK(row_end.scalar_type() == at::kInt && row_ptr.is_contiguous() && row_end.is_contiguous(),
-              "ncsr_plan: row_end must be int32 and both arrays contiguous");
+  TORCH_CHECK(row_end.scalar_type() == at::kInt, "ncsr_plan: row_end must be int32, got ", row_end.scalar_type());
+  TORCH_CHECK(row_ptr.is_contiguous(), "ncsr_plan: row_ptr must be contiguous");
+  TORCH_CHECK(row_end.is_contiguous(), "ncsr_plan: row_end must be contiguous");
   const int64_t L = row_end.size(0), M = row_ptr.numel() - 1;
   TORCH_CHECK(row_end.size(1) == M, "ncsr_plan: row_end must have shape (L, M=", M, "), got ", row_end.sizes());
   TORCH_CHECK(M <= std::numeric_limits<int32_t>::max() && num_chunks <= std::max<int64_t>(M, 1) + 1024, "ncsr_plan: ",

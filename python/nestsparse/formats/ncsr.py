@@ -131,6 +131,9 @@ class NestedCSR(NestedFormat):
             fail(f"row_end must have shape (L, {M}) with L >= 1, got {tuple(re.shape)}")
         if self.densities and len(self.densities) != re.shape[0]:
             fail(f"{len(self.densities)} densities for {re.shape[0]} levels")
+        for name, t in (("values", v), ("col_idx", c), ("row_ptr", rp), ("row_end", re)):
+            if not t.is_contiguous():
+                fail(f"{name} is not contiguous")
         rp64, re64, c64 = rp.to(torch.int64), re.to(torch.int64), c.to(torch.int64)
         if int(rp64[0]) != 0:
             fail(f"row_ptr[0] = {int(rp64[0])}, must be 0")
@@ -149,7 +152,7 @@ class NestedCSR(NestedFormat):
             i = bad.flatten().nonzero()[0, 0]
             step, r = divmod(int(i), max(M, 1))
             lvl = self.num_levels - 1 - step
-            lower = "row_ptr" if step == 0 else f"row_end[{lvl + 1}, {r}]"
+            lower = f"row_ptr[{r}]" if step == 0 else f"row_end[{lvl + 1}, {r}]"
             fail(f"levels are not nested in row {r}: row_end[{lvl}, {r}] = {int(re64[lvl, r])} < {lower} = "
                  f"{int(bounds[step, r])}")
         if c64.numel():

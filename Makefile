@@ -8,7 +8,11 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 SOURCES := $(shell find csrc python cmake -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.py' -o -name '*.cmake' -o -name '*.in' \) -not -name '_build_info.py') CMakeLists.txt pyproject.toml
 
-.PHONY: demo test build bench cuda-check clean
+# Formatter and linter, pinned so that every machine formats alike (`make format` applies, `make lint` checks).
+LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
+CXX_SOURCES = $(shell find csrc -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc' \))
+
+.PHONY: demo test build bench cuda-check lint format clean
 
 demo: $(VENV)/.built
 	$(PY) -m nestsparse demo
@@ -28,6 +32,21 @@ bench: $(VENV)/.built
 # Builds the extension with CUDA on against torch 2.14.1+cu130 in a second environment (no GPU needed).
 cuda-check:
 	bash scripts/cuda_compile_check.sh
+
+lint: $(VENV)/.lint-tools
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
+
+format: $(VENV)/.lint-tools
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
+
+$(VENV)/.lint-tools:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(LINT_TOOLS)
+	touch $@
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -20,8 +20,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import nestsparse as ns
-from common import (check_close, environment, load_warning, markdown_table, nested_random, run_quietly, time_ms,
-                    verdict, write_csv)
+
+from common import (
+    check_close,
+    environment,
+    load_warning,
+    markdown_table,
+    nested_random,
+    run_quietly,
+    time_ms,
+    verdict,
+    write_csv,
+)
 
 DENSITIES = (0.10, 0.05)   # level 0: 90% sparse; level 1 nested inside it
 TARGET = 2.5               # network total, level 0 vs dense

@@ -39,6 +39,7 @@ from tqdm import tqdm
 import nestsparse as ns
 from nestsparse.formats import DEFAULT_BLOCK_SHAPE, NestedBCR, NestedCSR
 from nestsparse.pruning import bcr_tags, magnitude_tags
+
 from common import check_close, environment, load_warning, markdown_table, run_quietly, time_ms, verdict, write_csv
 from conv import INPUT_COPIES, resnet50_convs
 
@@ -118,8 +119,10 @@ def sweep_row(w, bs, kept_mag, min_run_time) -> dict:
                kept_bcr=kept, kept_mag=kept_mag, **{"kept_bcr/mag": kept / kept_mag})
     for n in (1, 64):
         x = torch.randn(n, w.shape[1], generator=torch.Generator().manual_seed(n))
-        f = lambda: ns.ops.nbcr_linear(x, nb.values, nb.indices, nb.block_ptr, nb.blocks, nb.counts, 0, w.shape[0], bs,
-                                       None, "none", plan)
+        def f(x=x):
+            return ns.ops.nbcr_linear(x, nb.values, nb.indices, nb.block_ptr, nb.blocks, nb.counts, 0, w.shape[0], bs,
+                                      None, "none", plan)
+
         check_close(f(), x @ nb.to_dense(0).T, f"nbcr_linear block {bs} N={n}")
         row[f"N{n}_dense_ms"] = time_ms(lambda: x @ w.T, min_run_time)
         row[f"N{n}_nbcr_ms"] = time_ms(f, min_run_time)

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["model", "policy", "deadline_ms", "n", "met_rate", "nines", "p50_ms", "p99_ms", "p999_ms",
-                        "accuracy", "effective_accuracy"] + [f"level{l}_share" for l in range(4)])
+                        "accuracy", "effective_accuracy"] + [f"level{lvl}_share" for lvl in range(4)])
             for name, out in outs.items():
                 for r in out["results"].values():
                     hist = r.level_histogram() + [math.nan] * 4

@@ -21,9 +21,24 @@ import torch
 from tqdm import tqdm
 
 import nestsparse as ns
-from common import (DEFAULT_DLMC, check_close, environment, geomean, load_warning, markdown_table, nested_from_pattern,
-                    nested_random, pattern_mask, read_bandwidth_gbs, read_smtx, run_quietly, time_ms, verdict,
-                    write_csv)
+
+from common import (
+    DEFAULT_DLMC,
+    check_close,
+    environment,
+    geomean,
+    load_warning,
+    markdown_table,
+    nested_from_pattern,
+    nested_random,
+    pattern_mask,
+    read_bandwidth_gbs,
+    read_smtx,
+    run_quietly,
+    time_ms,
+    verdict,
+    write_csv,
+)
 
 DENSITIES = (0.13, 0.05)
 BATCHES = (1, 16, 64, 256)
@@ -88,7 +103,9 @@ def dlmc_weights(entries, root: Path | None):
         for noise in ("body_", "_multihead_attention", "_fully_connected"):  # keeps the table readable
             short = short.replace(noise, "")
         if root is None:
-            build = lambda m=m, k=k, i=i: nested_random((m, k), (DLMC_DENSITY, DLMC_KEEP * DLMC_DENSITY), seed=i)
+            def build(m=m, k=k, i=i):
+                return nested_random((m, k), (DLMC_DENSITY, DLMC_KEEP * DLMC_DENSITY), seed=i)
+
             yield f"{group}/{short} (random pattern)", group, build
         else:
             def build(name=name, m=m, k=k, i=i):

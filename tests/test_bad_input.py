@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import nestsparse
+
 from conftest import has_kernel
 
 OPS = torch.ops.nestsparse

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close_to_reference
 from nestsparse.activations import ACTIVATIONS
+
+from conftest import assert_close_to_reference
 
 
 def act_ref(name):

@@ -11,8 +11,9 @@ The checks every format shares (shapes, levels, contiguity, devices, plans, geom
 import pytest
 import torch
 
-from conftest import nested, nested_bcr, random_bcr_tags, random_tags
 from nestsparse import ops
+
+from conftest import nested, nested_bcr, random_bcr_tags, random_tags
 
 OPS = torch.ops.nestsparse
 
@@ -247,7 +248,7 @@ def check_corruptions(w, path, dtype):
     arrays = {"indices": w.indices, "block_ptr": w.block_ptr, "blocks": w.blocks, "counts": w.counts}
     for level in range(L):  # the intact weight runs at every level
         PATHS[path](nbcr_args(w, values=values), level, dtype)
-    for name, (field, change, level, message) in CORRUPTIONS.items():
+    for field, change, level, message in CORRUPTIONS.values():
         t = arrays[field].clone()
         change(t, b, row, col)
         with pytest.raises(RuntimeError, match=rf"{op}: " + message.format(b=b)):

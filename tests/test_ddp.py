@@ -139,7 +139,7 @@ def test_ranks_hold_the_same_tags(ddp_results, name):
     assert_same_tags(ranks[0][name]["tags"], ranks[1][name]["tags"], "rank 0 vs rank 1")
     for k, v in ranks[0][name]["state"].items():
         assert torch.equal(v, ranks[1][name]["state"][k]), k
-    for n, t in ranks[0][name]["tags"].items():
+    for t in ranks[0][name]["tags"].values():
         for lvl, d in enumerate(DENSITIES):
             assert int((t >= lvl).sum()) == round(d * t.numel())
 

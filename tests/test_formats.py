@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nestsparse
-from conftest import DEVICES, FormatCase, random_bcr_tags, random_tags
 from nestsparse.formats import DEFAULT_BLOCK_SHAPE, FormatError, NestedBCR, NestedCSR
+
+from conftest import DEVICES, FormatCase, random_bcr_tags, random_tags
 
 NCSR, NBCR = FormatCase("ncsr"), FormatCase("nbcr")
 BLOCK_SHAPES = [(1, 1), (3, 5), (8, 8), (16, 16), (32, 32)]

@@ -9,7 +9,6 @@ from torch import nn
 import nestsparse
 from nestsparse.nn import LevelBatchNorm, level_batchnorms
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -4,8 +4,9 @@ block shape and ISA, odd shapes, empty rows, blocks and levels; the plan; thread
 import pytest
 import torch
 
-from conftest import DEVICES, assert_close_to_reference, has_kernel
 from nestsparse.activations import ACTIVATIONS
+
+from conftest import DEVICES, assert_close_to_reference, has_kernel
 
 
 def act_ref(name):

@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 import nestsparse
-from conftest import value_mask
 from nestsparse import NestedSparseConv2d, NestedSparseLinear
+
+from conftest import value_mask
 
 BS = (4, 4)
 

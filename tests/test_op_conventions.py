@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import nestsparse
-from conftest import value_mask, value_positions
 from nestsparse.activations import ACTIVATIONS
+
+from conftest import value_mask, value_positions
 
 OPS = torch.ops.nestsparse
 

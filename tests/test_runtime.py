@@ -23,11 +23,22 @@ from torch import nn
 
 import nestsparse
 from nestsparse.apps import cli, models, qos, scenarios
+from nestsparse.apps.scenarios import CpuLoad, Scenario, Slowdown, Trace, make_scenario
 from nestsparse.nn import LevelAware, LevelBatchNorm, NestedSparseConv2d
 from nestsparse.pruning import apply_level_masks
-from nestsparse.runtime import (POLICIES, PROFILE_FORMAT, LatencyProfile, ProfileError, QosResult,
-                                ReroutingExecutor, auto_stages, deadline_from, plot_latency_cdf, qos_table, run_qos)
-from nestsparse.apps.scenarios import CpuLoad, Scenario, Slowdown, Trace, make_scenario
+from nestsparse.runtime import (
+    POLICIES,
+    PROFILE_FORMAT,
+    LatencyProfile,
+    ProfileError,
+    QosResult,
+    ReroutingExecutor,
+    auto_stages,
+    deadline_from,
+    plot_latency_cdf,
+    qos_table,
+    run_qos,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FormatCase
 from nestsparse import LevelSpec, global_magnitude_tags, magnitude_tags, masks_from_tags, model_tags, tags_from_masks
 from nestsparse.formats import DEFAULT_BLOCK_SHAPE, NestedBCR
 from nestsparse.pruning import bcr_tags, global_bcr_tags
+
+from conftest import FormatCase
 
 STRUCTURES = ["unstructured", "bcr"]
 FORMAT_OF = {"unstructured": "ncsr", "bcr": "nbcr"}  # the format that stores tags of each structure

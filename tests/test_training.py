@@ -9,9 +9,20 @@ import nestsparse
 import nestsparse.pruning.methods as methods
 from nestsparse import NestedBCR, model_tags
 from nestsparse.nn import LevelBatchNorm
-from nestsparse.pruning import (LevelMask, SupervisedTask, apply_level_masks, core_first, cubic_density,
-                                grow_and_prune, joint, level_masks, masked_tags, prepare, raw_weights, unmask)
-
+from nestsparse.pruning import (
+    LevelMask,
+    SupervisedTask,
+    apply_level_masks,
+    core_first,
+    cubic_density,
+    grow_and_prune,
+    joint,
+    level_masks,
+    masked_tags,
+    prepare,
+    raw_weights,
+    unmask,
+)
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -476,7 +487,7 @@ def test_joint_bcr_structure():
     bs = (4, 4)
     model = mlp()
     tags = joint(model, mlp_task(), (0.5, 0.2), 3, structure="bcr", block_shape=bs, progress=False)
-    for n, t in tags.items():
+    for t in tags.values():
         NestedBCR.structured_tags(t, bs)  # raises FormatError if not block row/column structured
         assert int(t.min()) >= -1 and int(t.max()) <= 1
         c = [int((t >= lvl).sum()) for lvl in range(2)]

@@ -12,6 +12,7 @@
 
 #include "ops/activation.h"
 #include "ops/checks.h"
+#include "ops/linear.h"
 #include "ops/op.h"
 #include "ops/weight_args.h"
 
@@ -22,6 +23,13 @@ struct ConvGeometry {
   std::array<int64_t, 2> kernel_size, stride, padding, dilation;
   int64_t groups;
 };
+
+// The geometry arguments of `op`, each int list checked to have 2 entries.
+inline ConvGeometry geometry(const char* op, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return {int_pair(op, "kernel_size", kernel_size), int_pair(op, "stride", stride), int_pair(op, "padding", padding),
+          int_pair(op, "dilation", dilation), groups};
+}
 
 // Every size of one convolution, checked (conv_shape below).
 struct ConvShape {
@@ -41,23 +49,11 @@ struct Conv2d<F, Params<W...>> {
   using Result = at::Tensor;
   static constexpr int64_t kChannelDim = 1;
 
-  struct Call {
-    at::Tensor x;
-    typename F::Args w;
+  struct Call : ProductCall<F> {
     ConvGeometry geometry;
-    std::optional<at::Tensor> bias;
-    Act activation;
-    std::optional<at::Tensor> plan;
-    template <typename Fn>
-    void for_each_tensor(Fn&& f) {
-      f(x), w.for_each_tensor(f);
-    }
   };
 
-  static const char* name() {
-    static const std::string n = std::string(F::name) + "_conv2d";
-    return n.c_str();
-  }
+  static const char* name() { return format_op_name<Conv2d>(F::name, "_conv2d"); }
   static std::string schema() {
     return std::string(name()) + "(Tensor x, " + F::schema +
            ", int[2] kernel_size, Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, "
@@ -67,13 +63,8 @@ struct Conv2d<F, Params<W...>> {
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                      c10::string_view activation, const std::optional<at::Tensor>& plan) {
     const char* op = name();
-    return {x,
-            F::unpack(op, w...),
-            {int_pair(op, "kernel_size", kernel_size), int_pair(op, "stride", stride), int_pair(op, "padding", padding),
-             int_pair(op, "dilation", dilation), groups},
-            bias,
-            parse_activation(op, activation),
-            plan};
+    return {{x, F::unpack(op, w...), bias, parse_activation(op, activation), plan},
+            geometry(op, kernel_size, stride, padding, dilation, groups)};
   }
   static auto pack(const Call& c) {
     const ConvGeometry& g = c.geometry;
@@ -99,10 +90,7 @@ struct Conv2dBackward<F, Params<W...>> {
     ConvGeometry geometry;
   };
 
-  static const char* name() {
-    static const std::string n = std::string(F::name) + "_conv2d_backward";
-    return n.c_str();
-  }
+  static const char* name() { return format_op_name<Conv2dBackward>(F::name, "_conv2d_backward"); }
   static std::string schema() {
     return std::string(name()) + "(Tensor grad_z, Tensor x, " + F::schema +
            ", int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)";
@@ -110,11 +98,7 @@ struct Conv2dBackward<F, Params<W...>> {
   static Call unpack(const at::Tensor& grad_z, const at::Tensor& x, W... w, at::IntArrayRef kernel_size,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
     const char* op = name();
-    return {grad_z,
-            x,
-            F::unpack(op, w...),
-            {int_pair(op, "kernel_size", kernel_size), int_pair(op, "stride", stride), int_pair(op, "padding", padding),
-             int_pair(op, "dilation", dilation), groups}};
+    return {grad_z, x, F::unpack(op, w...), geometry(op, kernel_size, stride, padding, dilation, groups)};
   }
   static auto pack(const Call& c) {
     const ConvGeometry& g = c.geometry;

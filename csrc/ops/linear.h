@@ -16,6 +16,21 @@
 
 namespace nestsparse {
 
+// The arguments every product over a weight in format F takes (x, the weight, bias, activation, plan); an op adds
+// its own (Conv2d: the geometry).
+template <typename F>
+struct ProductCall {
+  at::Tensor x;
+  typename F::Args w;
+  std::optional<at::Tensor> bias;
+  Act activation;
+  std::optional<at::Tensor> plan;
+  template <typename Fn>
+  void for_each_tensor(Fn&& f) {
+    f(x), w.for_each_tensor(f);
+  }
+};
+
 // y = act(x @ W_level^T + bias): x (..., K) -> y (..., M). `plan` is an optional int32 (L, P+1) partition from
 // <format>_plan, cached by the caller so that it is not rebuilt per call.
 template <typename F, typename = typename F::Params>
@@ -27,22 +42,9 @@ struct Linear<F, Params<W...>> {
   using Result = at::Tensor;
   static constexpr int64_t kChannelDim = -1;  // the output dimension a bias adds along
 
-  struct Call {
-    at::Tensor x;
-    typename F::Args w;
-    std::optional<at::Tensor> bias;
-    Act activation;
-    std::optional<at::Tensor> plan;
-    template <typename Fn>
-    void for_each_tensor(Fn&& f) {
-      f(x), w.for_each_tensor(f);
-    }
-  };
+  using Call = ProductCall<F>;
 
-  static const char* name() {
-    static const std::string n = std::string(F::name) + "_linear";
-    return n.c_str();
-  }
+  static const char* name() { return format_op_name<Linear>(F::name, "_linear"); }
   static std::string schema() {
     return std::string(name()) + "(Tensor x, " + F::schema +
            ", Tensor? bias=None, str activation='none', Tensor? plan=None) -> Tensor";
@@ -72,10 +74,7 @@ struct LinearBackward<F, Params<W...>> {
     typename F::Args w;
   };
 
-  static const char* name() {
-    static const std::string n = std::string(F::name) + "_linear_backward";
-    return n.c_str();
-  }
+  static const char* name() { return format_op_name<LinearBackward>(F::name, "_linear_backward"); }
   static std::string schema() {
     return std::string(name()) + "(Tensor grad_z, Tensor x, " + F::schema + ") -> (Tensor, Tensor)";
   }
@@ -84,7 +83,7 @@ struct LinearBackward<F, Params<W...>> {
   }
   static auto pack(const Call& c) { return std::tuple_cat(std::forward_as_tuple(c.grad_z, c.x), F::pack(c.w)); }
   // The backward call of a forward one.
-  static Call of(const typename Linear<F>::Call& c, const at::Tensor& grad_z) { return {grad_z, c.x, c.w}; }
+  static Call of(const ProductCall<F>& c, const at::Tensor& grad_z) { return {grad_z, c.x, c.w}; }
 };
 
 }  // namespace nestsparse

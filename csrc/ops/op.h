@@ -52,6 +52,13 @@ using Signature = typename detail::Unpacker<&Op::unpack>::template Signature<typ
 template <typename Op, typename Op::Result (*Body)(const typename Op::Call&)>
 constexpr Signature<Op>* impl = &detail::Unpacker<&Op::unpack>::template flat<typename Op::Result, Body>;
 
+// "<format><suffix>", e.g. "ncsr_linear": the name of an op over a format, built once per op.
+template <typename Op>
+const char* format_op_name(const char* format, const char* suffix) {
+  static const std::string name = std::string(format) + suffix;
+  return name.c_str();
+}
+
 // The schema name under the library's namespace, e.g. "nestsparse::ncsr_linear".
 template <typename Op>
 const std::string& qualified_name() {

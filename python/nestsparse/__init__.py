@@ -7,16 +7,33 @@ This package is the library core; the applications built on it (demo, qos comman
 datasets, training tasks) are in nestsparse.apps. ARCHITECTURE.md maps the code.
 """
 
-from ._library import _C
 from . import formats, ops, pruning, runtime
+from ._library import _C
 from .convert import convert, to_dense
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError, NestedBCR, NestedCSR, NestedFormat
 from .io import CheckpointError, load, register_architecture, save
-from .nn import (LevelAware, LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, get_levels,
-                 level_aware_modules, level_batchnorms, set_level)
-from .pruning import (LevelSpec, bcr_tags, global_bcr_tags, global_magnitude_tags, magnitude_tags, masks_from_tags,
-                      model_tags, prunable_layers, tags_from_masks)
-
+from .nn import (
+    LevelAware,
+    LevelBatchNorm,
+    NestedSparseConv2d,
+    NestedSparseLinear,
+    NestedSparseModule,
+    get_levels,
+    level_aware_modules,
+    level_batchnorms,
+    set_level,
+)
+from .pruning import (
+    LevelSpec,
+    bcr_tags,
+    global_bcr_tags,
+    global_magnitude_tags,
+    magnitude_tags,
+    masks_from_tags,
+    model_tags,
+    prunable_layers,
+    tags_from_masks,
+)
 from .version import __version__
 
 

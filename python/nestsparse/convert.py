@@ -110,7 +110,7 @@ def _pick_faster(build, x: Tensor | None, num_levels: int) -> NestedSparseModule
         return min(candidates, key=lambda mod: mod.nested().nbytes(0))
     levels = sorted({0, num_levels - 1})
     with torch.no_grad():
-        cost = [sum(median_time(lambda lvl=lvl: mod(x, level=lvl), min_run_time=0.02) for lvl in levels)
+        cost = [sum(median_time(lambda mod=mod, lvl=lvl: mod(x, level=lvl), min_run_time=0.02) for lvl in levels)
                 for mod in candidates]
     return candidates[cost.index(min(cost))]
 

@@ -54,9 +54,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .formats import FORMATS, FormatError
+from .nn import (
+    LevelBatchNorm,
+    NestedSparseConv2d,
+    NestedSparseLinear,
+    NestedSparseModule,
+    level_aware_modules,
+    parent_module,
+    set_level,
+)
 from .version import __version__
-from .nn import (LevelBatchNorm, NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, level_aware_modules,
-                 parent_module, set_level)
 
 __all__ = ["save", "load", "read_metadata", "register_architecture", "CheckpointError", "FORMAT_VERSION",
            "METADATA_KEY"]

@@ -20,8 +20,17 @@ from torch import nn
 from ..convert import convert
 from ..io import load
 from ..pruning import LevelSpec, SupervisedTask, joint, model_tags, train_dense, unmask
-from ..runtime import (POLICIES, LatencyProfile, ReroutingExecutor, checkpoint_cost, deadline_from, parse_deadline,
-                       plot_latency_cdf, qos_table, run_qos)
+from ..runtime import (
+    POLICIES,
+    LatencyProfile,
+    ReroutingExecutor,
+    checkpoint_cost,
+    deadline_from,
+    parse_deadline,
+    plot_latency_cdf,
+    qos_table,
+    run_qos,
+)
 from .data import digits, labelled_batches
 from .models import dense_layers, digits_cnn, resnet50
 from .scenarios import make_scenario

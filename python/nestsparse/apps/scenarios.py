@@ -102,7 +102,7 @@ class Scenario:
     def describe(self) -> str:
         return "no background load"
 
-    def __enter__(self) -> "Scenario":
+    def __enter__(self) -> Scenario:
         self.start()
         return self
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import data
 from ..pruning import SupervisedTask, shard_batches
+from . import data
 
 __all__ = ["Seq2SeqTask", "GraphTask", "digits_task", "point_cloud_task", "seq2seq_task", "graph_task"]
 

@@ -57,7 +57,7 @@ class NestedFormat:
     # ---- what each format defines --------------------------------------------------------------------
     @classmethod
     def from_dense(cls, weight: Tensor, tags: Tensor, num_levels: int | None = None,
-                   densities: tuple[float, ...] = (), **options) -> "NestedFormat":
+                   densities: tuple[float, ...] = (), **options) -> NestedFormat:
         """Packs the entries of ``weight`` whose tag is >= 0 (``tags``: int8, the weight's shape)."""
         raise NotImplementedError
 
@@ -77,7 +77,7 @@ class NestedFormat:
         """The level-``level`` weight as a dense tensor of the original weight shape."""
         raise NotImplementedError
 
-    def validate(self) -> "NestedFormat":
+    def validate(self) -> NestedFormat:
         """Checks every invariant of the format; raises FormatError naming the first one broken."""
         raise NotImplementedError
 
@@ -146,13 +146,13 @@ class NestedFormat:
     # ---- movement and serialisation -------------------------------------------------------------------------
     @classmethod
     def from_parts(cls, values: Tensor, index: Mapping[str, Tensor], weight_shape, densities=(),
-                   **options) -> "NestedFormat":
+                   **options) -> NestedFormat:
         """An object from its tensors (``index`` by name), shape, densities and options; not validated."""
         return cls(values=values, **{n: index[n] for n in cls.index_names}, weight_shape=tuple(weight_shape),
                    densities=tuple(float(d) for d in densities),
                    **{n: tuple(int(v) for v in options[n]) for n in cls.option_lengths})
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NestedFormat":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NestedFormat:
         """A copy on ``device`` and/or with values cast to ``dtype`` (index tensors keep their dtypes)."""
         return replace(self, values=self.values.to(device=device, dtype=dtype),
                        **{n: t.to(device) for n, t in zip(self.index_names, self.index_tensors())})
@@ -166,7 +166,7 @@ class NestedFormat:
         return sd
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, Tensor]) -> "NestedFormat":
+    def from_state_dict(cls, sd: Mapping[str, Tensor]) -> NestedFormat:
         """Rebuilds and validates; a missing key or a broken invariant raises FormatError."""
         where = cls.__name__
         missing = {"values", *cls.index_names, "weight_shape", *cls.option_lengths, "densities"} - set(sd)

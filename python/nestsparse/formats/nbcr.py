@@ -10,9 +10,17 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .base import (VALUE_DTYPES, FormatError, NestedFormat, check_dense_args, check_integer, check_weight_dtype,
-                   first_index, level_count)
 from . import blocks as block_grid
+from .base import (
+    VALUE_DTYPES,
+    FormatError,
+    NestedFormat,
+    check_dense_args,
+    check_integer,
+    check_weight_dtype,
+    first_index,
+    level_count,
+)
 from .blocks import DEFAULT_BLOCK_SHAPE, MAX_BLOCK_DIM, check_block_shape, matrix_shape
 
 __all__ = ["NestedBCR"]
@@ -71,7 +79,7 @@ class NestedBCR(NestedFormat):
 
     @classmethod
     def from_dense(cls, weight: Tensor, tags: Tensor, block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
-                   num_levels: int | None = None, densities: tuple[float, ...] = ()) -> "NestedBCR":
+                   num_levels: int | None = None, densities: tuple[float, ...] = ()) -> NestedBCR:
         """Packs ``weight`` by its element tags (weight-shaped, int8), which must be block row/column structured
         (see structured_tags)."""
         where = "NestedBCR.from_dense"
@@ -82,7 +90,7 @@ class NestedBCR(NestedFormat):
     @classmethod
     def from_tags(cls, weight: Tensor, row_tags: Tensor, col_tags: Tensor,
                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE, num_levels: int | None = None,
-                  densities: tuple[float, ...] = ()) -> "NestedBCR":
+                  densities: tuple[float, ...] = ()) -> NestedBCR:
         """Packs ``weight`` by the tags of every local row (MB, KB, bm) and column (MB, KB, bk) of every block
         (-1: pruned at every level; always so outside the matrix). Element tag = min(row tag, column tag).
         A row or column tag above the sparsest level at which its block keeps both rows and columns is
@@ -222,7 +230,7 @@ class NestedBCR(NestedFormat):
         return out.reshape(self.weight_shape)
 
     # ---- checks ----------------------------------------------------------------------------------
-    def validate(self) -> "NestedBCR":
+    def validate(self) -> NestedBCR:
         """Checks every invariant of csrc/formats/nbcr.h; raises FormatError naming the first one broken."""
         v, ix, bp, bl, cn = self.values, self.indices, self.block_ptr, self.blocks, self.counts
         named = (("values", v), ("indices", ix), ("block_ptr", bp), ("blocks", bl), ("counts", cn))

@@ -35,7 +35,7 @@ class NestedCSR(NestedFormat):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, weight: Tensor, tags: Tensor, num_levels: int | None = None,
-                   densities: tuple[float, ...] = ()) -> "NestedCSR":
+                   densities: tuple[float, ...] = ()) -> NestedCSR:
         """Packs the entries of ``weight`` whose tag is >= 0; ``tags`` has the weight's shape (int8)."""
         M, K, t, L = check_dense_args("NestedCSR.from_dense", weight, tags, num_levels, densities)
         w = weight.detach().reshape(M, K)
@@ -104,7 +104,7 @@ class NestedCSR(NestedFormat):
         return out.reshape(self.weight_shape)
 
     # ---- checks ----------------------------------------------------------------------------------
-    def validate(self) -> "NestedCSR":
+    def validate(self) -> NestedCSR:
         """Checks every invariant of the format; raises FormatError naming the first one broken."""
         v, c, rp, re = self.values, self.col_idx, self.row_ptr, self.row_end
         M, K = self.shape

@@ -44,7 +44,7 @@ class LevelBatchNorm(LevelAware, nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, num_levels: int,
-                       per_level_affine: bool = False) -> "LevelBatchNorm":
+                       per_level_affine: bool = False) -> LevelBatchNorm:
         """Every level starts from ``bn``'s statistics and affine parameters."""
         if not bn.track_running_stats:
             raise ValueError("LevelBatchNorm.from_batchnorm: the BatchNorm must track running statistics")

@@ -92,7 +92,7 @@ class NestedSparseLinear(NestedSparseModule):
     @classmethod
     def from_dense(cls, linear: nn.Linear, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
                    num_levels: int | None = None, format: str = "ncsr",
-                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> "NestedSparseLinear":
+                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> NestedSparseLinear:
         """``format`` "ncsr" stores any nested tags; "nbcr" needs block row/column structured tags
         (nestsparse.bcr_tags) of ``block_shape``."""
         w = pack(format, linear.weight.detach(), tags, num_levels=num_levels, densities=densities,
@@ -127,7 +127,7 @@ class NestedSparseConv2d(NestedSparseModule):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
                    num_levels: int | None = None, format: str = "ncsr",
-                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> "NestedSparseConv2d":
+                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> NestedSparseConv2d:
         if conv.padding_mode != "zeros":
             raise ValueError(f"NestedSparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         padding = conv.padding

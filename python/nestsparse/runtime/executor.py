@@ -111,7 +111,7 @@ class ReroutingExecutor:
             h.remove()
         self._hooks = []
 
-    def __enter__(self) -> "ReroutingExecutor":
+    def __enter__(self) -> ReroutingExecutor:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -122,7 +122,7 @@ class LatencyProfile:
                 "totals": self.totals, "info": self.info}
 
     @classmethod
-    def from_json(cls, data: dict) -> "LatencyProfile":
+    def from_json(cls, data: dict) -> LatencyProfile:
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"latency profile: not a {PROFILE_FORMAT} document")
         try:
@@ -139,7 +139,7 @@ class LatencyProfile:
             json.dump(self.to_json(), f, indent=1)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatencyProfile":
+    def load(cls, path: str | os.PathLike) -> LatencyProfile:
         try:
             with open(path) as f:
                 data = json.load(f)

@@ -67,23 +67,47 @@ FAMILIES = {
         task=lambda seed, quick: tasks.digits_task(seed),
         model=lambda: models.resnet_small(num_classes=10, in_channels=1, width=16),
         example=lambda t, n: (t.test[0][:n].contiguous(),),
-        dense_epochs=30, prune_epochs=10, core_epochs=10, level_epochs=10, joint_epochs=40),
+        dense_epochs=30,
+        prune_epochs=10,
+        core_epochs=10,
+        level_epochs=10,
+        joint_epochs=40,
+    ),
     "pointcloud": Family(
         task=lambda seed, quick: tasks.point_cloud_task(seed, n_per_class=40 if quick else 150),
         model=lambda: models.pointnet2(num_classes=len(data.POINT_CLOUD_CLASSES)),
         example=lambda t, n: (t.test[0][:n].contiguous(),),
-        dense_epochs=25, prune_epochs=10, core_epochs=10, level_epochs=10, joint_epochs=40),
+        dense_epochs=25,
+        prune_epochs=10,
+        core_epochs=10,
+        level_epochs=10,
+        joint_epochs=40,
+    ),
     "seq2seq": Family(
         task=lambda seed, quick: tasks.seq2seq_task(seed, n_train=600 if quick else 4000),
         model=lambda: models.gnmt(),
         example=_seq_example,
-        dense_epochs=12, prune_epochs=5, core_epochs=5, level_epochs=5, joint_epochs=20, lr=3e-3, finetune_lr=2e-3,
-        max_grad_norm=1.0),
+        dense_epochs=12,
+        prune_epochs=5,
+        core_epochs=5,
+        level_epochs=5,
+        joint_epochs=20,
+        lr=3e-3,
+        finetune_lr=2e-3,
+        max_grad_norm=1.0,
+    ),
     "graph": Family(
         task=lambda seed, quick: tasks.graph_task(seed),
         model=lambda: models.gat(),
         example=lambda t, n: (t.graph.x, t.graph.adj),  # one graph: always all of it
-        dense_epochs=40, prune_epochs=10, core_epochs=10, level_epochs=10, joint_epochs=40, lr=5e-3, finetune_lr=5e-3),
+        dense_epochs=40,
+        prune_epochs=10,
+        core_epochs=10,
+        level_epochs=10,
+        joint_epochs=40,
+        lr=5e-3,
+        finetune_lr=5e-3,
+    ),
 }
 
 
@@ -104,9 +128,12 @@ def layer_flops(model: nn.Module, example: tuple) -> dict[str, int]:
     def hook(name):
         def f(m, inp, out):  # every output element of a Linear or Conv2d costs one row of the weight
             flops[name] = flops.get(name, 0) + 2 * m.weight[0].numel() * out.numel()
+
         return f
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [
+        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
     with torch.no_grad():
         model.eval()(*example)
     for h in handles:
@@ -114,7 +141,9 @@ def layer_flops(model: nn.Module, example: tuple) -> dict[str, int]:
     return flops
 
 
-def level_stats(tags: dict[str, Tensor], flops: dict[str, int], level: int, weight_sizes: dict[str, int]) -> tuple[float, float]:
+def level_stats(
+    tags: dict[str, Tensor], flops: dict[str, int], level: int, weight_sizes: dict[str, int]
+) -> tuple[float, float]:
     """Weights % of the pruned layers and FLOPs % of all Linear/Conv2d layers at ``level``."""
     kept = {n: int((t >= level).sum()) for n, t in tags.items()}
     w_pct = 100.0 * sum(kept.values()) / sum(weight_sizes[n] for n in tags)
@@ -175,7 +204,11 @@ def run_family(name: str, fam: Family, quick: bool, seed: int, save_dir: str) ->
     info = {"dense_s": time.perf_counter() - t0}
     example = fam.example(task, 1)
     flops = layer_flops(dense, example)
-    sizes = {n: dense.get_submodule(n).weight.numel() for n, m in dense.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    sizes = {
+        n: dense.get_submodule(n).weight.numel()
+        for n, m in dense.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
     dense_score = task.evaluate(dense)
     rows = [LevelRow(name, "dense", "dense", 100.0, 100.0, dense_score)]
     L = len(DENSITIES)
@@ -190,15 +223,32 @@ def run_family(name: str, fam: Family, quick: bool, seed: int, save_dir: str) ->
 
     t0 = time.perf_counter()
     core = copy.deepcopy(dense)
-    tags = pruning.core_first(core, task, DENSITIES, prune_epochs=ep(fam.prune_epochs), core_epochs=ep(fam.core_epochs),
-                              level_epochs=ep(fam.level_epochs), lr=fam.finetune_lr, skip=skip,
-                              max_grad_norm=fam.max_grad_norm, seed=seed)
+    tags = pruning.core_first(
+        core,
+        task,
+        DENSITIES,
+        prune_epochs=ep(fam.prune_epochs),
+        core_epochs=ep(fam.core_epochs),
+        level_epochs=ep(fam.level_epochs),
+        lr=fam.finetune_lr,
+        skip=skip,
+        max_grad_norm=fam.max_grad_norm,
+        seed=seed,
+    )
     trained["core-first"] = (core, tags, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     joint = copy.deepcopy(dense)
-    tags = pruning.joint(joint, task, DENSITIES, ep(fam.joint_epochs), lr=fam.finetune_lr, skip=skip,
-                         max_grad_norm=fam.max_grad_norm, seed=seed)
+    tags = pruning.joint(
+        joint,
+        task,
+        DENSITIES,
+        ep(fam.joint_epochs),
+        lr=fam.finetune_lr,
+        skip=skip,
+        max_grad_norm=fam.max_grad_norm,
+        seed=seed,
+    )
     trained["joint"] = (joint, tags, time.perf_counter() - t0)
 
     for method, (model, tags, secs) in trained.items():
@@ -226,13 +276,26 @@ def run_family(name: str, fam: Family, quick: bool, seed: int, save_dir: str) ->
     a, b = sparse.state_dict(), loaded.state_dict()
     same = list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     stored = sum(m.nested().nbytes() for m in sparse.modules() if isinstance(m, NestedSparseModule))
-    nested_ids = {id(t) for m in sparse.modules() if isinstance(m, NestedSparseModule)
-                  for t in [m.values, *m.index_tensors()]}
-    rest = sum(t.numel() * t.element_size() for t in sparse.state_dict(keep_vars=True).values() if id(t) not in nested_ids)
-    info.update(best=best, latency_ms=lat, file_bytes=size, nested_bytes=stored, rest_bytes=rest, roundtrip=same,
-                dense_bytes=sum(p.numel() * p.element_size() for p in dense.state_dict().values()),
-                bn_extra_bytes=sum((m.num_levels - 1) * m.num_features * 4 * (2 + 2 * m.per_level_affine)
-                                   for m in sparse.modules() if isinstance(m, LevelBatchNorm)))
+    nested_ids = {
+        id(t) for m in sparse.modules() if isinstance(m, NestedSparseModule) for t in [m.values, *m.index_tensors()]
+    }
+    rest = sum(
+        t.numel() * t.element_size() for t in sparse.state_dict(keep_vars=True).values() if id(t) not in nested_ids
+    )
+    info.update(
+        best=best,
+        latency_ms=lat,
+        file_bytes=size,
+        nested_bytes=stored,
+        rest_bytes=rest,
+        roundtrip=same,
+        dense_bytes=sum(p.numel() * p.element_size() for p in dense.state_dict().values()),
+        bn_extra_bytes=sum(
+            (m.num_levels - 1) * m.num_features * 4 * (2 + 2 * m.per_level_affine)
+            for m in sparse.modules()
+            if isinstance(m, LevelBatchNorm)
+        ),
+    )
     return rows, info
 
 
@@ -245,8 +308,10 @@ def targets(rows: list[LevelRow]) -> list[str]:
         l1 = next(r.score for r in rows if r.method == method and r.level == "level 1")
         ok0 = l0 >= dense - 0.005
         ok1 = l1 >= dense * (1 - 0.0325)
-        out.append(f"{method}: level 0 {100 * (l0 - dense):+.2f} pt ({'MET' if ok0 else 'NOT MET'}), "
-                   f"level 1 {100 * (l1 / dense - 1):+.2f}% rel ({'MET' if ok1 else 'NOT MET'})")
+        out.append(
+            f"{method}: level 0 {100 * (l0 - dense):+.2f} pt ({'MET' if ok0 else 'NOT MET'}), "
+            f"level 1 {100 * (l1 / dense - 1):+.2f}% rel ({'MET' if ok1 else 'NOT MET'})"
+        )
     return out
 
 
@@ -261,21 +326,31 @@ def print_family(name: str, rows: list[LevelRow], info: dict) -> None:
         print(f"- {line}")
     for n, lat in info["latency_ms"].items():
         what = "the whole graph" if name == "graph" else f"batch {n}"
-        print(f"- latency through the sparse kernels ({info['best']} model, {what}, median): dense {lat['dense']:.3f} ms; "
-              + "; ".join(f"{k} {v:.3f} ms ({lat['dense'] / v:.2f}x)" for k, v in lat.items() if k != "dense"))
-    print(f"- saved file {info['file_bytes'] / 1e3:.1f} kB = nested layers (all levels, one buffer each) "
-          f"{info['nested_bytes'] / 1e3:.1f} kB + dense rest {info['rest_bytes'] / 1e3:.1f} kB + header "
-          f"{(info['file_bytes'] - info['nested_bytes'] - info['rest_bytes']) / 1e3:.1f} kB; dense model "
-          f"{info['dense_bytes'] / 1e3:.1f} kB; round trip exact: {info['roundtrip']}")
+        print(
+            f"- latency through the sparse kernels ({info['best']} model, {what}, median): "
+            f"dense {lat['dense']:.3f} ms; "
+            + "; ".join(f"{k} {v:.3f} ms ({lat['dense'] / v:.2f}x)" for k, v in lat.items() if k != "dense")
+        )
+    print(
+        f"- saved file {info['file_bytes'] / 1e3:.1f} kB = nested layers (all levels, one buffer each) "
+        f"{info['nested_bytes'] / 1e3:.1f} kB + dense rest {info['rest_bytes'] / 1e3:.1f} kB + header "
+        f"{(info['file_bytes'] - info['nested_bytes'] - info['rest_bytes']) / 1e3:.1f} kB; dense model "
+        f"{info['dense_bytes'] / 1e3:.1f} kB; round trip exact: {info['roundtrip']}"
+    )
     if info["bn_extra_bytes"]:
-        print(f"- level-aware BatchNorm costs {info['bn_extra_bytes'] / 1e3:.1f} kB of extra statistics "
-              f"({100 * info['bn_extra_bytes'] / info['file_bytes']:.2f}% of the file) and no extra time")
-    print(f"- training time: dense {info['dense_s']:.0f} s, core-first {info['core-first_s']:.0f} s, "
-          f"joint {info['joint_s']:.0f} s")
+        print(
+            f"- level-aware BatchNorm costs {info['bn_extra_bytes'] / 1e3:.1f} kB of extra statistics "
+            f"({100 * info['bn_extra_bytes'] / info['file_bytes']:.2f}% of the file) and no extra time"
+        )
+    print(
+        f"- training time: dense {info['dense_s']:.0f} s, core-first {info['core-first_s']:.0f} s, "
+        f"joint {info['joint_s']:.0f} s"
+    )
 
 
 def plot(all_rows: list[LevelRow], path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -291,11 +366,17 @@ def plot(all_rows: list[LevelRow], path: str) -> None:
         for method, marker in zip(METHODS, "osD"):
             pts = [r for r in rows if r.method == method]
             ys = [max(100 * r.score, lo) for r in pts]  # a point below the axis sits on its edge, value written
-            line, = ax.plot([r.weights_pct for r in pts], ys, marker + "-", label=method)
+            (line,) = ax.plot([r.weights_pct for r in pts], ys, marker + "-", label=method)
             for r, y in zip(pts, ys):
                 if 100 * r.score < lo:
-                    ax.annotate(f"{100 * r.score:.0f}%", (r.weights_pct, y), textcoords="offset points", xytext=(4, 4),
-                                color=line.get_color(), fontsize=8)
+                    ax.annotate(
+                        f"{100 * r.score:.0f}%",
+                        (r.weights_pct, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        color=line.get_color(),
+                        fontsize=8,
+                    )
         ax.set(title=fam, xlabel="weights kept in pruned layers (%)", ylabel="test score (%)")
         ax.set_ylim(lo - 0.5, hi)
         ax.set_xticks([100 * d for d in DENSITIES])
@@ -316,8 +397,10 @@ def main(argv=None) -> int:
     unknown = [f for f in fams if f not in FAMILIES]
     if unknown:
         ap.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
-    print(f"nestsparse {nestsparse.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"levels {DENSITIES}, {'quick' if args.quick else 'full'} run, seed {args.seed}")
+    print(
+        f"nestsparse {nestsparse.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"levels {DENSITIES}, {'quick' if args.quick else 'full'} run, seed {args.seed}"
+    )
     all_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in fams:
@@ -330,7 +413,9 @@ def main(argv=None) -> int:
             w = csv.writer(f)
             w.writerow(["family", "method", "level", "weights_pct", "flops_pct", "score"])
             for r in all_rows:
-                w.writerow([r.family, r.method, r.level, f"{r.weights_pct:.3f}", f"{r.flops_pct:.3f}", f"{r.score:.5f}"])
+                w.writerow(
+                    [r.family, r.method, r.level, f"{r.weights_pct:.3f}", f"{r.flops_pct:.3f}", f"{r.score:.5f}"]
+                )
     if args.plot:
         os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
         plot(all_rows, args.plot)

@@ -40,8 +40,10 @@ def read_smtx(path: Path) -> tuple[int, int, torch.Tensor, torch.Tensor]:
         row_ptr = torch.tensor([int(v) for v in f.readline().split()], dtype=torch.int64)
         col_idx = torch.tensor([int(v) for v in f.readline().split()], dtype=torch.int64)
     if row_ptr.numel() != nrows + 1 or col_idx.numel() != nnz or int(row_ptr[-1]) != nnz:
-        raise SystemExit(f"{path}: malformed .smtx (header {nrows}x{ncols}, nnz {nnz}; read "
-                         f"{row_ptr.numel()} offsets, {col_idx.numel()} indices)")
+        raise SystemExit(
+            f"{path}: malformed .smtx (header {nrows}x{ncols}, nnz {nnz}; read "
+            f"{row_ptr.numel()} offsets, {col_idx.numel()} indices)"
+        )
     return nrows, ncols, row_ptr, col_idx
 
 
@@ -76,8 +78,10 @@ def check_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     tol = 1e-4 * max(float(ref.abs().max()), 1.0)
     if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-3, atol=tol):
         err = float((out - ref).abs().max()) if out.shape == ref.shape else float("nan")
-        raise SystemExit(f"WRONG RESULT in {what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}, "
-                         f"max |err| = {err:.3g} (atol {tol:.3g}, rtol 1e-3); not timing it")
+        raise SystemExit(
+            f"WRONG RESULT in {what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}, "
+            f"max |err| = {err:.3g} (atol {tol:.3g}, rtol 1e-3); not timing it"
+        )
 
 
 def geomean(xs) -> float:
@@ -158,20 +162,27 @@ def run_quietly(fn, patience: float, max_share: float = 0.10):
 def load_warning(shares: list[float], max_share: float = 0.10) -> str:
     """What the other_cpu column means, and a warning if some measurements could not be taken quietly."""
     bad = sum(s > max_share for s in shares)
-    note = (f"other_cpu: % of the {os.cpu_count()} CPUs that other processes used while a row was measured "
-            f"(in full runs, rows above {100 * max_share:.0f}% are redone after a quiet spell, up to 3 times)")
-    return note + (f". WARNING: {bad} of {len(shares)} measurements stayed above it; those timings are NOT trustworthy."
-                   if bad else "; every measurement ran on otherwise idle CPUs.")
+    note = (
+        f"other_cpu: % of the {os.cpu_count()} CPUs that other processes used while a row was measured "
+        f"(in full runs, rows above {100 * max_share:.0f}% are redone after a quiet spell, up to 3 times)"
+    )
+    return note + (
+        f". WARNING: {bad} of {len(shares)} measurements stayed above it; those timings are NOT trustworthy."
+        if bad
+        else "; every measurement ran on otherwise idle CPUs."
+    )
 
 
 def kernel_build() -> str:
     """Which kernels ran: the commit, whether csrc/ differed from it, and when the loaded library was built
     (csrc/ may be rebuilt between runs; a run keeps the library it loaded)."""
+
     def git(*a):
         try:
             return subprocess.run(["git", "-C", str(REPO_ROOT), *a], capture_output=True, text=True)
         except OSError:
             return subprocess.CompletedProcess(a, 2, "", "")
+
     head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown commit"
     dirty = " + uncommitted csrc/ changes" if git("diff", "--quiet", "HEAD", "--", "csrc").returncode == 1 else ""
     lib = Path(ns._C.__file__)
@@ -186,5 +197,7 @@ def environment() -> str:
     except (OSError, StopIteration):
         pass
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, nestsparse {ns.__version__} "
-            f"(cpu isa {ns.cpu_isa()}; {kernel_build()}), CPU: {cpu}, load average {load}")
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, nestsparse {ns.__version__} "
+        f"(cpu isa {ns.cpu_isa()}; {kernel_build()}), CPU: {cpu}, load average {load}"
+    )

@@ -33,8 +33,8 @@ from common import (
     write_csv,
 )
 
-DENSITIES = (0.10, 0.05)   # level 0: 90% sparse; level 1 nested inside it
-TARGET = 2.5               # network total, level 0 vs dense
+DENSITIES = (0.10, 0.05)  # level 0: 90% sparse; level 1 nested inside it
+TARGET = 2.5  # network total, level 0 vs dense
 INPUT_COPIES = 4
 # (bottleneck width, output channels, blocks, stride of the first block, input size) for a 224x224 image.
 STAGES = [(64, 256, 3, 1, 56), (128, 512, 4, 2, 56), (256, 1024, 6, 2, 28), (512, 2048, 3, 2, 14)]
@@ -49,8 +49,11 @@ def resnet50_convs() -> list[dict]:
         for b in range(blocks):
             s = stride if b == 0 else 1
             hw = size if b == 0 else size // stride
-            layers = [("reduce", cin, width, 1, 1, hw), ("3x3", width, width, 3, s, hw),
-                      ("expand", width, cout, 1, 1, hw // s)]
+            layers = [
+                ("reduce", cin, width, 1, 1, hw),
+                ("3x3", width, width, 3, s, hw),
+                ("expand", width, cout, 1, 1, hw // s),
+            ]
             if b == 0:
                 layers.append(("projection", cin, cout, 1, s, hw))
             for role, ci, co, k, st, h in layers:
@@ -60,8 +63,10 @@ def resnet50_convs() -> list[dict]:
                     roles[key].append(role)
             cin = cout
     assert sum(counts.values()) == 52, "ResNet-50 has 16 bottlenecks x 3 convs + 4 projections"
-    return [dict(stage=k[0], cin=k[1], cout=k[2], k=k[3], stride=k[4], hw=k[5], count=n, layer="/".join(roles[k]))
-            for k, n in counts.items()]
+    return [
+        dict(stage=k[0], cin=k[1], cout=k[2], k=k[3], stride=k[4], hw=k[5], count=n, layer="/".join(roles[k]))
+        for k, n in counts.items()
+    ]
 
 
 def run_layer(c: dict, min_run_time: float) -> dict:
@@ -79,8 +84,22 @@ def run_layer(c: dict, min_run_time: float) -> dict:
         return F.conv2d(x, w, None, s, pad)
 
     def sparse(x, level):
-        return ns.ops.ncsr_conv2d(x, nested.values, nested.col_idx, nested.row_ptr, nested.row_end, level, (k, k),
-                                  None, (s, s), (pad, pad), (1, 1), 1, "none", plan)
+        return ns.ops.ncsr_conv2d(
+            x,
+            nested.values,
+            nested.col_idx,
+            nested.row_ptr,
+            nested.row_end,
+            level,
+            (k, k),
+            None,
+            (s, s),
+            (pad, pad),
+            (1, 1),
+            1,
+            "none",
+            plan,
+        )
 
     def best_ms(fn):
         return min(time_ms(lambda: fn(xc), min_run_time / 2) for xc in copies)
@@ -106,8 +125,12 @@ def main() -> None:
     patience = 0.0 if args.quick else 120.0  # CI must finish in a minute; full runs wait out other jobs
     convs = resnet50_convs()
     if args.quick:  # a strided 3x3, a plain 3x3 and a 1x1 reduce
-        convs = [c for c in convs if (c["cin"], c["cout"], c["k"], c["stride"], c["hw"]) in
-                 {(128, 128, 3, 2, 56), (256, 256, 3, 1, 14), (1024, 256, 1, 1, 14)}]
+        convs = [
+            c
+            for c in convs
+            if (c["cin"], c["cout"], c["k"], c["stride"], c["hw"])
+            in {(128, 128, 3, 2, 56), (256, 256, 3, 1, 14), (1024, 256, 1, 1, 14)}
+        ]
     rows, shares = [], []
     for c in tqdm(convs, desc="conv", file=sys.stderr):
         row, share = run_quietly(lambda: run_layer(c, min_run_time), patience)
@@ -115,23 +138,37 @@ def main() -> None:
         shares.append(share)
 
     total = {col: sum(r[col] * r["count"] for r in rows) for col in ("dense_ms", "L0_ms", "L1_ms")}
-    rows.append(dict(stage="all", layer="network total (ms x count)", count=sum(r["count"] for r in rows), **total,
-                     x_L0=total["dense_ms"] / total["L0_ms"], x_L1=total["dense_ms"] / total["L1_ms"]))
+    rows.append(
+        dict(
+            stage="all",
+            layer="network total (ms x count)",
+            count=sum(r["count"] for r in rows),
+            **total,
+            x_L0=total["dense_ms"] / total["L0_ms"],
+            x_L1=total["dense_ms"] / total["L1_ms"],
+        )
+    )
 
     print(f"# nestsparse ResNet-50 convolution benchmark ({'quick' if args.quick else 'full'})\n")
     print(env)
     print(load_warning(shares))
-    print(f"fp32, batch 1, NCHW. Each time: blocked_autorange median (min_run_time {min_run_time / 2} s) after "
-          f"warm-up, the fastest over {INPUT_COPIES} separately allocated copies of the input. dense: "
-          "`F.conv2d(x, W, None, stride, padding)`; L0/L1: `ncsr_conv2d` at levels 0 (density 0.10) and 1 "
-          "(density 0.05) of ONE nested weight (magnitude tags of a random weight), plan built once. x_L*: dense "
-          "ms / sparse ms. count: occurrences in ResNet-50 v1.5.\n")
+    print(
+        f"fp32, batch 1, NCHW. Each time: blocked_autorange median (min_run_time {min_run_time / 2} s) after "
+        f"warm-up, the fastest over {INPUT_COPIES} separately allocated copies of the input. dense: "
+        "`F.conv2d(x, W, None, stride, padding)`; L0/L1: `ncsr_conv2d` at levels 0 (density 0.10) and 1 "
+        "(density 0.05) of ONE nested weight (magnitude tags of a random weight), plan built once. x_L*: dense "
+        "ms / sparse ms. count: occurrences in ResNet-50 v1.5.\n"
+    )
     print(markdown_table(rows, COLUMNS))
     scope = "network" if not args.quick else "QUICK SUBSET only, not the network"
-    print(f"\nTotal ({scope}): dense {total['dense_ms']:.3f} ms, level 0 {total['L0_ms']:.3f} ms "
-          f"({rows[-1]['x_L0']:.2f}x), level 1 {total['L1_ms']:.3f} ms ({rows[-1]['x_L1']:.2f}x).")
-    print(f"Target: level 0 (90% sparse) total >= {TARGET}x vs dense: {verdict(rows[-1]['x_L0'] >= TARGET)}"
-          f"{' (quick subset)' if args.quick else ''}.")
+    print(
+        f"\nTotal ({scope}): dense {total['dense_ms']:.3f} ms, level 0 {total['L0_ms']:.3f} ms "
+        f"({rows[-1]['x_L0']:.2f}x), level 1 {total['L1_ms']:.3f} ms ({rows[-1]['x_L1']:.2f}x)."
+    )
+    print(
+        f"Target: level 0 (90% sparse) total >= {TARGET}x vs dense: {verdict(rows[-1]['x_L0'] >= TARGET)}"
+        f"{' (quick subset)' if args.quick else ''}."
+    )
     print(f"Run time {time.perf_counter() - start:.0f} s.")
     write_csv(args.csv, rows, COLUMNS)
 

@@ -44,7 +44,7 @@ from common import check_close, environment, load_warning, markdown_table, run_q
 from conv import INPUT_COPIES, resnet50_convs
 
 DENSITIES = (0.13, 0.05)
-CONV_DENSITIES = (0.10, 0.05)   # 90% sparse at level 0
+CONV_DENSITIES = (0.10, 0.05)  # 90% sparse at level 0
 BATCHES = (1, 16, 64, 256)
 SWEEP = ((8, 8), (16, 16), (32, 32), (16, 64), (64, 64), (32, 64))
 SWEEP_QUICK = ((16, 16), (32, 32))
@@ -52,12 +52,54 @@ QUICK_CONVS = {(128, 128, 3, 2, 56), (256, 256, 3, 1, 14), (1024, 256, 1, 1, 14)
 # (description, minimum speedup of NBCR level 0 over dense)
 TARGETS = {"linear N=64": 3.0, "linear N=256": 3.0, "linear N=1": 5.0, "conv total": 3.0}
 
-LINEAR_COLUMNS = ["shape", "N", "dense_ms", "nbcr_L0_ms", "nbcr_L1_ms", "ncsr_L0_ms", "ncsr_L1_ms", "x_dense_L0",
-                  "x_dense_L1", "x_ncsr_L0", "x_ncsr_L1", "rate_L0", "rate_L1", "other_cpu"]
-SWEEP_COLUMNS = ["block", "density", "sub-block", "N1_dense_ms", "N1_nbcr_ms", "N1_x_dense", "N64_dense_ms",
-                 "N64_nbcr_ms", "N64_x_dense", "kept_bcr", "kept_mag", "kept_bcr/mag", "other_cpu"]
-CONV_COLUMNS = ["stage", "layer", "conv", "input", "count", "dense_ms", "nbcr_L0_ms", "nbcr_L1_ms", "ncsr_L0_ms",
-                "ncsr_L1_ms", "x_dense_L0", "x_dense_L1", "x_ncsr_L0", "x_ncsr_L1", "other_cpu"]
+LINEAR_COLUMNS = [
+    "shape",
+    "N",
+    "dense_ms",
+    "nbcr_L0_ms",
+    "nbcr_L1_ms",
+    "ncsr_L0_ms",
+    "ncsr_L1_ms",
+    "x_dense_L0",
+    "x_dense_L1",
+    "x_ncsr_L0",
+    "x_ncsr_L1",
+    "rate_L0",
+    "rate_L1",
+    "other_cpu",
+]
+SWEEP_COLUMNS = [
+    "block",
+    "density",
+    "sub-block",
+    "N1_dense_ms",
+    "N1_nbcr_ms",
+    "N1_x_dense",
+    "N64_dense_ms",
+    "N64_nbcr_ms",
+    "N64_x_dense",
+    "kept_bcr",
+    "kept_mag",
+    "kept_bcr/mag",
+    "other_cpu",
+]
+CONV_COLUMNS = [
+    "stage",
+    "layer",
+    "conv",
+    "input",
+    "count",
+    "dense_ms",
+    "nbcr_L0_ms",
+    "nbcr_L1_ms",
+    "ncsr_L0_ms",
+    "ncsr_L1_ms",
+    "x_dense_L0",
+    "x_dense_L1",
+    "x_ncsr_L0",
+    "x_ncsr_L1",
+    "other_cpu",
+]
 
 
 def block_shape_arg(s: str) -> tuple[int, int]:
@@ -79,11 +121,17 @@ def build(w: torch.Tensor, densities, block_shape) -> tuple[NestedBCR, NestedCSR
 def linear_fns(x, nb, nc, plan, nc_plan):
     """level -> (NBCR call, NCSR call)."""
     m = nb.shape[0]
-    return {lvl: (lambda lvl=lvl: ns.ops.nbcr_linear(x, nb.values, nb.indices, nb.block_ptr, nb.blocks, nb.counts, lvl,
-                                                     m, nb.block_shape, None, "none", plan),
-                  lambda lvl=lvl: ns.ops.ncsr_linear(x, nc.values, nc.col_idx, nc.row_ptr, nc.row_end, lvl, None,
-                                                     "none", nc_plan))
-            for lvl in range(nb.num_levels)}
+    return {
+        lvl: (
+            lambda lvl=lvl: ns.ops.nbcr_linear(
+                x, nb.values, nb.indices, nb.block_ptr, nb.blocks, nb.counts, lvl, m, nb.block_shape, None, "none", plan
+            ),
+            lambda lvl=lvl: ns.ops.ncsr_linear(
+                x, nc.values, nc.col_idx, nc.row_ptr, nc.row_end, lvl, None, "none", nc_plan
+            ),
+        )
+        for lvl in range(nb.num_levels)
+    }
 
 
 def check_linear(x, nb, fns, what):
@@ -115,13 +163,21 @@ def sweep_row(w, bs, kept_mag, min_run_time) -> dict:
     w2 = w.double() ** 2
     kept = float(w2[tags >= 0].sum() / w2.sum())
     r, c = nb.counts[0].double().mean(0).tolist()
-    row = dict(block=f"{bs[0]}x{bs[1]}", density=round(nb.density(0), 4), **{"sub-block": f"{r:.1f}x{c:.1f}"},
-               kept_bcr=kept, kept_mag=kept_mag, **{"kept_bcr/mag": kept / kept_mag})
+    row = dict(
+        block=f"{bs[0]}x{bs[1]}",
+        density=round(nb.density(0), 4),
+        **{"sub-block": f"{r:.1f}x{c:.1f}"},
+        kept_bcr=kept,
+        kept_mag=kept_mag,
+        **{"kept_bcr/mag": kept / kept_mag},
+    )
     for n in (1, 64):
         x = torch.randn(n, w.shape[1], generator=torch.Generator().manual_seed(n))
+
         def f(x=x):
-            return ns.ops.nbcr_linear(x, nb.values, nb.indices, nb.block_ptr, nb.blocks, nb.counts, 0, w.shape[0], bs,
-                                      None, "none", plan)
+            return ns.ops.nbcr_linear(
+                x, nb.values, nb.indices, nb.block_ptr, nb.blocks, nb.counts, 0, w.shape[0], bs, None, "none", plan
+            )
 
         check_close(f(), x @ nb.to_dense(0).T, f"nbcr_linear block {bs} N={n}")
         row[f"N{n}_dense_ms"] = time_ms(lambda: x @ w.T, min_run_time)
@@ -132,7 +188,9 @@ def sweep_row(w, bs, kept_mag, min_run_time) -> dict:
 
 def conv_row(c: dict, block_shape, min_run_time) -> dict:
     k, s, pad = c["k"], c["stride"], c["k"] // 2
-    w = torch.randn(c["cout"], c["cin"], k, k, generator=torch.Generator().manual_seed(c["cin"] * 7 + c["cout"] + k + s))
+    w = torch.randn(
+        c["cout"], c["cin"], k, k, generator=torch.Generator().manual_seed(c["cin"] * 7 + c["cout"] + k + s)
+    )
     nb, nc, plan = build(w, CONV_DENSITIES, block_shape)
     nc_plan = ns.ops.ncsr_plan(nc.row_ptr, nc.row_end)
     x = torch.randn(1, c["cin"], c["hw"], c["hw"], generator=torch.Generator().manual_seed(c["hw"]))
@@ -140,12 +198,43 @@ def conv_row(c: dict, block_shape, min_run_time) -> dict:
     row = dict(c, conv=f"{c['cin']}->{c['cout']} {k}x{k} /{s}", input=f"{c['hw']}x{c['hw']}")
 
     def nbcr(x, lvl):
-        return ns.ops.nbcr_conv2d(x, nb.values, nb.indices, nb.block_ptr, nb.blocks, nb.counts, lvl, c["cout"],
-                                  block_shape, (k, k), None, (s, s), (pad, pad), (1, 1), 1, "none", plan)
+        return ns.ops.nbcr_conv2d(
+            x,
+            nb.values,
+            nb.indices,
+            nb.block_ptr,
+            nb.blocks,
+            nb.counts,
+            lvl,
+            c["cout"],
+            block_shape,
+            (k, k),
+            None,
+            (s, s),
+            (pad, pad),
+            (1, 1),
+            1,
+            "none",
+            plan,
+        )
 
     def ncsr(x, lvl):
-        return ns.ops.ncsr_conv2d(x, nc.values, nc.col_idx, nc.row_ptr, nc.row_end, lvl, (k, k), None, (s, s),
-                                  (pad, pad), (1, 1), 1, "none", nc_plan)
+        return ns.ops.ncsr_conv2d(
+            x,
+            nc.values,
+            nc.col_idx,
+            nc.row_ptr,
+            nc.row_end,
+            lvl,
+            (k, k),
+            None,
+            (s, s),
+            (pad, pad),
+            (1, 1),
+            1,
+            "none",
+            nc_plan,
+        )
 
     def best_ms(fn):
         return min(time_ms(lambda: fn(xc), min_run_time / 2) for xc in copies)
@@ -170,14 +259,25 @@ def conv_ratios(row: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="4096x4096 only, 2 block shapes, 3 convs (CI smoke run, < 90 s)")
+    p.add_argument(
+        "--quick", action="store_true", help="4096x4096 only, 2 block shapes, 3 convs (CI smoke run, < 90 s)"
+    )
     p.add_argument("--csv", metavar="PATH", help="also write the rows of all tables as CSV (column 'table' says which)")
     p.add_argument("--min-run-time", type=float, help="seconds per blocked_autorange (default 0.05 quick, 0.5 full)")
-    p.add_argument("--block-shape", type=block_shape_arg, default=DEFAULT_BLOCK_SHAPE, metavar="BMxBK",
-                   help=f"block shape of tables 1 and 3 (default {DEFAULT_BLOCK_SHAPE[0]}x{DEFAULT_BLOCK_SHAPE[1]}, "
-                        "the library's)")
-    p.add_argument("--patience", type=float, help="seconds to wait for quiet CPUs before redoing a contended row "
-                   "(default 0 quick: never redo; 120 full). 0 keeps every row and only reports other_cpu")
+    p.add_argument(
+        "--block-shape",
+        type=block_shape_arg,
+        default=DEFAULT_BLOCK_SHAPE,
+        metavar="BMxBK",
+        help=f"block shape of tables 1 and 3 (default {DEFAULT_BLOCK_SHAPE[0]}x{DEFAULT_BLOCK_SHAPE[1]}, "
+        "the library's)",
+    )
+    p.add_argument(
+        "--patience",
+        type=float,
+        help="seconds to wait for quiet CPUs before redoing a contended row "
+        "(default 0 quick: never redo; 120 full). 0 keeps every row and only reports other_cpu",
+    )
     args = p.parse_args()
     start, env = time.perf_counter(), environment()  # before any rebuild of csrc/ can change the answer
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.5)
@@ -207,44 +307,67 @@ def main() -> None:
     w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(8192))
     w2 = w.double() ** 2
     kept_mag = float(w2[magnitude_tags(w, DENSITIES[:1]) >= 0].sum() / w2.sum())
-    sweep = [measured(lambda: sweep_row(w, b, kept_mag, min_run_time))
-             for b in tqdm(SWEEP_QUICK if args.quick else SWEEP, desc="block shapes", file=sys.stderr)]
+    sweep = [
+        measured(lambda: sweep_row(w, b, kept_mag, min_run_time))
+        for b in tqdm(SWEEP_QUICK if args.quick else SWEEP, desc="block shapes", file=sys.stderr)
+    ]
     for r in sweep:
         r["block"] += " (default)" if r["block"] == f"{DEFAULT_BLOCK_SHAPE[0]}x{DEFAULT_BLOCK_SHAPE[1]}" else ""
 
     convs = resnet50_convs()
     if args.quick:
         convs = [c for c in convs if (c["cin"], c["cout"], c["k"], c["stride"], c["hw"]) in QUICK_CONVS]
-    conv = [conv_ratios(measured(lambda: conv_row(c, bs, min_run_time)))
-            for c in tqdm(convs, desc="nbcr conv", file=sys.stderr)]
+    conv = [
+        conv_ratios(measured(lambda: conv_row(c, bs, min_run_time)))
+        for c in tqdm(convs, desc="nbcr conv", file=sys.stderr)
+    ]
     cols = ("dense_ms", "nbcr_L0_ms", "nbcr_L1_ms", "ncsr_L0_ms", "ncsr_L1_ms")
-    total = conv_ratios(dict(stage="all", layer="network total (ms x count)" if not args.quick else
-                             "QUICK SUBSET total (ms x count)", count=sum(r["count"] for r in conv),
-                             **{c: sum(r[c] * r["count"] for r in conv) for c in cols}))
+    total = conv_ratios(
+        dict(
+            stage="all",
+            layer="network total (ms x count)" if not args.quick else "QUICK SUBSET total (ms x count)",
+            count=sum(r["count"] for r in conv),
+            **{c: sum(r[c] * r["count"] for r in conv) for c in cols},
+        )
+    )
     conv.append(total)
 
     print(f"# nestsparse NBCR benchmark ({'quick' if args.quick else 'full'})\n")
     print(env)
     print(load_warning(shares) + (f" Patience {patience:g} s: contended rows were {'redone' if patience else 'kept'}."))
-    print(f"fp32; timings are blocked_autorange medians (min_run_time {min_run_time} s) after warm-up. "
-          f"Block shape {bs[0]}x{bs[1]} in tables 1 and 3 (library default {DEFAULT_BLOCK_SHAPE[0]}x"
-          f"{DEFAULT_BLOCK_SHAPE[1]}).\n")
+    print(
+        f"fp32; timings are blocked_autorange medians (min_run_time {min_run_time} s) after warm-up. "
+        f"Block shape {bs[0]}x{bs[1]} in tables 1 and 3 (library default {DEFAULT_BLOCK_SHAPE[0]}x"
+        f"{DEFAULT_BLOCK_SHAPE[1]}).\n"
+    )
     print("- dense: `x @ W.T` (linear) or `F.conv2d(x, W, None, stride, padding)` with the full dense W.")
-    print("- nbcr: `nbcr_linear` / `nbcr_conv2d` on ONE nested BCR buffer from `bcr_tags`, plan from `nbcr_plan` "
-          "built once; ncsr: `ncsr_linear` / `ncsr_conv2d` on a nested CSR of the SAME tags, plan built once.")
-    print("- x_dense_L*: dense ms / nbcr ms; x_ncsr_L*: ncsr ms / nbcr ms; rate_L*: % of the dense GEMM's FLOP "
-          "rate, (2 nnz N / t_nbcr) / (2 M K N / t_dense).\n")
+    print(
+        "- nbcr: `nbcr_linear` / `nbcr_conv2d` on ONE nested BCR buffer from `bcr_tags`, plan from `nbcr_plan` "
+        "built once; ncsr: `ncsr_linear` / `ncsr_conv2d` on a nested CSR of the SAME tags, plan built once."
+    )
+    print(
+        "- x_dense_L*: dense ms / nbcr ms; x_ncsr_L*: ncsr ms / nbcr ms; rate_L*: % of the dense GEMM's FLOP "
+        "rate, (2 nnz N / t_nbcr) / (2 M K N / t_dense).\n"
+    )
     print(f"## 1. Linear, densities {DENSITIES} (levels 0 and 1 of one buffer)\n")
     print(markdown_table(linear, LINEAR_COLUMNS))
-    print(f"\n## 2. Block shapes: 4096x4096, density {DENSITIES[0]} (level 0){' (QUICK: 2 shapes only)' * args.quick}\n")
-    print("Speed vs weight kept: N*_x_dense = dense ms / nbcr ms; kept_bcr = share of ||W||^2 kept by bcr_tags at "
-          "that block shape, kept_mag = by unstructured magnitude tags at the same density (the upper bound); "
-          "sub-block = mean rows x columns kept per stored block. Random Gaussian W: compare kept_* across rows.\n")
+    print(
+        f"\n## 2. Block shapes: 4096x4096, density {DENSITIES[0]} (level 0){' (QUICK: 2 shapes only)' * args.quick}\n"
+    )
+    print(
+        "Speed vs weight kept: N*_x_dense = dense ms / nbcr ms; kept_bcr = share of ||W||^2 kept by bcr_tags at "
+        "that block shape, kept_mag = by unstructured magnitude tags at the same density (the upper bound); "
+        "sub-block = mean rows x columns kept per stored block. Random Gaussian W: compare kept_* across rows.\n"
+    )
     print(markdown_table(sweep, SWEEP_COLUMNS))
-    print(f"\n## 3. ResNet-50 convolutions, densities {CONV_DENSITIES}, batch 1, 224x224"
-          f"{' (QUICK SUBSET: 3 layers, not the network)' * args.quick}\n")
-    print(f"Each time is the fastest over {INPUT_COPIES} separately allocated input copies. count: occurrences in "
-          "ResNet-50 v1.5; the last row sums ms x count.\n")
+    print(
+        f"\n## 3. ResNet-50 convolutions, densities {CONV_DENSITIES}, batch 1, 224x224"
+        f"{' (QUICK SUBSET: 3 layers, not the network)' * args.quick}\n"
+    )
+    print(
+        f"Each time is the fastest over {INPUT_COPIES} separately allocated input copies. count: occurrences in "
+        "ResNet-50 v1.5; the last row sums ms x count.\n"
+    )
     print(markdown_table(conv, CONV_COLUMNS))
 
     print(f"\n## 4. Targets (NBCR level 0, block shape {bs[0]}x{bs[1]})\n")
@@ -252,17 +375,28 @@ def main() -> None:
     for n in (64, 256, 1):
         for r in linear:
             if r["shape"] == "4096x4096" and r["N"] == n:
-                checks.append((f"linear 4096x4096, N={n}, density {DENSITIES[0]}", r["x_dense_L0"],
-                               TARGETS[f"linear N={n}"]))
-    checks.append((f"ResNet-50 convs, 90% sparse, batch 1, summed{' (QUICK SUBSET)' * args.quick}", total["x_dense_L0"],
-                   TARGETS["conv total"]))
+                checks.append(
+                    (f"linear 4096x4096, N={n}, density {DENSITIES[0]}", r["x_dense_L0"], TARGETS[f"linear N={n}"])
+                )
+    checks.append(
+        (
+            f"ResNet-50 convs, 90% sparse, batch 1, summed{' (QUICK SUBSET)' * args.quick}",
+            total["x_dense_L0"],
+            TARGETS["conv total"],
+        )
+    )
     for what, x, goal in checks:
         print(f"- {what}: {x:.2f}x vs dense; target >= {goal}x: {verdict(x >= goal)}")
-    print(f"\n{sum(x >= goal for _, x, goal in checks)} of {len(checks)} targets met. "
-          f"Run time {time.perf_counter() - start:.0f} s.")
+    print(
+        f"\n{sum(x >= goal for _, x, goal in checks)} of {len(checks)} targets met. "
+        f"Run time {time.perf_counter() - start:.0f} s."
+    )
     if args.csv:
-        rows = ([dict(r, table="linear") for r in linear] + [dict(r, table="block_sweep") for r in sweep]
-                + [dict(r, table="conv") for r in conv])
+        rows = (
+            [dict(r, table="linear") for r in linear]
+            + [dict(r, table="block_sweep") for r in sweep]
+            + [dict(r, table="conv") for r in conv]
+        )
         columns = ["table"] + list(dict.fromkeys(LINEAR_COLUMNS + SWEEP_COLUMNS + CONV_COLUMNS))
         write_csv(args.csv, rows, columns)
 

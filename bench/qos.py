@@ -41,12 +41,21 @@ def verdicts(name: str, out: dict) -> list[tuple[str, bool]]:
     if name == "digits" and {"static-densest", "static-sparsest", "reroute"} <= r.keys():
         eff = {p: r[p].effective_accuracy for p in r}
         best_static = max(eff["static-densest"], eff["static-sparsest"])
-        checks.append((f"{name}: rerouting effective accuracy {100 * eff['reroute']:.2f}% > best static "
-                       f"{100 * best_static:.2f}%", eff["reroute"] > best_static))
+        checks.append(
+            (
+                f"{name}: rerouting effective accuracy {100 * eff['reroute']:.2f}% > best static "
+                f"{100 * best_static:.2f}%",
+                eff["reroute"] > best_static,
+            )
+        )
     if name == "resnet50":
         c = out["cost"]
-        checks.append((f"{name}: checkpoint cost {c['per_checkpoint_pct']:.4f}% of the densest latency (< 1%)",
-                       c["per_checkpoint_pct"] < 1))
+        checks.append(
+            (
+                f"{name}: checkpoint cost {c['per_checkpoint_pct']:.4f}% of the densest latency (< 1%)",
+                c["per_checkpoint_pct"] < 1,
+            )
+        )
     return checks
 
 
@@ -60,16 +69,25 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot-dir", default="bench/results", help="latency CDF PNGs go here ('' for none)")
     ap.add_argument("--csv", default="", help="also write one row per model and policy")
-    ap.add_argument("--levels", default="", help="level densities for ResNet-50, e.g. 0.3,0.13,0.05,0.02 "
-                    "(default nestsparse.apps.qos.DEFAULT_LEVELS)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per inference (default 1: see nestsparse.apps.scenarios on why)")
+    ap.add_argument(
+        "--levels",
+        default="",
+        help="level densities for ResNet-50, e.g. 0.3,0.13,0.05,0.02 (default nestsparse.apps.qos.DEFAULT_LEVELS)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per inference (default 1: see nestsparse.apps.scenarios on why)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = args.inferences or (40 if args.quick else 1000)
     repeats = 8 if args.quick else 50
-    print(f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, cores: {os.cpu_count()}; {n} inferences "
-          f"per policy\n")
+    print(
+        f"torch {torch.__version__}, torch threads: {torch.get_num_threads()}, cores: {os.cpu_count()}; {n} inferences "
+        f"per policy\n"
+    )
     outs = {}
     for name in [m for m in args.models.split(",") if m]:
         print(f"## {name}")
@@ -78,9 +96,19 @@ def main(argv=None) -> int:
         if plot:
             os.makedirs(args.plot_dir, exist_ok=True)
         levels = [float(v) for v in args.levels.split(",")] if args.levels and name == "resnet50" else None
-        outs[name] = qos.run(model=name, deadline="p95", scenario=args.scenario, n=n, seed=args.seed, levels=levels,
-                             margin=args.margin, repeats=repeats, plot=plot, epochs=3 if args.quick else 25,
-                             progress=sys.stderr.isatty())
+        outs[name] = qos.run(
+            model=name,
+            deadline="p95",
+            scenario=args.scenario,
+            n=n,
+            seed=args.seed,
+            levels=levels,
+            margin=args.margin,
+            repeats=repeats,
+            plot=plot,
+            epochs=3 if args.quick else 25,
+            progress=sys.stderr.isatty(),
+        )
         print(f"({time.perf_counter() - t0:.0f} s)\n")
     print(TARGETS)
     for text, ok in [c for name, out in outs.items() for c in verdicts(name, out)]:
@@ -90,14 +118,41 @@ def main(argv=None) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["model", "policy", "deadline_ms", "n", "met_rate", "nines", "p50_ms", "p99_ms", "p999_ms",
-                        "accuracy", "effective_accuracy"] + [f"level{lvl}_share" for lvl in range(4)])
+            w.writerow(
+                [
+                    "model",
+                    "policy",
+                    "deadline_ms",
+                    "n",
+                    "met_rate",
+                    "nines",
+                    "p50_ms",
+                    "p99_ms",
+                    "p999_ms",
+                    "accuracy",
+                    "effective_accuracy",
+                ]
+                + [f"level{lvl}_share" for lvl in range(4)]
+            )
             for name, out in outs.items():
                 for r in out["results"].values():
                     hist = r.level_histogram() + [math.nan] * 4
-                    w.writerow([name, r.policy, 1e3 * r.deadline, r.n, r.met_rate, r.nines,
-                                1e3 * r.latency_percentile(50), 1e3 * r.latency_percentile(99),
-                                1e3 * r.latency_percentile(99.9), r.accuracy, r.effective_accuracy] + hist[:4])
+                    w.writerow(
+                        [
+                            name,
+                            r.policy,
+                            1e3 * r.deadline,
+                            r.n,
+                            r.met_rate,
+                            r.nines,
+                            1e3 * r.latency_percentile(50),
+                            1e3 * r.latency_percentile(99),
+                            1e3 * r.latency_percentile(99.9),
+                            r.accuracy,
+                            r.effective_accuracy,
+                        ]
+                        + hist[:4]
+                    )
         print(f"CSV written to {args.csv}")
     return 0
 

@@ -42,8 +42,8 @@ from common import (
 
 DENSITIES = (0.13, 0.05)
 BATCHES = (1, 16, 64, 256)
-DLMC_KEEP = 0.4      # level 1 keeps this share of the DLMC pattern: 0.10 -> 0.04, near the (0.13, 0.05) pair
-DLMC_DENSITY = 0.1   # of the magnitude_pruning/0.9 patterns, used for the random stand-ins
+DLMC_KEEP = 0.4  # level 1 keeps this share of the DLMC pattern: 0.10 -> 0.04, near the (0.13, 0.05) pair
+DLMC_DENSITY = 0.1  # of the magnitude_pruning/0.9 patterns, used for the random stand-ins
 
 # One matrix per distinct ResNet-50 shape, and the three Transformer shapes from two layers (72 of its 96
 # matrices are 512x512). Shapes are listed so that the stand-ins work without the folder.
@@ -87,8 +87,21 @@ TARGETS = {
     (4096, 0, 256): [("dense", 2.0)],
 }
 
-COLUMNS = ["matrix", "shape", "level", "density", "N", "dense_ms", "torch_csr_ms", "nestsparse_ms",
-           "x_vs_dense", "x_vs_csr", "roofline", "other_cpu", "target"]
+COLUMNS = [
+    "matrix",
+    "shape",
+    "level",
+    "density",
+    "N",
+    "dense_ms",
+    "torch_csr_ms",
+    "nestsparse_ms",
+    "x_vs_dense",
+    "x_vs_csr",
+    "roofline",
+    "other_cpu",
+    "target",
+]
 
 
 def square_weights(sizes):
@@ -103,16 +116,19 @@ def dlmc_weights(entries, root: Path | None):
         for noise in ("body_", "_multihead_attention", "_fully_connected"):  # keeps the table readable
             short = short.replace(noise, "")
         if root is None:
+
             def build(m=m, k=k, i=i):
                 return nested_random((m, k), (DLMC_DENSITY, DLMC_KEEP * DLMC_DENSITY), seed=i)
 
             yield f"{group}/{short} (random pattern)", group, build
         else:
+
             def build(name=name, m=m, k=k, i=i):
                 rows, cols, rp, ci = read_smtx(root / f"{name}.smtx")
                 if (rows, cols) != (m, k):
                     raise SystemExit(f"{name}.smtx is {rows}x{cols}, expected {m}x{k}")
                 return nested_from_pattern(pattern_mask(rows, cols, rp, ci), DLMC_KEEP, seed=i)
+
             yield f"{group}/{short}", group, build
 
 
@@ -142,10 +158,24 @@ def run_case(label, group, w, nested, plan, n, min_run_time):
         ns_ms = time_ms(lambda: ns.ops.ncsr_linear(x, *args), min_run_time)
         vs = {"dense": dense_ms / ns_ms, "csr": csr_ms / ns_ms}
         target, checks = target_text(m, k, level, n, vs)
-        rows.append(dict(matrix=label, group=group, shape=f"{m}x{k}", level=level,
-                         density=round(nested.density(level), 4), N=n, dense_ms=dense_ms, torch_csr_ms=csr_ms,
-                         nestsparse_ms=ns_ms, x_vs_dense=vs["dense"], x_vs_csr=vs["csr"],
-                         weight_bytes=nested.nbytes(level), target=target, checks=checks))
+        rows.append(
+            dict(
+                matrix=label,
+                group=group,
+                shape=f"{m}x{k}",
+                level=level,
+                density=round(nested.density(level), 4),
+                N=n,
+                dense_ms=dense_ms,
+                torch_csr_ms=csr_ms,
+                nestsparse_ms=ns_ms,
+                x_vs_dense=vs["dense"],
+                x_vs_csr=vs["csr"],
+                weight_bytes=nested.nbytes(level),
+                target=target,
+                checks=checks,
+            )
+        )
     return rows
 
 
@@ -153,8 +183,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few shapes, short timings (CI smoke run, < 60 s)")
     p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
-    p.add_argument("--dlmc", metavar="DIR", type=Path, default=DEFAULT_DLMC,
-                   help=f"DLMC folder (default {DEFAULT_DLMC}; random stand-in patterns if it is absent)")
+    p.add_argument(
+        "--dlmc",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_DLMC,
+        help=f"DLMC folder (default {DEFAULT_DLMC}; random stand-in patterns if it is absent)",
+    )
     p.add_argument("--min-run-time", type=float, help="seconds per blocked_autorange (default 0.05 quick, 0.5 full)")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # once per weight, noise
@@ -177,8 +212,7 @@ def main() -> None:
             plan = ns.ops.ncsr_plan(nested.row_ptr, nested.row_end)  # once per weight, as the modules cache it
             for n in batches:
                 bar.set_postfix_str(f"{label} N={n}")
-                case, share = run_quietly(lambda: run_case(label, group, w, nested, plan, n, min_run_time),
-                                          patience)
+                case, share = run_quietly(lambda: run_case(label, group, w, nested, plan, n, min_run_time), patience)
                 rows += [dict(r, other_cpu=round(100 * share)) for r in case]
                 shares.append(share)
                 bar.update()
@@ -192,34 +226,55 @@ def main() -> None:
     print(f"# nestsparse spmm benchmark ({'quick' if args.quick else 'full'})\n")
     print(env)
     print(load_warning(shares))
-    print(f"Read bandwidth (torch.sum over a 512 MiB fp32 tensor): {bandwidth:.1f} GB/s at the start, "
-          f"{bandwidth_end:.1f} GB/s at the end; the roofline column uses the higher.")
-    print(f"DLMC: {dlmc_root or 'absent, random stand-in patterns'}. fp32; timings are blocked_autorange medians "
-          f"(min_run_time {min_run_time} s) after warm-up.\n")
+    print(
+        f"Read bandwidth (torch.sum over a 512 MiB fp32 tensor): {bandwidth:.1f} GB/s at the start, "
+        f"{bandwidth_end:.1f} GB/s at the end; the roofline column uses the higher."
+    )
+    print(
+        f"DLMC: {dlmc_root or 'absent, random stand-in patterns'}. fp32; timings are blocked_autorange medians "
+        f"(min_run_time {min_run_time} s) after warm-up.\n"
+    )
     print("- dense: `x @ W.T` with x (N, K) and the full dense W (M, K).")
-    print("- torch CSR: `torch.sparse.mm(Wcsr, x.T)` with Wcsr = W_level.to_sparse_csr() (fp32, int64 indices); "
-          "it returns y.T (M, N), as a user would write it to avoid densifying W.")
-    print("- nestsparse: `ncsr_linear(x, values, col_idx, row_ptr, row_end, level, None, 'none', plan)` on ONE "
-          "nested buffer (int16 col_idx) for both levels, plan built once outside the timed loop.")
-    print("- x_vs_*: baseline ms / nestsparse ms. roofline (N=1 only): bytes of values + col_idx + row_ptr + "
-          "row_end row of the level / read bandwidth / nestsparse time; x and y are not counted, and a weight that "
-          "fits in the last-level cache can exceed 1.\n")
+    print(
+        "- torch CSR: `torch.sparse.mm(Wcsr, x.T)` with Wcsr = W_level.to_sparse_csr() (fp32, int64 indices); "
+        "it returns y.T (M, N), as a user would write it to avoid densifying W."
+    )
+    print(
+        "- nestsparse: `ncsr_linear(x, values, col_idx, row_ptr, row_end, level, None, 'none', plan)` on ONE "
+        "nested buffer (int16 col_idx) for both levels, plan built once outside the timed loop."
+    )
+    print(
+        "- x_vs_*: baseline ms / nestsparse ms. roofline (N=1 only): bytes of values + col_idx + row_ptr + "
+        "row_end row of the level / read bandwidth / nestsparse time; x and y are not counted, and a weight that "
+        "fits in the last-level cache can exceed 1.\n"
+    )
     print(markdown_table(rows, COLUMNS))
 
     print("\n## Geometric means of the speedups\n")
     groups = defaultdict(list)
     for r in rows:
         groups[(r["group"], r["level"], r["N"])].append(r)
-    summary = [dict(set=g, level=lvl, N=n, matrices=len(rs), density=round(geomean(r["density"] for r in rs), 4),
-                    x_vs_dense=geomean(r["x_vs_dense"] for r in rs), x_vs_csr=geomean(r["x_vs_csr"] for r in rs))
-               for (g, lvl, n), rs in sorted(groups.items())]
+    summary = [
+        dict(
+            set=g,
+            level=lvl,
+            N=n,
+            matrices=len(rs),
+            density=round(geomean(r["density"] for r in rs), 4),
+            x_vs_dense=geomean(r["x_vs_dense"] for r in rs),
+            x_vs_csr=geomean(r["x_vs_csr"] for r in rs),
+        )
+        for (g, lvl, n), rs in sorted(groups.items())
+    ]
     print(markdown_table(summary, ["set", "level", "density", "N", "matrices", "x_vs_dense", "x_vs_csr"]))
 
     print("\n## Targets (4096x4096)\n")
     for r in rows:
         for text, _ in r["checks"]:
-            print(f"- N={r['N']}, density {r['density']} (level {r['level']}): {r['x_vs_dense']:.2f}x vs dense, "
-                  f"{r['x_vs_csr']:.2f}x vs torch CSR; target {text}")
+            print(
+                f"- N={r['N']}, density {r['density']} (level {r['level']}): {r['x_vs_dense']:.2f}x vs dense, "
+                f"{r['x_vs_csr']:.2f}x vs torch CSR; target {text}"
+            )
     met = sum(ok for r in rows for _, ok in r["checks"])
     total = sum(len(r["checks"]) for r in rows)
     print(f"\n{met} of {total} targets met. Run time {time.perf_counter() - start:.0f} s.")

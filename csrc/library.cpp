@@ -30,8 +30,9 @@ TORCH_LIBRARY(nestsparse, m) {
 
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "nestsparse compiled kernels; the ops register under torch.ops.nestsparse on import";
-  mod.def("torch_version", [] { return std::string(NESTSPARSE_TORCH_VERSION); },
-          "torch version this library was compiled against");
+  mod.def(
+      "torch_version", [] { return std::string(NESTSPARSE_TORCH_VERSION); },
+      "torch version this library was compiled against");
   mod.def("with_cuda", [] {
 #ifdef NESTSPARSE_WITH_CUDA
     return true;
@@ -39,16 +40,23 @@ PYBIND11_MODULE(_C, mod) {
     return false;
 #endif
   });
-  mod.def("activations", [] {
-    return std::vector<std::string>(nestsparse::kActivationNames,
-                                    nestsparse::kActivationNames + nestsparse::kNumActivations);
-  }, "the activations the ops fuse, in enum order");
-  mod.def("cpu_isa", [] { return std::string(nestsparse::cpu::active_isa_name()); },
-          "instruction set the CPU kernels use now");
-  mod.def("cpu_isas", [] { return nestsparse::cpu::supported_isa_names(); },
-          "instruction sets this processor can run, best last");
-  mod.def("set_cpu_isa", [](const std::string& name) { nestsparse::cpu::set_isa(name); },
-          "use the kernels of one instruction set ('generic', 'avx2', 'avx512'); for tests and benchmarks");
-  mod.def("set_poison_outputs", [](bool on) { nestsparse::set_poison_outputs(on); },
-          "fill op outputs with NaN before the kernels run, so an element a kernel forgets shows up");
+  mod.def(
+      "activations",
+      [] {
+        return std::vector<std::string>(nestsparse::kActivationNames,
+                                        nestsparse::kActivationNames + nestsparse::kNumActivations);
+      },
+      "the activations the ops fuse, in enum order");
+  mod.def(
+      "cpu_isa", [] { return std::string(nestsparse::cpu::active_isa_name()); },
+      "instruction set the CPU kernels use now");
+  mod.def(
+      "cpu_isas", [] { return nestsparse::cpu::supported_isa_names(); },
+      "instruction sets this processor can run, best last");
+  mod.def(
+      "set_cpu_isa", [](const std::string& name) { nestsparse::cpu::set_isa(name); },
+      "use the kernels of one instruction set ('generic', 'avx2', 'avx512'); for tests and benchmarks");
+  mod.def(
+      "set_poison_outputs", [](bool on) { nestsparse::set_poison_outputs(on); },
+      "fill op outputs with NaN before the kernels run, so an element a kernel forgets shows up");
 }

@@ -71,8 +71,17 @@ def assert_close_to_reference(out, ref, dtype):
     assert err <= tolerance(dtype) * scale, f"max error {err:.3g} > {tolerance(dtype)} x scale {scale:.3g}"
 
 
-def random_bcr_tags(shape, block_shape, num_levels, keep=0.6, empty_blocks=0.2, level0_only_blocks=0.2,
-                    empty_level=None, all_pruned=False, generator=None):
+def random_bcr_tags(
+    shape,
+    block_shape,
+    num_levels,
+    keep=0.6,
+    empty_blocks=0.2,
+    level0_only_blocks=0.2,
+    empty_level=None,
+    all_pruned=False,
+    generator=None,
+):
     """Random block row/column structured nested element tags of a weight of ``shape`` (a conv weight is seen
     as (Cout, Cin/g*kh*kw)), for NestedBCR.from_dense. Every local row and column of every block gets a tag
     (kept at level l with probability keep**(l+1)), with odd features: ``empty_blocks`` of the blocks keep
@@ -115,6 +124,7 @@ def bcr_args(w):
 
 # ---- every format alike -------------------------------------------------------------------------------------
 
+
 class FormatCase:
     """How the tests build and call weights of one format, so that one test serves every format."""
 
@@ -130,18 +140,41 @@ class FormatCase:
         """The tag structure the format stores (for nestsparse.model_tags)."""
         return "bcr" if self.name == "nbcr" else "unstructured"
 
-    def tags(self, shape, num_levels, generator=None, density=0.4, block_shape=(8, 8), odd=True, empty_level=None,
-             all_pruned=False):
+    def tags(
+        self,
+        shape,
+        num_levels,
+        generator=None,
+        density=0.4,
+        block_shape=(8, 8),
+        odd=True,
+        empty_level=None,
+        all_pruned=False,
+    ):
         """Random nested tags this format can store, keeping about ``density`` of the weight at level 0 and less at
         every sparser level. With ``odd``: NCSR leaves the first rows empty, NBCR leaves blocks empty and blocks
         with nothing above level 0. ``empty_level`` keeps nothing from that level on; ``all_pruned`` nothing."""
         if self.name == "ncsr":
-            tags = random_tags(shape, num_levels, density, empty_rows=min(2, shape[0] - 1) if odd else 0,
-                               empty_level=empty_level, generator=generator)
+            tags = random_tags(
+                shape,
+                num_levels,
+                density,
+                empty_rows=min(2, shape[0] - 1) if odd else 0,
+                empty_level=empty_level,
+                generator=generator,
+            )
             return tags.fill_(-1) if all_pruned else tags
-        return random_bcr_tags(shape, block_shape, num_levels, keep=density ** 0.5, empty_blocks=0.2 if odd else 0,
-                               level0_only_blocks=0.2 if odd else 0, empty_level=empty_level, all_pruned=all_pruned,
-                               generator=generator)
+        return random_bcr_tags(
+            shape,
+            block_shape,
+            num_levels,
+            keep=density**0.5,
+            empty_blocks=0.2 if odd else 0,
+            level0_only_blocks=0.2 if odd else 0,
+            empty_level=empty_level,
+            all_pruned=all_pruned,
+            generator=generator,
+        )
 
     def weight(self, weight, tags, num_levels, block_shape=(8, 8)):
         """``weight`` packed by ``tags`` in this format, validated."""
@@ -152,8 +185,9 @@ class FormatCase:
         """A random weight of ``shape`` and random tags (see ``tags``), packed."""
         g = generator or torch.Generator().manual_seed(0)
         weight = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-        return self.weight(weight, self.tags(shape, num_levels, g, block_shape=block_shape, **tag_options),
-                           num_levels, block_shape)
+        return self.weight(
+            weight, self.tags(shape, num_levels, g, block_shape=block_shape, **tag_options), num_levels, block_shape
+        )
 
     def rows_per_unit(self, w) -> int:
         """The rows one entry of the plan spans (NBCR plans block rows)."""

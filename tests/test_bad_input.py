@@ -41,11 +41,35 @@ def linear(w, x, level=0, bias=None, activation="none", plan=None, **changes):
     return w.linear_op(x, *arrays(w, **changes), level, *w.op_args(), bias, activation, plan)
 
 
-def conv2d(w, x, level=0, kernel_size=3, bias=None, stride=1, padding=0, dilation=1, groups=1, activation="none",
-           plan=None, **changes):
+def conv2d(
+    w,
+    x,
+    level=0,
+    kernel_size=3,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    activation="none",
+    plan=None,
+    **changes,
+):
     """<format>_conv2d through its Python wrapper, with arrays of ``w`` replaced by name."""
-    return w.conv2d_op(x, *arrays(w, **changes), level, *w.op_args(), kernel_size, bias, stride, padding, dilation,
-                       groups, activation, plan)
+    return w.conv2d_op(
+        x,
+        *arrays(w, **changes),
+        level,
+        *w.op_args(),
+        kernel_size,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        activation,
+        plan,
+    )
 
 
 KINDS = ["linear", "conv2d", "linear_backward", "conv2d_backward"]
@@ -56,9 +80,12 @@ def valid_call(kind):
     the weight's arguments, by schema name."""
     x, xc = torch.randn(2, K), torch.randn(1, 3, 5, 5)
     geometry = dict(kernel_size=[3, 3], stride=[1, 1], padding=[0, 0], dilation=[1, 1], groups=1)
-    return {"linear": dict(x=x), "conv2d": dict(x=xc, **geometry),
-            "linear_backward": dict(grad_z=torch.randn(2, M), x=x),
-            "conv2d_backward": dict(grad_z=torch.randn(1, M, 3, 3), x=xc, **geometry)}[kind]
+    return {
+        "linear": dict(x=x),
+        "conv2d": dict(x=xc, **geometry),
+        "linear_backward": dict(grad_z=torch.randn(2, M), x=x),
+        "conv2d_backward": dict(grad_z=torch.randn(1, M, 3, 3), x=xc, **geometry),
+    }[kind]
 
 
 def schema_names(op):
@@ -73,7 +100,7 @@ def raw(fmt, w, kind, level=0, **changes):
     kw = valid_call(kind)
     kw.update(zip(["values", *w.index_names], arrays(w)))
     kw["level"] = level
-    kw.update(zip(names[names.index("level") + 1:], w.op_args()))  # NBCR: rows, block_shape
+    kw.update(zip(names[names.index("level") + 1 :], w.op_args()))  # NBCR: rows, block_shape
     assert set(changes) <= set(names), f"{op} has no argument {set(changes) - set(names)}"
     kw.update(changes)
     return op(**kw)
@@ -101,24 +128,32 @@ def weight_errors(fmt, w):
     if fmt.name == "ncsr":
         n = w.values.numel()
         errors += [
-            (dict(row_end=w.row_end[:, :5].contiguous()),
-             r"row_end must have shape \(L, M\) = \(L, 21\) with L >= 1, got \[3, 5\]"),
+            (
+                dict(row_end=w.row_end[:, :5].contiguous()),
+                r"row_end must have shape \(L, M\) = \(L, 21\) with L >= 1, got \[3, 5\]",
+            ),
             (dict(row_end=w.row_end[:0].contiguous()), r"row_end must have shape \(L, M\) = \(L, 21\) with L >= 1"),
             (dict(row_end=w.row_end[0].contiguous()), r"row_end must have shape \(L, M\) = \(L, 21\) with L >= 1"),
-            (dict(row_ptr=w.row_ptr[:-1].contiguous()),
-             r"row_end must have shape \(L, M\) = \(L, 20\) with L >= 1, got \[3, 21\]"),
+            (
+                dict(row_ptr=w.row_ptr[:-1].contiguous()),
+                r"row_end must have shape \(L, M\) = \(L, 20\) with L >= 1, got \[3, 21\]",
+            ),
             (dict(row_ptr=w.row_ptr[:0]), r"row_ptr must be 1-D of length M\+1, got shape \[0\]"),
             (dict(row_ptr=w.row_ptr.reshape(1, -1)), r"row_ptr must be 1-D of length M\+1, got shape \[1, 22\]"),
-            (dict(col_idx=w.col_idx[:-1]),
-             rf"col_idx must be 1-D with as many entries as values \({n}\), got shape \[{n - 1}\]"),
+            (
+                dict(col_idx=w.col_idx[:-1]),
+                rf"col_idx must be 1-D with as many entries as values \({n}\), got shape \[{n - 1}\]",
+            ),
             (dict(col_idx=w.col_idx.reshape(1, -1)), "col_idx must be 1-D with as many entries as values"),
         ]
     else:
         B = w.num_blocks
         counts = torch.zeros(L, B + 1, 2, dtype=torch.int32)
         counts[:, :B] = w.counts
-        errors += [(dict(block_shape=list(bs)), rf"block_shape \[{bs[0]}, {bs[1]}\] must lie in \[1, 256\]")
-                   for bs in ((0, 8), (257, 8), (8, 0), (8, 257))]
+        errors += [
+            (dict(block_shape=list(bs)), rf"block_shape \[{bs[0]}, {bs[1]}\] must lie in \[1, 256\]")
+            for bs in ((0, 8), (257, 8), (8, 0), (8, 257))
+        ]
         errors += [
             # 29 rows make 4 block rows in blocks of 8, but block_ptr holds 3.
             (dict(rows=29), r"block_ptr must have shape \(5,\) for 29 rows in blocks of 8, got \[4\]"),
@@ -126,8 +161,10 @@ def weight_errors(fmt, w):
             (dict(rows=25), r"block_ptr must have shape \(5,\) for 25 rows"),
             (dict(rows=32), r"block_ptr must have shape \(5,\) for 32 rows"),
             (dict(rows=-1), "rows must lie in"),
-            (dict(block_ptr=w.block_ptr[:0]),
-             r"block_ptr must have shape \(4,\) for 21 rows in blocks of 8, got \[0\]"),
+            (
+                dict(block_ptr=w.block_ptr[:0]),
+                r"block_ptr must have shape \(4,\) for 21 rows in blocks of 8, got \[0\]",
+            ),
             (dict(counts=counts), rf"counts must have shape \(L, B={B}, 2\) with L >= 1, got \[3, {B + 1}, 2\]"),
             (dict(counts=w.counts[:, :, 0].contiguous()), r"counts must have shape \(L, B="),
             (dict(counts=w.counts[:0].contiguous()), r"counts must have shape \(L, B="),
@@ -163,8 +200,10 @@ def test_wrong_dtypes(fmt, w):
 
 # x narrower than the weight (K=20): the columns past it are named. NBCR: its last block column lies outside, its
 # third one partly.
-NARROW = {"ncsr": r"col_idx\[\d+\] = 2[0-6] \(row \d+\) is outside \[0, K=20\)",
-          "nbcr": r"block \d+ \(block column 2\) keeps local column \d+ at indices\[\d+\], outside \[0, 4\) for K=20"}
+NARROW = {
+    "ncsr": r"col_idx\[\d+\] = 2[0-6] \(row \d+\) is outside \[0, K=20\)",
+    "nbcr": r"block \d+ \(block column 2\) keeps local column \d+ at indices\[\d+\], outside \[0, 4\) for K=20",
+}
 
 
 def test_wrong_shapes_and_levels(fmt, w):
@@ -210,18 +249,23 @@ def test_device_mismatch(fmt, w, kind):
     gpu_arrays = dict(zip(["values", *w.index_names], arrays(gpu)))
     # Any CUDA tensor sends the call to the op's CUDA kernel: x on the CPU with the weight on the GPU, the reverse,
     # and a weight with one array (or the bias) left on the CPU.
-    cases = [(x, dict(values=w.values.cuda()), rf"{op}: x must be a CUDA tensor, got cpu"),
-             (x.cuda(), {}, rf"{op}: x is on cuda:0 but values are on cpu"),
-             (x.cuda(), dict(gpu_arrays, bias=torch.randn(M)), rf"{op}: bias is on cpu but values are on cuda:0")]
-    cases += [(x.cuda(), dict(gpu_arrays, **{name: t}), rf"{op}: {name} is on cpu but the input is on cuda:0")
-              for name, t in zip(w.index_names, w.index_tensors())]
+    cases = [
+        (x, dict(values=w.values.cuda()), rf"{op}: x must be a CUDA tensor, got cpu"),
+        (x.cuda(), {}, rf"{op}: x is on cuda:0 but values are on cpu"),
+        (x.cuda(), dict(gpu_arrays, bias=torch.randn(M)), rf"{op}: bias is on cpu but values are on cuda:0"),
+    ]
+    cases += [
+        (x.cuda(), dict(gpu_arrays, **{name: t}), rf"{op}: {name} is on cpu but the input is on cuda:0")
+        for name, t in zip(w.index_names, w.index_tensors())
+    ]
     for xi, changes, message in cases:
         if has_kernel(op, "cuda"):
             with pytest.raises(RuntimeError, match=message):
                 call(w, xi, **changes)
         else:  # no CUDA kernel: the dispatcher refuses the call
-            with pytest.raises(NotImplementedError,
-                               match=rf"Could not run 'nestsparse::{op}' with arguments from the 'CUDA' backend"):
+            with pytest.raises(
+                NotImplementedError, match=rf"Could not run 'nestsparse::{op}' with arguments from the 'CUDA' backend"
+            ):
                 call(w, xi, **changes)
 
 
@@ -290,8 +334,10 @@ def plan_errors(fmt, w):
     errors = [(dict(rows_per_block=bm), rf"block rows must lie in \[1, 256\], got {bm}") for bm in (0, 257)]
     return errors + [
         (dict(block_ptr=w.block_ptr.long()), "block_ptr and counts must be contiguous int32 CPU tensors, got Long"),
-        (dict(counts=w.counts.transpose(0, 1).contiguous().transpose(0, 1)),
-         "block_ptr and counts must be contiguous int32"),
+        (
+            dict(counts=w.counts.transpose(0, 1).contiguous().transpose(0, 1)),
+            "block_ptr and counts must be contiguous int32",
+        ),
         (dict(counts=w.counts[..., 0].contiguous()), r"counts must have shape \(L, B, 2\)"),
         (dict(block_ptr=w.block_ptr[:0]), "block_ptr must be 1-D"),
         (dict(counts=w.counts[:, :-1].contiguous()), rf"block_ptr must run from 0 to B={B - 1}, got 0 \.\. {B}"),
@@ -339,9 +385,11 @@ def test_conv_argument_errors(fmt, w):
     with pytest.raises(RuntimeError, match=rf"{op}: unknown activation 'swish'"):
         conv2d(w, x, activation="swish")
     # The weight has 27 columns (3 channels x 3x3); read as a 2-channel 3x3 conv, K is 18.
-    outside = {"ncsr": r"col_idx\[\d+\] = (1[89]|2[0-6]) \(row \d+\) is outside \[0, K=18\)",
-               "nbcr": r"block \d+ \(block column 2\) keeps local column \d at indices\[\d+\], outside \[0, 2\) "
-                       r"for K=18"}
+    outside = {
+        "ncsr": r"col_idx\[\d+\] = (1[89]|2[0-6]) \(row \d+\) is outside \[0, K=18\)",
+        "nbcr": r"block \d+ \(block column 2\) keeps local column \d at indices\[\d+\], outside \[0, 2\) "
+        r"for K=18",
+    }
     with pytest.raises(RuntimeError, match=rf"{op}: {outside[fmt.name]}"):
         conv2d(w, torch.randn(1, 2, 5, 5))
 
@@ -364,20 +412,30 @@ def test_conv_geometry_errors(fmt):
     with pytest.raises(RuntimeError, match="stride must be positive"):
         conv(torch.randn(1, 4, 5, 5), stride=0)
     # The weight has 18 columns (2 channels per group x 3x3); read as a 1-channel 3x3 conv, K is 9.
-    outside = {"ncsr": r"col_idx\[\d+\] = (9|1[0-7]) \(row \d+\) is outside \[0, K=9\)",
-               "nbcr": r"block \d+ \(block column 1\) keeps local column [1-7] at indices\[\d+\], outside \[0, 1\) "
-                       r"for K=9"}
+    outside = {
+        "ncsr": r"col_idx\[\d+\] = (9|1[0-7]) \(row \d+\) is outside \[0, K=9\)",
+        "nbcr": r"block \d+ \(block column 1\) keeps local column [1-7] at indices\[\d+\], outside \[0, 1\) "
+        r"for K=9",
+    }
     with pytest.raises(RuntimeError, match=rf"{fmt.name}_conv2d: {outside[fmt.name]}"):
         wc.conv2d(torch.randn(1, 1, 5, 5), 0, (3, 3))
 
 
-@pytest.mark.parametrize("geometry,message", [
-    (dict(kernel_size=(5, 1), dilation=(2**62, 1)),                 # dh * (kh - 1) would wrap around
-     "kernel_size, stride and dilation must be at most 65536"),
-    (dict(kernel_size=(2**32, 2**32), padding=(2**31, 2**31)),      # K = Cin * kh * kw would wrap around
-     "kernel_size, stride and dilation must be at most 65536"),
-    (dict(kernel_size=(1, 1), padding=(2**40, 0)), "padding must be at most 16777216"),
-], ids=["dilation", "kernel", "padding"])
+@pytest.mark.parametrize(
+    "geometry,message",
+    [
+        (
+            dict(kernel_size=(5, 1), dilation=(2**62, 1)),  # dh * (kh - 1) would wrap around
+            "kernel_size, stride and dilation must be at most 65536",
+        ),
+        (
+            dict(kernel_size=(2**32, 2**32), padding=(2**31, 2**31)),  # K = Cin * kh * kw would wrap around
+            "kernel_size, stride and dilation must be at most 65536",
+        ),
+        (dict(kernel_size=(1, 1), padding=(2**40, 0)), "padding must be at most 16777216"),
+    ],
+    ids=["dilation", "kernel", "padding"],
+)
 def test_conv_geometry_that_would_overflow_is_refused(fmt, geometry, message):
     wo = fmt.weight(torch.randn(2, 1, 1, 2), torch.zeros(2, 1, 1, 2, dtype=torch.int8), 1, block_shape=(2, 2))
     a = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1))
@@ -438,8 +496,11 @@ def check_int_lists(fmt, w, kinds):
 
 
 def expected_lists(fmt, kinds):
-    return {(kind, which) for kind in kinds
-            for which in OWN_LISTS[fmt.name] + (GEOMETRY_LISTS if kind.startswith("conv2d") else ())}
+    return {
+        (kind, which)
+        for kind in kinds
+        for which in OWN_LISTS[fmt.name] + (GEOMETRY_LISTS if kind.startswith("conv2d") else ())
+    }
 
 
 def test_int_lists_of_wrong_length_are_refused(fmt, w):
@@ -457,8 +518,9 @@ def test_int_lists_of_wrong_length_are_refused_below_autograd(fmt, w):
 
 
 def test_python_level_errors(fmt):
-    model = nestsparse.convert(nn.Sequential(nn.Linear(4, 3)), {"0": torch.zeros(3, 4, dtype=torch.int8)},
-                               format=fmt.name)
+    model = nestsparse.convert(
+        nn.Sequential(nn.Linear(4, 3)), {"0": torch.zeros(3, 4, dtype=torch.int8)}, format=fmt.name
+    )
     assert model[0].format == fmt.name
     with pytest.raises(ValueError, match="level 5 is out of range"):
         nestsparse.set_level(model, 5)
@@ -469,12 +531,14 @@ def test_python_level_errors(fmt):
 
 
 def test_modules_check_input_width(fmt):
-    lin = nestsparse.convert(nn.Sequential(nn.Linear(20, 10)), {"0": torch.zeros(10, 20, dtype=torch.int8)},
-                             format=fmt.name)
+    lin = nestsparse.convert(
+        nn.Sequential(nn.Linear(20, 10)), {"0": torch.zeros(10, 20, dtype=torch.int8)}, format=fmt.name
+    )
     with pytest.raises(ValueError, match=r"expected input of shape \(\.\.\., 20\)"):
         lin(torch.randn(3, 21))
-    conv = nestsparse.convert(nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)),
-                              {"0": torch.zeros(6, 2, 3, 3, dtype=torch.int8)}, format=fmt.name)
+    conv = nestsparse.convert(
+        nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)), {"0": torch.zeros(6, 2, 3, 3, dtype=torch.int8)}, format=fmt.name
+    )
     assert lin[0].format == conv[0].format == fmt.name
     with pytest.raises(ValueError, match="expected NCHW input with 4 channels"):
         conv(torch.randn(1, 6, 8, 8))

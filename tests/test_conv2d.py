@@ -22,20 +22,20 @@ def pair(v):
 # (batch, Cin, Cout, H, W, kernel, stride, padding, dilation, groups, NBCR block shape)
 CASES = [
     (1, 3, 5, 9, 11, 3, 1, 1, 1, 1, (3, 5)),
-    (3, 4, 6, 10, 7, 3, 2, 1, 1, 2, (4, 4)),          # Cout/groups = 3: block row 0 straddles both groups
-    (2, 6, 6, 13, 9, 3, 2, 2, 2, 3, (8, 8)),          # one block row (partial) spans all three groups
-    (1, 8, 16, 17, 17, 1, 1, 0, 1, 1, (16, 16)),      # the direct 1x1 path (x read in place)
-    (2, 12, 20, 6, 5, 1, 1, 0, 1, 4, (3, 5)),         # direct path with groups, Cout/groups = 5 straddled by bm=3
-    (2, 8, 12, 15, 15, 1, 2, 0, 1, 1, (8, 8)),        # 1x1 stride 2 (projection shortcut)
+    (3, 4, 6, 10, 7, 3, 2, 1, 1, 2, (4, 4)),  # Cout/groups = 3: block row 0 straddles both groups
+    (2, 6, 6, 13, 9, 3, 2, 2, 2, 3, (8, 8)),  # one block row (partial) spans all three groups
+    (1, 8, 16, 17, 17, 1, 1, 0, 1, 1, (16, 16)),  # the direct 1x1 path (x read in place)
+    (2, 12, 20, 6, 5, 1, 1, 0, 1, 4, (3, 5)),  # direct path with groups, Cout/groups = 5 straddled by bm=3
+    (2, 8, 12, 15, 15, 1, 2, 0, 1, 1, (8, 8)),  # 1x1 stride 2 (projection shortcut)
     (1, 5, 7, 20, 1, (3, 1), (2, 1), (1, 0), 1, 1, (1, 1)),  # asymmetric kernel and stride, 1-wide image
-    (1, 6, 6, 8, 8, 3, 1, 1, 1, 6, (4, 3)),           # depthwise, block rows straddle channels
-    (2, 4, 4, 7, 6, 3, 2, 1, 1, 4, (1, 1)),           # depthwise, 1x1 blocks
+    (1, 6, 6, 8, 8, 3, 1, 1, 1, 6, (4, 3)),  # depthwise, block rows straddle channels
+    (2, 4, 4, 7, 6, 3, 2, 1, 1, 4, (1, 1)),  # depthwise, 1x1 blocks
     (2, 3, 4, 31, 33, 5, 3, 2, (2, 1), 1, (32, 32)),  # wide image: many 64-column tiles
-    (1, 16, 8, 3, 3, 3, 1, 1, 1, 1, (16, 64)),        # small image, K = 144
-    (5, 4, 9, 4, 4, 2, 1, 0, 1, 1, (16, 16)),         # batch 5, even kernel, Cout < bm
-    (1, 3, 4, 1, 1, 1, 1, 0, 1, 1, (8, 8)),           # 1x1 image
+    (1, 16, 8, 3, 3, 3, 1, 1, 1, 1, (16, 64)),  # small image, K = 144
+    (5, 4, 9, 4, 4, 2, 1, 0, 1, 1, (16, 16)),  # batch 5, even kernel, Cout < bm
+    (1, 3, 4, 1, 1, 1, 1, 0, 1, 1, (8, 8)),  # 1x1 image
     (2, 4, 10, 5, 6, (1, 3), (1, 2), (0, 1), 1, 2, (3, 5)),
-    (1, 2, 3, 7, 7, 3, 1, 3, 3, 1, (2, 2)),           # dilation 3, padding 3
+    (1, 2, 3, 7, 7, 3, 1, 3, 3, 1, (2, 2)),  # dilation 3, padding 3
 ]
 
 
@@ -62,8 +62,11 @@ def test_every_level_matches_float64_conv2d(isa, fmt, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("geometry", [dict(k=3, s=2, p=1, g=2), dict(k=3, s=2, p=1, g=1), dict(k=1, s=1, p=0, g=1)],
-                         ids=["phases-grouped", "phases", "direct"])
+@pytest.mark.parametrize(
+    "geometry",
+    [dict(k=3, s=2, p=1, g=2), dict(k=3, s=2, p=1, g=1), dict(k=1, s=1, p=0, g=1)],
+    ids=["phases-grouped", "phases", "direct"],
+)
 def test_conv_dtypes(isa, fmt, dtype, geometry):
     gen = torch.Generator().manual_seed(1)
     k, g = geometry["k"], geometry["g"]
@@ -74,8 +77,15 @@ def test_conv_dtypes(isa, fmt, dtype, geometry):
         for b, act in ((bias, "relu"), (None, "none")):
             out = w.conv2d(x, level, k, b, geometry["s"], geometry["p"], 1, g, act)
             assert out.dtype == dtype
-            ref = F.conv2d(x.double(), w.to_dense(level).double(), None if b is None else b.double(), geometry["s"],
-                           geometry["p"], 1, g)
+            ref = F.conv2d(
+                x.double(),
+                w.to_dense(level).double(),
+                None if b is None else b.double(),
+                geometry["s"],
+                geometry["p"],
+                1,
+                g,
+            )
             assert_close_to_reference(out, act_ref(act)(ref), dtype)
 
 

@@ -20,6 +20,7 @@ OPS = torch.ops.nestsparse
 
 # ---- nested CSR: col_idx, row_ptr, row_end ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def csr():
     return nested(torch.randn(10, 20), random_tags((10, 20), 2, 0.5), 2)
@@ -28,8 +29,17 @@ def csr():
 def ncsr_call(w, x, level=0, **kw):
     a = dict(values=w.values, col_idx=w.col_idx, row_ptr=w.row_ptr, row_end=w.row_end)
     a.update({k: v for k, v in kw.items() if k in a})
-    return ops.ncsr_linear(x, a["values"], a["col_idx"], a["row_ptr"], a["row_end"], level,
-                           kw.get("bias"), kw.get("activation", "none"), kw.get("plan"))
+    return ops.ncsr_linear(
+        x,
+        a["values"],
+        a["col_idx"],
+        a["row_ptr"],
+        a["row_end"],
+        level,
+        kw.get("bias"),
+        kw.get("activation", "none"),
+        kw.get("plan"),
+    )
 
 
 def test_ncsr_index_dtypes(csr):
@@ -87,8 +97,18 @@ def test_conv_corrupted_column_index_is_named(geometry, dtype):
     cols = w.col_idx.clone()
     cols[2] = 3 * k * k
     with pytest.raises(RuntimeError, match=rf"col_idx\[2\] = {3 * k * k} .*outside \[0, K={3 * k * k}\)"):
-        ops.ncsr_conv2d(torch.randn(2, 3, 6, 6, dtype=dtype), w.values, cols, w.row_ptr, w.row_end, 0, k, None,
-                        geometry["s"], geometry["p"])
+        ops.ncsr_conv2d(
+            torch.randn(2, 3, 6, 6, dtype=dtype),
+            w.values,
+            cols,
+            w.row_ptr,
+            w.row_end,
+            0,
+            k,
+            None,
+            geometry["s"],
+            geometry["p"],
+        )
 
 
 def test_backward_ops_check_columns(csr):
@@ -123,8 +143,9 @@ def nbcr_args(w, **kw):
 
 
 def nbcr_call(w, x, level=0, rows=M, block_shape=BS, **kw):
-    return ops.nbcr_linear(x, *nbcr_args(w, **kw), level, rows, block_shape, kw.get("bias"),
-                           kw.get("activation", "none"), kw.get("plan"))
+    return ops.nbcr_linear(
+        x, *nbcr_args(w, **kw), level, rows, block_shape, kw.get("bias"), kw.get("activation", "none"), kw.get("plan")
+    )
 
 
 def test_nbcr_index_dtypes(bcr):
@@ -169,18 +190,21 @@ def test_block_ptr_errors(bcr):
 def _counts(level, which, value):
     def change(t, b, row, col):
         t[level, b, which] = value(t, b) if callable(value) else value
+
     return "counts", change
 
 
 def _blocks(which, value):
     def change(t, b, row, col):
         t[b, which] = value(t, b) if callable(value) else value
+
     return "blocks", change
 
 
 def _index(kind, value):
     def change(t, b, row, col):
         t[row if kind == "row" else col] = value
+
     return "indices", change
 
 
@@ -189,32 +213,59 @@ CORRUPTIONS = {
     "block column = KB": (*_blocks(0, 4), 0, _ROW + r"has block column 4, outside \[0, 4\) for K=27"),
     "block column < 0": (*_blocks(0, -1), 0, _ROW + r"has block column -1, outside \[0, 4\)"),
     "local row = bm": (*_index("row", 8), 0, _ROW + r"keeps local row 8 at indices\[\d+\], outside \[0, 5\)"),
-    "local row past the matrix": (*_index("row", 5), 1,
-                                  _ROW + r"keeps local row 5 at indices\[\d+\], outside \[0, 5\)"),
+    "local row past the matrix": (
+        *_index("row", 5),
+        1,
+        _ROW + r"keeps local row 5 at indices\[\d+\], outside \[0, 5\)",
+    ),
     "local row < 0": (*_index("row", -1), 2, _ROW + r"keeps local row -1 at indices\[\d+\], outside \[0, 5\)"),
-    "local column = bk": (*_index("col", 8), 0,
-                          _COL + r"keeps local column 8 at indices\[\d+\], outside \[0, 3\) for K=27"),
-    "local column past the matrix": (*_index("col", 3), 1,
-                                     _COL + r"keeps local column 3 at indices\[\d+\], outside \[0, 3\)"),
-    "local column far out": (*_index("col", 30000), 0,
-                             _COL + r"keeps local column 30000 at indices\[\d+\], outside \[0, 3\)"),
-    "local column < 0": (*_index("col", -32768), 2,
-                         _COL + r"keeps local column -32768 at indices\[\d+\], outside \[0, 3\)"),
-    "r_1 > r_0": (*_counts(1, 0, lambda t, b: int(t[0, b, 0]) + 1), 1,
-                  _KEEPS + r"\(\d+, \d+\) rows and columns at level 1, not nested in level 0's"),
-    "c_2 > c_0": (*_counts(2, 1, lambda t, b: int(t[0, b, 1]) + 1), 2,
-                  _KEEPS + r"\(\d+, \d+\) rows and columns at level 2, not nested in level 0's"),
+    "local column = bk": (
+        *_index("col", 8),
+        0,
+        _COL + r"keeps local column 8 at indices\[\d+\], outside \[0, 3\) for K=27",
+    ),
+    "local column past the matrix": (
+        *_index("col", 3),
+        1,
+        _COL + r"keeps local column 3 at indices\[\d+\], outside \[0, 3\)",
+    ),
+    "local column far out": (
+        *_index("col", 30000),
+        0,
+        _COL + r"keeps local column 30000 at indices\[\d+\], outside \[0, 3\)",
+    ),
+    "local column < 0": (
+        *_index("col", -32768),
+        2,
+        _COL + r"keeps local column -32768 at indices\[\d+\], outside \[0, 3\)",
+    ),
+    "r_1 > r_0": (
+        *_counts(1, 0, lambda t, b: int(t[0, b, 0]) + 1),
+        1,
+        _KEEPS + r"\(\d+, \d+\) rows and columns at level 1, not nested in level 0's",
+    ),
+    "c_2 > c_0": (
+        *_counts(2, 1, lambda t, b: int(t[0, b, 1]) + 1),
+        2,
+        _KEEPS + r"\(\d+, \d+\) rows and columns at level 2, not nested in level 0's",
+    ),
     "r_0 > bm": (*_counts(0, 0, 9), 0, _KEEPS + r"\(9, \d+\) rows and columns at level 0, outside the 8x8 block"),
     "c_0 > bk": (*_counts(0, 1, 300), 1, _KEEPS + r"\(\d+, 300\) rows and columns at level 0, outside the 8x8 block"),
     "r_1 < 0": (*_counts(1, 0, -1), 1, _KEEPS + r"\(-1, \d+\) rows and columns at level 1"),
     "c_0 < 0": (*_counts(0, 1, -1), 0, _KEEPS + r"\(\d+, -1\) rows and columns at level 0, outside the 8x8 block"),
-    "value offset past the end": (*_blocks(1, lambda t, b: int(t[b, 1]) + 1), 0,
-                                  r"block {b} has value offset \d+ for a \dx\d sub-block, outside the \d+ stored "
-                                  r"values"),
+    "value offset past the end": (
+        *_blocks(1, lambda t, b: int(t[b, 1]) + 1),
+        0,
+        r"block {b} has value offset \d+ for a \dx\d sub-block, outside the \d+ stored "
+        r"values",
+    ),
     "value offset far out": (*_blocks(1, 2**31 - 1), 2, r"block {b} has value offset 2147483647"),
     "value offset < 0": (*_blocks(1, -1), 0, r"block {b} has value offset -1"),
-    "index offset past the end": (*_blocks(2, lambda t, b: int(t[b, 2]) + 1), 1,
-                                  r"block {b} has index offset \d+ for \d+ indices, outside the \d+ stored indices"),
+    "index offset past the end": (
+        *_blocks(2, lambda t, b: int(t[b, 2]) + 1),
+        1,
+        r"block {b} has index offset \d+ for \d+ indices, outside the \d+ stored indices",
+    ),
     "index offset < 0": (*_blocks(2, -7), 0, r"block {b} has index offset -7"),
 }
 
@@ -223,19 +274,31 @@ CORRUPTIONS = {
 # conv whose block rows straddle two groups (7 rows per group, bm = 8) and their float64 and backward versions.
 PATHS = {
     "linear-n1": lambda a, lvl, dt: ops.nbcr_linear(torch.randn(K, dtype=dt), *a, lvl, M, BS),
-    "linear-n3": lambda a, lvl, dt: ops.nbcr_linear(torch.randn(3, K, dtype=dt), *a, lvl, M, BS,
-                                                    torch.randn(M, dtype=dt)),
+    "linear-n3": lambda a, lvl, dt: ops.nbcr_linear(
+        torch.randn(3, K, dtype=dt), *a, lvl, M, BS, torch.randn(M, dtype=dt)
+    ),
     "linear-n40": lambda a, lvl, dt: ops.nbcr_linear(torch.randn(40, K, dtype=dt), *a, lvl, M, BS, None, "relu"),
     "linear-backward": lambda a, lvl, dt: OPS.nbcr_linear_backward(
-        torch.randn(5, M, dtype=dt), torch.randn(5, K, dtype=dt), *a, lvl, M, list(BS)),
+        torch.randn(5, M, dtype=dt), torch.randn(5, K, dtype=dt), *a, lvl, M, list(BS)
+    ),
     "conv-direct": lambda a, lvl, dt: ops.nbcr_conv2d(torch.randn(2, K, 4, 5, dtype=dt), *a, lvl, M, BS, 1),
-    "conv-phases": lambda a, lvl, dt: ops.nbcr_conv2d(torch.randn(2, 3, 7, 6, dtype=dt), *a, lvl, M, BS, 3, None, 2,
-                                                      1),
-    "conv-groups": lambda a, lvl, dt: ops.nbcr_conv2d(torch.randn(1, 9, 5, 5, dtype=dt), *a, lvl, M, BS, 3, None, 1,
-                                                      1, 1, 3),
+    "conv-phases": lambda a, lvl, dt: ops.nbcr_conv2d(torch.randn(2, 3, 7, 6, dtype=dt), *a, lvl, M, BS, 3, None, 2, 1),
+    "conv-groups": lambda a, lvl, dt: ops.nbcr_conv2d(
+        torch.randn(1, 9, 5, 5, dtype=dt), *a, lvl, M, BS, 3, None, 1, 1, 1, 3
+    ),
     "conv-backward": lambda a, lvl, dt: OPS.nbcr_conv2d_backward(
-        torch.randn(2, M, 4, 3, dtype=dt), torch.randn(2, 3, 7, 6, dtype=dt), *a, lvl, M, list(BS), [3, 3], [2, 2],
-        [1, 1], [1, 1], 1),
+        torch.randn(2, M, 4, 3, dtype=dt),
+        torch.randn(2, 3, 7, 6, dtype=dt),
+        *a,
+        lvl,
+        M,
+        list(BS),
+        [3, 3],
+        [2, 2],
+        [1, 1],
+        [1, 1],
+        1,
+    ),
 }
 OP_NAME = {"linear-backward": "nbcr_linear_backward", "conv-backward": "nbcr_conv2d_backward"}
 

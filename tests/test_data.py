@@ -137,8 +137,9 @@ def test_seq2seq_rejects_bad_arguments():
 
 
 def test_sbm_graph():
-    g = data.sbm_graph(num_nodes=300, num_classes=4, p_in=0.06, p_out=0.005, feature_dim=16, train_per_class=10,
-                       num_val=50, seed=0)
+    g = data.sbm_graph(
+        num_nodes=300, num_classes=4, p_in=0.06, p_out=0.005, feature_dim=16, train_per_class=10, num_val=50, seed=0
+    )
     assert g.x.shape == (300, 16) and g.x.dtype == torch.float32
     assert g.adj.shape == (300, 300) and g.adj.dtype == torch.bool
     assert g.y.shape == (300,) and g.y.dtype == torch.int64 and set(g.y.tolist()) == set(range(4))

@@ -24,8 +24,9 @@ RUNS = {
     "joint": dict(fn="joint", epochs=4),
     "joint_gap": dict(fn="joint", epochs=4, grow_prune_every=2, grow_prune_fraction=0.2),
     "core": dict(fn="core_first", prune_epochs=2, core_epochs=1, level_epochs=2),
-    "core_gap": dict(fn="core_first", prune_epochs=2, core_epochs=1, level_epochs=2, grow_prune_every=3,
-                     grow_prune_fraction=0.2),
+    "core_gap": dict(
+        fn="core_first", prune_epochs=2, core_epochs=1, level_epochs=2, grow_prune_every=3, grow_prune_fraction=0.2
+    ),
 }
 
 
@@ -64,8 +65,11 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
             tags = train(ddp, name)
             gathered = [None] * world
             dist.all_gather_object(gathered, {n: t.clone() for n, t in tags.items()})
-            results[name] = {"tags": tags, "gathered": gathered,
-                             "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            results[name] = {
+                "tags": tags,
+                "gathered": gathered,
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            }
         # a model wrapped before prepare() is refused, on every rank
         try:
             joint(nn.parallel.DistributedDataParallel(build_model()), make_task(), DENSITIES, 1, progress=False)
@@ -92,8 +96,9 @@ def ddp_results(tmp_path_factory):
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([package_dir] + ([old] if old else []))
     try:
-        ctx = mp.start_processes(worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(
+            worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn"
+        )
         deadline = time.monotonic() + 240
         # join() raises ProcessRaisedException / ProcessExitedException when a worker fails
         while not ctx.join(timeout=2):
@@ -126,8 +131,9 @@ def ddp_results(tmp_path_factory):
 def assert_same_tags(a, b, what):
     assert set(a) == set(b), what
     for n in a:
-        assert a[n].dtype == torch.int8 and torch.equal(a[n], b[n]), f"{what}: layer {n}: " \
-            f"{int((a[n] != b[n]).sum())} tags differ"
+        assert a[n].dtype == torch.int8 and torch.equal(a[n], b[n]), (
+            f"{what}: layer {n}: {int((a[n] != b[n]).sum())} tags differ"
+        )
 
 
 @pytest.mark.parametrize("name", list(RUNS))

@@ -19,8 +19,16 @@ BLOCK_SHAPES = [(1, 1), (3, 5), (8, 8), (16, 16), (32, 32)]
 
 def block_tags(shape, block_shape, num_levels, keep=0.6, empty_blocks=0.2, empty_level=None, generator=None):
     """conftest.random_bcr_tags without the level-0-only blocks (these tests count blocks exactly)."""
-    return random_bcr_tags(shape, block_shape, num_levels, keep=keep, empty_blocks=empty_blocks, level0_only_blocks=0.0,
-                           empty_level=empty_level, generator=generator)
+    return random_bcr_tags(
+        shape,
+        block_shape,
+        num_levels,
+        keep=keep,
+        empty_blocks=empty_blocks,
+        level0_only_blocks=0.0,
+        empty_level=empty_level,
+        generator=generator,
+    )
 
 
 def packed(fmt, weight, tags, block_shape=(8, 8), **kwargs):
@@ -29,6 +37,7 @@ def packed(fmt, weight, tags, block_shape=(8, 8), **kwargs):
 
 
 # ---- round trips ---------------------------------------------------------------------------------------------
+
 
 def _ncsr_round_trip(w, weight, tags, num_levels, block_shape):
     # level slicing: each level is a prefix of the denser level's row
@@ -70,12 +79,21 @@ def check_round_trip(fmt, weight, tags, num_levels, block_shape=(8, 8)):
 # column).
 SEEDS = st.integers(0, 2**31 - 1)
 ROUND_TRIP = {
-    "ncsr": (settings(max_examples=40, deadline=None),
-             dict(M=st.integers(0, 12), K=st.integers(0, 40), L=st.integers(1, 4), density=st.floats(0.0, 1.0),
-                  seed=SEEDS)),
-    "nbcr": (settings(max_examples=60, deadline=None),
-             dict(M=st.integers(1, 70), K=st.integers(1, 70), block_shape=st.sampled_from(BLOCK_SHAPES),
-                  L=st.integers(1, 3), keep=st.floats(0.1, 1.0), seed=SEEDS)),
+    "ncsr": (
+        settings(max_examples=40, deadline=None),
+        dict(M=st.integers(0, 12), K=st.integers(0, 40), L=st.integers(1, 4), density=st.floats(0.0, 1.0), seed=SEEDS),
+    ),
+    "nbcr": (
+        settings(max_examples=60, deadline=None),
+        dict(
+            M=st.integers(1, 70),
+            K=st.integers(1, 70),
+            block_shape=st.sampled_from(BLOCK_SHAPES),
+            L=st.integers(1, 3),
+            keep=st.floats(0.1, 1.0),
+            seed=SEEDS,
+        ),
+    ),
 }
 
 
@@ -124,13 +142,23 @@ def test_an_empty_level_keeps_nothing(fmt):
 
 # An all-pruned (10, 12) weight with 2 levels, in (4, 4) blocks, stores no value: only its (empty) index tables.
 ALL_PRUNED = {
-    "ncsr": dict(nbytes=(11 + 2 * 10) * 4, level_nbytes=(11 + 10) * 4,  # row_ptr, row_end (one row of it per level)
-                 index={"col_idx": ((0,), []), "row_ptr": ((11,), [0] * 11), "row_end": ((2, 10), [[0] * 10] * 2)},
-                 attrs={}),
-    "nbcr": dict(nbytes=4 * 4, level_nbytes=4 * 4,  # block_ptr: MB + 1 = 4 entries; no block, so no counts
-                 index={"indices": ((0,), []), "block_ptr": ((4,), [0, 0, 0, 0]), "blocks": ((0, 3), []),
-                        "counts": ((2, 0, 2), [[], []])},
-                 attrs={"num_blocks": 0}),
+    "ncsr": dict(
+        nbytes=(11 + 2 * 10) * 4,
+        level_nbytes=(11 + 10) * 4,  # row_ptr, row_end (one row of it per level)
+        index={"col_idx": ((0,), []), "row_ptr": ((11,), [0] * 11), "row_end": ((2, 10), [[0] * 10] * 2)},
+        attrs={},
+    ),
+    "nbcr": dict(
+        nbytes=4 * 4,
+        level_nbytes=4 * 4,  # block_ptr: MB + 1 = 4 entries; no block, so no counts
+        index={
+            "indices": ((0,), []),
+            "block_ptr": ((4,), [0, 0, 0, 0]),
+            "blocks": ((0, 3), []),
+            "counts": ((2, 0, 2), [[], []]),
+        },
+        attrs={"num_blocks": 0},
+    ),
 }
 
 
@@ -155,8 +183,13 @@ LEVEL_BYTES = {
     # its values and column indices, row_ptr and its own row of row_end
     "ncsr": lambda w, level: w.nnz(level) * (4 + 2) + (w.shape[0] + 1) * 4 + w.shape[0] * 4,
     # its r_l x c_l values and r_l + c_l indices per block, block_ptr, blocks and its own level of counts
-    "nbcr": lambda w, level: (w.nnz(level) * 4 + int(w.counts[level].to(torch.int64).sum()) * 2
-                              + (w.grid[0] + 1) * 4 + w.num_blocks * 3 * 4 + w.num_blocks * 2 * 4),
+    "nbcr": lambda w, level: (
+        w.nnz(level) * 4
+        + int(w.counts[level].to(torch.int64).sum()) * 2
+        + (w.grid[0] + 1) * 4
+        + w.num_blocks * 3 * 4
+        + w.num_blocks * 2 * 4
+    ),
 }
 
 # What one more level adds to the stored bytes: one level of the level table (NCSR: a row of row_end, M int32;
@@ -217,6 +250,7 @@ def test_flops_and_density(fmt, case):
 
 # ---- serialisation and moves ---------------------------------------------------------------------------------
 
+
 def test_state_dict_round_trip_and_dtype_move(fmt):
     weight = torch.randn(9, 14)
     tags = fmt.tags(weight.shape, 2, block_shape=(4, 4))
@@ -245,9 +279,10 @@ BAD_ENTRIES = {
 }
 OWN_BAD_ENTRIES = {
     "ncsr": {"values": (lambda t: t[:-1], "values and col_idx must be 1-D of equal length")},
-    "nbcr": {"values": (lambda t: t[:-1], "values are stored"),
-             "block_shape": (lambda t: torch.tensor([4, 4, 1]),
-                             "block_shape must be an int64 tensor of shape \\(2,\\)")},
+    "nbcr": {
+        "values": (lambda t: t[:-1], "values are stored"),
+        "block_shape": (lambda t: torch.tensor([4, 4, 1]), "block_shape must be an int64 tensor of shape \\(2,\\)"),
+    },
 }
 
 
@@ -266,6 +301,7 @@ def test_state_dict_with_missing_key_or_bad_entry_is_refused(fmt):
 
 
 # ---- validate() names every broken invariant -----------------------------------------------------------------
+
 
 def _ncsr_base():
     """6 x 10, 2 levels: every other column at level 0, every fourth at level 1 (5 entries a row, 3 of level 1)."""
@@ -298,6 +334,7 @@ def _block(w, cond):
 def _set(name, fn):
     def corrupt(w):
         setattr(w, name, fn(getattr(w, name)))
+
     return corrupt
 
 
@@ -306,6 +343,7 @@ def _edit(name, fn):
         t = getattr(w, name).clone()
         fn(w, t)
         setattr(w, name, t)
+
     return corrupt
 
 
@@ -317,6 +355,7 @@ def _counts_at(level, b_cond, value):
     def fn(w, t):
         b, _ = _block(w, b_cond)
         t[level, b] = torch.tensor(value(t[:, b]))
+
     return _edit("counts", fn)
 
 
@@ -360,32 +399,54 @@ CORRUPTIONS = {
         # the invariants NBCR's table checks too
         "values dtype": (_set("values", lambda t: t.to(torch.int32)), "values dtype torch.int32"),
         "col_idx dtype": (_set("col_idx", lambda t: t.long()), "col_idx dtype torch.int64 must be int16 or int32"),
-        "col_idx too narrow": (lambda w: setattr(w, "weight_shape", (6, 40000)),
-                               "col_idx is int16 but K = 40000 > 32767"),
-        "row_ptr dtype": (_set("row_ptr", lambda t: t.long()),
-                          "row_ptr and row_end must be int32, got torch.int64 and torch.int32"),
-        "row_end dtype": (_set("row_end", lambda t: t.long()),
-                          "row_ptr and row_end must be int32, got torch.int32 and torch.int64"),
+        "col_idx too narrow": (
+            lambda w: setattr(w, "weight_shape", (6, 40000)),
+            "col_idx is int16 but K = 40000 > 32767",
+        ),
+        "row_ptr dtype": (
+            _set("row_ptr", lambda t: t.long()),
+            "row_ptr and row_end must be int32, got torch.int64 and torch.int32",
+        ),
+        "row_end dtype": (
+            _set("row_end", lambda t: t.long()),
+            "row_ptr and row_end must be int32, got torch.int32 and torch.int64",
+        ),
         "device": (_set("row_end", _on_meta), "row_end is on meta"),
         "row_ptr shape": (_set("row_ptr", lambda t: t[:-1]), "row_ptr must have shape \\(7,\\), got \\(6,\\)"),
-        "row_end shape": (_set("row_end", lambda t: t[:, :-1].contiguous()),
-                          "row_end must have shape \\(L, 6\\) with L >= 1, got \\(2, 5\\)"),
-        "no level": (_set("row_end", lambda t: t[:0]),
-                     "row_end must have shape \\(L, 6\\) with L >= 1, got \\(0, 6\\)"),
-        "values not 1-D": (_set("values", lambda t: t[:, None]),
-                           "values and col_idx must be 1-D of equal length, got \\(30, 1\\) and \\(30,\\)"),
+        "row_end shape": (
+            _set("row_end", lambda t: t[:, :-1].contiguous()),
+            "row_end must have shape \\(L, 6\\) with L >= 1, got \\(2, 5\\)",
+        ),
+        "no level": (
+            _set("row_end", lambda t: t[:0]),
+            "row_end must have shape \\(L, 6\\) with L >= 1, got \\(0, 6\\)",
+        ),
+        "values not 1-D": (
+            _set("values", lambda t: t[:, None]),
+            "values and col_idx must be 1-D of equal length, got \\(30, 1\\) and \\(30,\\)",
+        ),
         "densities": (lambda w: setattr(w, "densities", (0.5,)), "1 densities for 2 levels"),
         "contiguity": (_set("row_end", lambda t: t.t().contiguous().t()), "row_end is not contiguous"),
-        "row_ptr end": (_edit("row_ptr", lambda w, t: t.__setitem__(-1, int(t[-1]) - 1)),
-                        "row_ptr\\[M\\] = 29 but 30 values are stored"),
-        "level 0 row": (_edit("row_end", lambda w, t: t.__setitem__((0, 2), int(t[0, 2]) - 1)),
-                        "row_end\\[0, 2\\] = 14 != row_ptr\\[3\\] = 15 \\(level 0 is the whole row\\)"),
-        "nesting below row start": (_edit("row_end", lambda w, t: t.__setitem__((1, 2), int(w.row_ptr[2]) - 1)),
-                                    "levels are not nested in row 2: row_end\\[1, 2\\] = 9 < row_ptr\\[2\\] = 10"),
-        "value count": (_set("values", lambda t: t[:-1]),
-                        "values and col_idx must be 1-D of equal length, got \\(29,\\) and \\(30,\\)"),
-        "index count": (_set("col_idx", lambda t: torch.cat([t, t[:1]])),
-                        "values and col_idx must be 1-D of equal length, got \\(30,\\) and \\(31,\\)"),
+        "row_ptr end": (
+            _edit("row_ptr", lambda w, t: t.__setitem__(-1, int(t[-1]) - 1)),
+            "row_ptr\\[M\\] = 29 but 30 values are stored",
+        ),
+        "level 0 row": (
+            _edit("row_end", lambda w, t: t.__setitem__((0, 2), int(t[0, 2]) - 1)),
+            "row_end\\[0, 2\\] = 14 != row_ptr\\[3\\] = 15 \\(level 0 is the whole row\\)",
+        ),
+        "nesting below row start": (
+            _edit("row_end", lambda w, t: t.__setitem__((1, 2), int(w.row_ptr[2]) - 1)),
+            "levels are not nested in row 2: row_end\\[1, 2\\] = 9 < row_ptr\\[2\\] = 10",
+        ),
+        "value count": (
+            _set("values", lambda t: t[:-1]),
+            "values and col_idx must be 1-D of equal length, got \\(29,\\) and \\(30,\\)",
+        ),
+        "index count": (
+            _set("col_idx", lambda t: torch.cat([t, t[:1]])),
+            "values and col_idx must be 1-D of equal length, got \\(30,\\) and \\(31,\\)",
+        ),
         "entry count": (_shorten_values_and_col_idx, "row_ptr\\[M\\] = 30 but 29 values are stored"),
     },
     "nbcr": {
@@ -396,44 +457,66 @@ CORRUPTIONS = {
         "device": (_set("counts", _on_meta), "counts is on meta"),
         "block shape": (lambda w: setattr(w, "block_shape", (0, 8)), "block_shape must be two ints .* got \\(0, 8\\)"),
         "block shape too big": (lambda w: setattr(w, "block_shape", (8, 257)), "in \\[1, 256\\], got \\(8, 257\\)"),
-        "block_ptr shape": (_set("block_ptr", lambda t: t[:-1]),
-                            "block_ptr must have shape \\(MB \\+ 1,\\) = \\(7,\\)"),
+        "block_ptr shape": (
+            _set("block_ptr", lambda t: t[:-1]),
+            "block_ptr must have shape \\(MB \\+ 1,\\) = \\(7,\\)",
+        ),
         "blocks shape": (_set("blocks", lambda t: t[:, :2].contiguous()), "blocks must have shape \\(B, 3\\)"),
         "counts shape": (_set("counts", lambda t: t[:, :-1].contiguous()), "counts must have shape \\(L, B, 2\\)"),
         "densities": (lambda w: setattr(w, "densities", (0.5,)), "1 densities for 3 levels"),
         "contiguity": (_set("blocks", lambda t: t.t().contiguous().t()), "blocks is not contiguous"),
         "block_ptr[0]": (_edit("block_ptr", lambda w, t: t.__setitem__(0, 1)), "block_ptr\\[0\\] = 1"),
         "block_ptr order": (_edit("block_ptr", lambda w, t: t.__setitem__(1, int(t[2]) + 1)), "not non-decreasing"),
-        "block_ptr end": (_edit("block_ptr", lambda w, t: t.__setitem__(-1, int(t[-1]) - 1)),
-                          "block_ptr\\[MB\\] = block_ptr\\[6\\] = .* blocks are stored"),
-        "block column range": (_edit("blocks", lambda w, t: t.__setitem__((0, 0), 9)),
-                               "block column 9, outside \\[0, KB=9\\)"),
+        "block_ptr end": (
+            _edit("block_ptr", lambda w, t: t.__setitem__(-1, int(t[-1]) - 1)),
+            "block_ptr\\[MB\\] = block_ptr\\[6\\] = .* blocks are stored",
+        ),
+        "block column range": (
+            _edit("blocks", lambda w, t: t.__setitem__((0, 0), 9)),
+            "block column 9, outside \\[0, KB=9\\)",
+        ),
         "block column order": (_edit("blocks", _unsort_block_columns), "not sorted by block column"),
         "r above bm": (_counts_at(0, lambda r, c: True, lambda x: [9, int(x[0, 1])]), "r_0 is outside \\[0, bm=8\\]"),
         "c negative": (_counts_at(2, lambda r, c: True, lambda x: [int(x[2, 0]), -1]), "c_2 is outside \\[0, bk=8\\]"),
         "r0 zero": (_counts_at(slice(None), lambda r, c: True, lambda x: [[0, 0]] * 3), "keeps no row at level 0"),
-        "nesting": (_counts_at(1, lambda r, c: int(r[0]) < 8 and int(r[1]) >= 1,
-                               lambda x: [int(x[0, 0]) + 1, int(x[1, 1])]), "not nested: level 1 keeps"),
-        "r without c": (_counts_at(2, lambda r, c: int(r[2]) >= 1, lambda x: [int(x[2, 0]), 0]),
-                        "r_l == 0 must hold exactly when c_l == 0"),
-        "value offset": (_edit("blocks", lambda w, t: t.__setitem__((1, 1), int(t[1, 1]) + 1)),
-                         "value offset of block 1"),
-        "index offset": (_edit("blocks", lambda w, t: t.__setitem__((2, 2), int(t[2, 2]) - 1)),
-                         "index offset of block 2"),
+        "nesting": (
+            _counts_at(1, lambda r, c: int(r[0]) < 8 and int(r[1]) >= 1, lambda x: [int(x[0, 0]) + 1, int(x[1, 1])]),
+            "not nested: level 1 keeps",
+        ),
+        "r without c": (
+            _counts_at(2, lambda r, c: int(r[2]) >= 1, lambda x: [int(x[2, 0]), 0]),
+            "r_l == 0 must hold exactly when c_l == 0",
+        ),
+        "value offset": (
+            _edit("blocks", lambda w, t: t.__setitem__((1, 1), int(t[1, 1]) + 1)),
+            "value offset of block 1",
+        ),
+        "index offset": (
+            _edit("blocks", lambda w, t: t.__setitem__((2, 2), int(t[2, 2]) - 1)),
+            "index offset of block 2",
+        ),
         "value count": (_set("values", lambda t: t[:-1]), "values are stored but the blocks hold"),
         "index count": (_set("indices", lambda t: torch.cat([t, t[:1]])), "indices are stored but the blocks hold"),
-        "index outside block": (_edit("indices", lambda w, t: t.__setitem__(0, 8)),
-                                "indices\\[0\\] = 8, row 0 .* outside the block"),
-        "negative index": (_edit("indices", lambda w, t: t.__setitem__(int(w.counts[0, 0, 0]), -1)),
-                           "column 0 .* outside the block"),
+        "index outside block": (
+            _edit("indices", lambda w, t: t.__setitem__(0, 8)),
+            "indices\\[0\\] = 8, row 0 .* outside the block",
+        ),
+        "negative index": (
+            _edit("indices", lambda w, t: t.__setitem__(int(w.counts[0, 0, 0]), -1)),
+            "column 0 .* outside the block",
+        ),
         "index outside matrix": (_edit("indices", _partial_edge_row), "global row 46, outside the matrix \\(45 rows"),
         "index order": (_edit("indices", _swap_same_tag), "not ordered by descending tag, then number"),
         "index repeat": (_edit("indices", _repeat_across_tags), "holds row .* twice"),
         # the invariants NCSR's table checks too
-        "no level": (_set("counts", lambda t: t[:0]),
-                     "counts must have shape \\(L, B, 2\\) = \\(L, \\d+, 2\\) with L >= 1, got \\(0, \\d+, 2\\)"),
-        "values not 1-D": (_set("values", lambda t: t[:, None]),
-                           "values and indices must be 1-D, got shapes \\(\\d+, 1\\)"),
+        "no level": (
+            _set("counts", lambda t: t[:0]),
+            "counts must have shape \\(L, B, 2\\) = \\(L, \\d+, 2\\) with L >= 1, got \\(0, \\d+, 2\\)",
+        ),
+        "values not 1-D": (
+            _set("values", lambda t: t[:, None]),
+            "values and indices must be 1-D, got shapes \\(\\d+, 1\\)",
+        ),
     },
 }
 
@@ -456,6 +539,7 @@ def test_validate_names_the_broken_invariant(fmt, name, corrupt, pattern):
 
 # ---- from_dense refuses bad input ----------------------------------------------------------------------------
 
+
 def test_from_dense_refuses_bad_tags_and_arguments(fmt):
     where = f"{fmt.cls.__name__}.from_dense: "
     w = torch.randn(3, 4)
@@ -476,6 +560,7 @@ def test_from_dense_refuses_bad_tags_and_arguments(fmt):
 
 
 # ---- NCSR's own ------------------------------------------------------------------------------------------------
+
 
 def test_ncsr_column_index_width():
     # col_idx is int16 up to K = 32767 columns, int32 beyond (a conv weight has Cin/g*kh*kw columns)
@@ -500,6 +585,7 @@ def test_ncsr_layout_follows_the_contract():
 
 
 # ---- NBCR's own ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(1, 37), (37, 1), (1, 1), (8, 3, 3, 3), (20, 4, 1, 1), (5,)])
 @pytest.mark.parametrize("block_shape", [(3, 5), (16, 16)])
@@ -572,8 +658,10 @@ def test_nbcr_default_block_shape():
 def test_nbcr_from_dense_refuses_unstructured_tags():
     tags = torch.full((40, 64), -1, dtype=torch.int8)
     tags[3, 40], tags[3, 41], tags[5, 40] = 0, 1, 2
-    msg = ("tags are not block row/column structured (block shape (32, 32)): element (3, 40) in block (0, 1) has "
-           "tag 0, but its row and column are kept up to levels 1 and 2, so it would have tag 1")
+    msg = (
+        "tags are not block row/column structured (block shape (32, 32)): element (3, 40) in block (0, 1) has "
+        "tag 0, but its row and column are kept up to levels 1 and 2, so it would have tag 1"
+    )
     with pytest.raises(FormatError) as err:
         NestedBCR.from_dense(torch.randn(40, 64), tags)
     assert msg in str(err.value)
@@ -591,8 +679,9 @@ def test_nbcr_from_dense_refuses_unstructured_tags():
 def test_nbcr_from_dense_refuses_bad_block_shape():
     w = torch.randn(3, 4)
     for bad in [(0, 4), (4, 257), (4,), (2.0, 2), 4]:
-        with pytest.raises(ValueError, match=f"block_shape must be two ints .* got {bad!r}".replace("(", "\\(")
-                           .replace(")", "\\)")):
+        with pytest.raises(
+            ValueError, match=f"block_shape must be two ints .* got {bad!r}".replace("(", "\\(").replace(")", "\\)")
+        ):
             NestedBCR.from_dense(w, torch.zeros(3, 4, dtype=torch.int8), bad)
     with pytest.raises(ValueError, match="2 densities for 1 levels"):
         NestedBCR.from_dense(w, torch.zeros(3, 4, dtype=torch.int8), (2, 2), 1, (0.5, 0.2))

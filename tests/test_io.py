@@ -24,8 +24,17 @@ DENSITIES = (0.3, 0.1)
 def dense_model() -> nn.Module:
     """The dense skeleton: conv, BN, ReLU, conv, ReLU, flatten, linear, ReLU, linear; 1x8x8 inputs."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
 
 
 def converted_model(fmt: str) -> nn.Module:
@@ -62,8 +71,10 @@ def saved(request, models, tmp_path):
 @pytest.fixture
 def no_pickle(monkeypatch):
     """Makes any unpickling during the test fail loudly."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("nestsparse.io must never unpickle")
+
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
@@ -74,7 +85,7 @@ def header(path) -> tuple[int, dict]:
     """The safetensors header length N and the parsed header."""
     data = open(path, "rb").read()
     n = struct.unpack("<Q", data[:8])[0]
-    return n, json.loads(data[8:8 + n])
+    return n, json.loads(data[8 : 8 + n])
 
 
 def read_all(path) -> tuple[dict, dict[str, str], dict[str, torch.Tensor]]:
@@ -115,6 +126,7 @@ def assert_same_outputs(a: nn.Module, b: nn.Module, levels: int = len(DENSITIES)
 
 
 # ---- round trip -----------------------------------------------------------------------------------------
+
 
 def test_round_trip_is_exact(saved, no_pickle):
     fmt, model, path = saved
@@ -179,13 +191,14 @@ def test_tied_tensors_are_stored_once(tmp_path):
 
 # ---- the file --------------------------------------------------------------------------------------------
 
+
 def test_file_is_the_densest_storage_plus_dense_rest_plus_header(saved):
     fmt, model, path = saved
     size = os.path.getsize(path)
     assert nsio.save(model, path) == size
     data = open(path, "rb").read()
     n = struct.unpack("<Q", data[:8])[0]  # safetensors: 8-byte length, JSON header, raw bytes; no pickle
-    head = json.loads(data[8:8 + n])
+    head = json.loads(data[8 : 8 + n])
     assert not data.startswith(b"\x80") and not data.startswith(b"PK")
     assert n < 4096, f"header of {n} bytes"
     state = model.state_dict()
@@ -206,12 +219,30 @@ def test_metadata_describes_the_model(models, tmp_path):
     assert meta["format_version"] == nsio.FORMAT_VERSION and meta["nestsparse_version"] == nestsparse.__version__
     assert meta["arch"] is None and meta["level"] == 1 and meta["user"] == {"dataset": "toy", "note": "ü"}
     assert meta["identities"] == ["4", "7"]
-    assert meta["level_batchnorms"] == {"1": {"num_features": 8, "num_levels": 2, "eps": 1e-5, "momentum": 0.1,
-                                              "affine": True, "per_level_affine": False}}
-    assert meta["nested"]["3"] == {"kind": "conv2d", "format": "nbcr", "weight_shape": [16, 8, 3, 3],
-                                   "block_shape": [8, 8], "densities": list(DENSITIES), "activation": "relu",
-                                   "bias": True, "dtype": "float32", "stride": [1, 1], "padding": [1, 1],
-                                   "dilation": [1, 1], "groups": 1}
+    assert meta["level_batchnorms"] == {
+        "1": {
+            "num_features": 8,
+            "num_levels": 2,
+            "eps": 1e-5,
+            "momentum": 0.1,
+            "affine": True,
+            "per_level_affine": False,
+        }
+    }
+    assert meta["nested"]["3"] == {
+        "kind": "conv2d",
+        "format": "nbcr",
+        "weight_shape": [16, 8, 3, 3],
+        "block_shape": [8, 8],
+        "densities": list(DENSITIES),
+        "activation": "relu",
+        "bias": True,
+        "dtype": "float32",
+        "stride": [1, 1],
+        "padding": [1, 1],
+        "dilation": [1, 1],
+        "groups": 1,
+    }
     assert meta["nested"]["8"]["kind"] == "linear" and "stride" not in meta["nested"]["8"]
     assert meta["checksum"].startswith("sha256:")
     with pytest.raises(ValueError, match="reserved"):
@@ -238,6 +269,7 @@ def test_model_with_arch_loads_without_skeleton(tmp_path, no_pickle):
 
 
 # ---- refusals ----------------------------------------------------------------------------------------------
+
 
 def test_save_refuses_parametrized_model(tmp_path):
     class Mask(nn.Module):
@@ -272,7 +304,7 @@ def test_truncated_file(saved, tmp_path, where, no_pickle):
     n = struct.unpack("<Q", data[:8])[0]
     cut = {"prefix": 5, "header": 8 + n // 2, "data": 8 + n + (len(data) - 8 - n) // 2, "last byte": len(data) - 1}
     path = tmp_path / "cut.safetensors"
-    path.write_bytes(data[:cut[where]])
+    path.write_bytes(data[: cut[where]])
     with pytest.raises(nsio.CheckpointError, match=r"cut\.safetensors: not a safetensors file, or truncated"):
         nsio.load(path, dense_model())
 
@@ -306,8 +338,11 @@ def test_any_altered_byte_is_detected(saved, tmp_path, where):
         path = tmp_path / "user.safetensors"
         nsio.save(saved[1], path, metadata={"owner": "alice"})
         data = bytearray(path.read_bytes())
-        old, new = (b'\\"activation\\":\\"relu\\"', b'\\"activation\\":\\"gelu\\"') if where == "description" \
+        old, new = (
+            (b'\\"activation\\":\\"relu\\"', b'\\"activation\\":\\"gelu\\"')
+            if where == "description"
             else (b'"owner":"alice"', b'"owner":"mally"')
+        )
         assert data.count(old) >= 1
         data = data.replace(old, new, 1)
     path = tmp_path / "altered.safetensors"

@@ -53,8 +53,11 @@ def imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, 
 
 def graph() -> dict[str, set[str]]:
     modules = python_modules()
-    return {name: {target for target, _ in imports(name, path, modules) if target in modules and target != name}
-            for name, path in modules.items() if path is not None}
+    return {
+        name: {target for target, _ in imports(name, path, modules) if target in modules and target != name}
+        for name, path in modules.items()
+        if path is not None
+    }
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -67,7 +70,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(edges.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (cycle := visit(m)):
                 return cycle
         stack.pop()
@@ -117,7 +120,7 @@ def cpp_includes() -> dict[str, set[str]]:
         found = set()
         for line in path.read_text().splitlines():
             line = line.strip()
-            if line.startswith("#include \""):
+            if line.startswith('#include "'):
                 inc = line.split('"')[1]
                 local = (path.parent / inc).relative_to(CSRC).as_posix() if (path.parent / inc).exists() else inc
                 if local in files:

@@ -201,9 +201,15 @@ def test_set_level_checks_range():
 
 
 def _bn_model():
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 6), nn.BatchNorm1d(6))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 6),
+        nn.BatchNorm1d(6),
+    )
 
 
 def test_level_batchnorms_swaps_every_batchnorm():

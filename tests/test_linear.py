@@ -134,8 +134,9 @@ def test_empty_level_and_all_pruned_give_bias(isa, fmt, n, block_shape):
     assert fmt.name != "nbcr" or pruned.num_blocks == 0  # blocks with nothing kept are not stored
     for level in (0, 1):
         assert_close_to_reference(pruned.linear(x, level, bias), bias.double().expand(n, M), torch.float32)
-        assert_close_to_reference(pruned.linear(x, level, None, "relu6"), torch.zeros(n, M, dtype=torch.float64),
-                                  torch.float32)
+        assert_close_to_reference(
+            pruned.linear(x, level, None, "relu6"), torch.zeros(n, M, dtype=torch.float64), torch.float32
+        )
 
 
 def test_nothing_pruned_at_level_0(fmt):

@@ -30,14 +30,28 @@ def small_graph():
 
 # name -> (small kwargs, example inputs, expected output shape)
 CASES = {
-    "resnet_small": ({"num_classes": 10, "width": 8, "blocks": [1, 1, 1]}, lambda: (torch.randn(4, 1, 8, 8),),
-                     (4, 10)),
-    "pointnet2": ({"num_classes": 8, "sa1_points": 32, "sa1_k": 8, "sa1_mlp": [16, 32], "sa2_points": 8, "sa2_k": 8,
-                   "sa2_mlp": [32, 64], "global_mlp": [64, 128], "hidden": 32},
-                  lambda: (torch.randn(3, 64, 3),), (3, 8)),
+    "resnet_small": ({"num_classes": 10, "width": 8, "blocks": [1, 1, 1]}, lambda: (torch.randn(4, 1, 8, 8),), (4, 10)),
+    "pointnet2": (
+        {
+            "num_classes": 8,
+            "sa1_points": 32,
+            "sa1_k": 8,
+            "sa1_mlp": [16, 32],
+            "sa2_points": 8,
+            "sa2_k": 8,
+            "sa2_mlp": [32, 64],
+            "global_mlp": [64, 128],
+            "hidden": 32,
+        },
+        lambda: (torch.randn(3, 64, 3),),
+        (3, 8),
+    ),
     "gnmt": ({"vocab": 20, "embed": 16, "hidden": 32, "enc_layers": 3, "dec_layers": 3}, seq_batch, (3, 8, 20)),
-    "gat": ({"in_features": 16, "num_classes": 3, "hidden": 4, "heads": 4}, lambda: (small_graph().x, small_graph().adj),
-            (60, 3)),
+    "gat": (
+        {"in_features": 16, "num_classes": 3, "hidden": 4, "heads": 4},
+        lambda: (small_graph().x, small_graph().adj),
+        (60, 3),
+    ),
     "digits_cnn": ({"width": 8}, lambda: (torch.randn(3, 1, 8, 8),), (3, 10)),
 }
 
@@ -105,8 +119,10 @@ def test_module_conventions(name):
     assert len({id(m) for m in relus}) == len(relus) and not any(m.inplace for m in relus)
     norms = (nn.BatchNorm1d, nn.BatchNorm2d)
     assert not any(isinstance(m, nn.modules.batchnorm._NormBase) and not isinstance(m, norms) for m in model.modules())
-    assert not any(isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention))
-                   for m in model.modules())
+    assert not any(
+        isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention))
+        for m in model.modules()
+    )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -129,7 +145,7 @@ def test_gnmt_greedy_and_padding():
     assert ((out >= 0) & (out < 20)).all()
     for row in out.tolist():  # PAD after the first EOS
         if EOS in row:
-            assert all(t == PAD for t in row[row.index(EOS) + 1:])
+            assert all(t == PAD for t in row[row.index(EOS) + 1 :])
     # Extra PAD columns change nothing: the backward LSTM starts at each sequence's last real token.
     with torch.no_grad():
         mem, mask = model.encoder(src)
@@ -155,6 +171,7 @@ def test_gat_attends_only_to_neighbours():
 
 def test_pointnet_sampling_is_deterministic():
     from nestsparse.apps.models.pointnet import farthest_point_sample, knn
+
     x = torch.randn(2, 50, 3)
     idx = farthest_point_sample(x, 20)
     assert torch.equal(idx, farthest_point_sample(x, 20)) and (idx[:, 0] == 0).all()
@@ -184,8 +201,11 @@ CONVERT_CASES = {
     "resnet_small": ({}, lambda: (torch.randn(4, 1, 8, 8),), lambda: (torch.randn(16, 1, 8, 8),)),
     "pointnet2": ({}, lambda: (torch.randn(3, 96, 3),), lambda: (torch.randn(8, 96, 3),)),
     "gnmt": ({}, seq_batch, lambda: seq_batch(B=8, seed=1)),
-    "gat": ({"in_features": 16, "num_classes": 3}, lambda: (small_graph().x, small_graph().adj),
-            lambda: (small_graph().x, small_graph().adj)),
+    "gat": (
+        {"in_features": 16, "num_classes": 3},
+        lambda: (small_graph().x, small_graph().adj),
+        lambda: (small_graph().x, small_graph().adj),
+    ),
 }
 
 

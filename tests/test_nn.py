@@ -19,8 +19,15 @@ def sparse_model(model, densities, fmt, **kwargs):
 def small_cnn():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU6(),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.GELU(), nn.Linear(16, 5))
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
+        nn.ReLU6(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 16),
+        nn.GELU(),
+        nn.Linear(16, 5),
+    )
 
 
 def test_convert_replaces_layers_and_fuses_activations(fmt):
@@ -28,8 +35,16 @@ def test_convert_replaces_layers_and_fuses_activations(fmt):
     sparse, _ = sparse_model(model, (0.6, 0.3, 0.1), fmt)
     assert all(sparse[i].format == fmt.name for i in (0, 2, 5, 7))
     kinds = [type(m).__name__ for m in sparse]
-    assert kinds == ["NestedSparseConv2d", "Identity", "NestedSparseConv2d", "Identity", "Flatten",
-                     "NestedSparseLinear", "Identity", "NestedSparseLinear"]
+    assert kinds == [
+        "NestedSparseConv2d",
+        "Identity",
+        "NestedSparseConv2d",
+        "Identity",
+        "Flatten",
+        "NestedSparseLinear",
+        "Identity",
+        "NestedSparseLinear",
+    ]
     assert [sparse[i].activation for i in (0, 2, 5, 7)] == ["relu", "relu6", "gelu", "none"]
     assert isinstance(model[0], nn.Conv2d), "convert must not modify its input unless inplace=True"
 
@@ -114,6 +129,7 @@ def test_build_info_and_version_mismatch_message(monkeypatch):
     import importlib
 
     from nestsparse import _build_info, _library
+
     monkeypatch.setattr(_build_info, "TORCH_VERSION", "1.0.0")
     with pytest.raises(ImportError, match="built for torch 1.0.0, but torch .* is installed"):
         importlib.reload(_library)

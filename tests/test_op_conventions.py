@@ -32,8 +32,14 @@ def linear_weight(fmt, M=7, K=11, L=2, dtype=torch.float32, seed=0, block_shape=
 
 
 def conv_weight(fmt, cout=6, cin=4, k=3, groups=2, dtype=torch.float32, seed=0, block_shape=(4, 4)):
-    return fmt.random((cout, cin // groups, k, k), 2, torch.Generator().manual_seed(seed), dtype,
-                      block_shape=block_shape, density=0.64)
+    return fmt.random(
+        (cout, cin // groups, k, k),
+        2,
+        torch.Generator().manual_seed(seed),
+        dtype,
+        block_shape=block_shape,
+        density=0.64,
+    )
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
@@ -53,8 +59,7 @@ def test_opcheck_linear_with_plan_and_3d_input(fmt):
     plan = w.plan(3)
     opcheck(op(w, "linear"), (torch.randn(2, 3, 11), *weight_args(w), 0, *op_args(w), None, "relu6", plan))
     opcheck(op(w, "linear"), (torch.randn(3, 11), *weight_args(w), 0, *op_args(w), None, "relu6", plan))
-    opcheck(op(w, "linear"), (torch.randn(11, requires_grad=True), *weight_args(w), 1, *op_args(w), None, "none",
-                              None))
+    opcheck(op(w, "linear"), (torch.randn(11, requires_grad=True), *weight_args(w), 1, *op_args(w), None, "none", None))
     plan_args = (w.row_ptr, w.row_end, 3) if fmt.name == "ncsr" else (w.block_ptr, w.counts, 3, 3)
     opcheck(op(w, "plan"), plan_args)
 
@@ -69,8 +74,9 @@ def test_opcheck_conv(fmt, activation):
         args = (x, *weight_args(w, values), 0, *op_args(w), [3, 3], bias, [2, 1], [1, 1], [1, 2], 2, activation, p)
         opcheck(op(w, "conv2d"), args)
     gz = torch.randn(2, 6, 4, 4)
-    opcheck(op(w, "conv2d_backward"), (gz, x.detach(), *weight_args(w), 1, *op_args(w), [3, 3], [2, 1], [1, 1], [1, 2],
-                                       2))
+    opcheck(
+        op(w, "conv2d_backward"), (gz, x.detach(), *weight_args(w), 1, *op_args(w), [3, 3], [2, 1], [1, 1], [1, 2], 2)
+    )
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
@@ -88,10 +94,15 @@ def test_gradcheck_linear(fmt, activation, level):
 
 
 @pytest.mark.parametrize("activation", ["none", "relu6", "gelu"])
-@pytest.mark.parametrize("geometry", [dict(s=(2, 1), p=1, d=(1, 2), g=2, bs=(4, 4)),
-                                      dict(s=1, p=0, d=1, g=1, bs=(4, 4), k=1),
-                                      dict(s=2, p=(0, 1), d=1, g=6, bs=(4, 3))],
-                         ids=["strided-grouped", "direct", "depthwise"])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(s=(2, 1), p=1, d=(1, 2), g=2, bs=(4, 4)),
+        dict(s=1, p=0, d=1, g=1, bs=(4, 4), k=1),
+        dict(s=2, p=(0, 1), d=1, g=6, bs=(4, 3)),
+    ],
+    ids=["strided-grouped", "direct", "depthwise"],
+)
 def test_gradcheck_conv(fmt, activation, geometry):
     k, groups = geometry.get("k", 3), geometry["g"]
     cin = 6 if groups == 6 else 4
@@ -126,7 +137,9 @@ def test_conv_values_outside_the_level_get_zero_gradient(fmt):
     assert inside.any() and not inside.all()
     values = w.values.clone().requires_grad_(True)
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
-    op(w, "conv2d")(x, *weight_args(w, values), 1, *op_args(w), [3, 3], None, [1, 1], [1, 1], [1, 1], 2).sum().backward()
+    op(w, "conv2d")(
+        x, *weight_args(w, values), 1, *op_args(w), [3, 3], None, [1, 1], [1, 1], [1, 1], 2
+    ).sum().backward()
     assert (values.grad[~inside] == 0).all() and (values.grad[inside] != 0).any()
 
 
@@ -176,8 +189,11 @@ def test_half_precision_gradients_match_dense_autograd(fmt, dtype):
     torch.testing.assert_close(values.grad.double(), expected, rtol=0, atol=tol * (1 + expected.abs().max().item()))
 
 
-@pytest.mark.parametrize("geometry", [dict(k=3, s=2, p=1, g=2), dict(k=1, s=1, p=0, g=1), dict(k=3, s=1, p=1, g=6)],
-                         ids=["strided-grouped", "direct", "depthwise"])
+@pytest.mark.parametrize(
+    "geometry",
+    [dict(k=3, s=2, p=1, g=2), dict(k=1, s=1, p=0, g=1), dict(k=3, s=1, p=1, g=6)],
+    ids=["strided-grouped", "direct", "depthwise"],
+)
 def test_float32_conv_gradients_match_dense_autograd(fmt, geometry):
     gen = torch.Generator().manual_seed(7)
     k, s, p, groups = geometry["k"], geometry["s"], geometry["p"], geometry["g"]
@@ -185,8 +201,9 @@ def test_float32_conv_gradients_match_dense_autograd(fmt, geometry):
     w = conv_weight(fmt, cout=cout, cin=cin, k=k, groups=groups, block_shape=(4, 3), seed=7)
     x = torch.randn(2, cin, 9, 8, generator=gen, requires_grad=True)
     values = w.values.clone().requires_grad_(True)
-    out = op(w, "conv2d")(x, *weight_args(w, values), 0, *op_args(w), [k, k], None, [s, s], [p, p], [1, 1], groups,
-                          "gelu")
+    out = op(w, "conv2d")(
+        x, *weight_args(w, values), 0, *op_args(w), [k, k], None, [s, s], [p, p], [1, 1], groups, "gelu"
+    )
     out.square().sum().backward()
     xd = x.detach().double().requires_grad_(True)
     dense = w.to_dense(0).double().requires_grad_(True)
@@ -200,12 +217,14 @@ def test_unbatched_3d_and_wide_batch_gradients(fmt):
     w = linear_weight(fmt, M=9, K=13, block_shape=(4, 4), dtype=torch.float64, seed=4)
     bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
     x1 = torch.randn(13, dtype=torch.float64, requires_grad=True)  # 1-D: no batch dimension
-    assert torch.autograd.gradcheck(lambda x, b: op(w, "linear")(x, *weight_args(w), 0, *op_args(w), b, "relu"),
-                                    (x1, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, b: op(w, "linear")(x, *weight_args(w), 0, *op_args(w), b, "relu"), (x1, bias)
+    )
     x3 = torch.randn(2, 3, 13, dtype=torch.float64, requires_grad=True)
     values = w.values.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x, v: op(w, "linear")(x, *weight_args(w, v), 1, *op_args(w), None, "gelu"), (x3, values))
+        lambda x, v: op(w, "linear")(x, *weight_args(w, v), 1, *op_args(w), None, "gelu"), (x3, values)
+    )
     # More than 64 batch rows: the backward splits its columns across threads.
     x = torch.randn(150, 13, dtype=torch.float64, requires_grad=True)
     values = w.values.clone().requires_grad_(True)
@@ -236,8 +255,9 @@ def test_torch_compile_fullgraph_ops(fmt):
 
     def f(x, img, level: int):
         y = op(wl, "linear")(x, *weight_args(wl), level, *op_args(wl), bias, "gelu", plan)
-        z = op(wc, "conv2d")(img, *weight_args(wc), min(level, 1), *op_args(wc), [3, 3], None, [2, 2], [1, 1], [1, 1],
-                             2, "relu", None)
+        z = op(wc, "conv2d")(
+            img, *weight_args(wc), min(level, 1), *op_args(wc), [3, 3], None, [2, 2], [1, 1], [1, 1], 2, "relu", None
+        )
         return y.sum(-1), z
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -287,5 +307,4 @@ def test_float32_gradients_of_the_module_match_dense_autograd(fmt):
     dense = w.to_dense(1).double().requires_grad_(True)
     torch.relu(xd @ dense.T).square().sum().backward()
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(layer.values.grad.double(), expected_value_grad(w, 1, dense.grad), rtol=1e-4,
-                               atol=1e-3)
+    torch.testing.assert_close(layer.values.grad.double(), expected_value_grad(w, 1, dense.grad), rtol=1e-4, atol=1e-3)

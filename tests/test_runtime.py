@@ -47,6 +47,7 @@ LEVELS = (0.3, 0.13, 0.05)
 
 # ============================================================================================ fake clock
 
+
 class FakeClock:
     """Seconds that pass only when a module (or a hook) says so; ``log`` records (tick, level) as they run."""
 
@@ -194,20 +195,21 @@ def reference_decisions(prof, actual, deadline, margin):
 
 # ================================================================================ 1. decisions (fake clock)
 
+
 def test_on_time_never_switches(ticks):
     clock, model, ex = ticks
     inf = ex(one(), deadline=20.0)
     assert inf.levels == (0, 0, 0, 0) and inf.switches == []
     assert inf.segment_times == [1.0, 4.0, 4.0, 4.0, 4.0]
     assert inf.latency == 17.0 and inf.met and inf.deadline == 20.0 and inf.final_level == 0
-    assert inf.overhead == 0.0   # the fake clock does not move while deciding
+    assert inf.overhead == 0.0  # the fake clock does not move while deciding
     assert {lvl for _, lvl in clock.log} == {0}
     assert torch.equal(inf.output, one())
 
 
 def test_deadline_exactly_met_does_not_switch(ticks):
     _, _, ex = ticks
-    inf = ex(one(), deadline=17.0)        # prediction 17 <= budget 17
+    inf = ex(one(), deadline=17.0)  # prediction 17 <= budget 17
     assert inf.switches == [] and inf.latency == 17.0 and inf.met
 
 
@@ -249,9 +251,9 @@ def test_switch_at_the_first_checkpoint(ticks):
 def test_margin_keeps_a_share_of_the_deadline(ticks):
     clock, model, _ = ticks
     with ReroutingExecutor(model, "block", make_profile(TICK_STAGES, TICK_TIMES), clock=clock, margin=0.25) as ex:
-        inf = ex(one(), deadline=20.0)      # budget 15: 17 does not fit, 9 does
+        inf = ex(one(), deadline=20.0)  # budget 15: 17 does not fit, 9 does
         assert inf.switches == [(0, 1)] and inf.latency == 9.0
-        inf = ex(one(), deadline=24.0)      # budget 18
+        inf = ex(one(), deadline=24.0)  # budget 18
         assert inf.switches == [] and inf.latency == 17.0
 
 
@@ -320,13 +322,13 @@ def test_choose_once_picks_the_densest_level_whose_scaled_total_fits(ticks):
     # no history: ratio 1; totals 17 / 9 / 5
     assert ex(one(), deadline=20.0, policy="choose-once").levels == (0,) * 4
     assert ex(one(), deadline=10.0, policy="choose-once").levels == (1,) * 4
-    assert ex(one(), deadline=4.0, policy="choose-once").levels == (2,) * 4    # none fits: sparsest
+    assert ex(one(), deadline=4.0, policy="choose-once").levels == (2,) * 4  # none fits: sparsest
     # an inference 2x slower than profiled (33 s for 17): the next choice scales the totals by 33/17
     slow_from(model, 0, 2.0)
     prev = ex(one(), deadline=100.0, policy="static-densest")
     assert prev.latency == 33.0
     slow_from(model, 0, 1.0)
-    inf = ex(one(), deadline=20.0, policy="choose-once")        # 33 > 20, 33/17 x 9 = 17.5 fits
+    inf = ex(one(), deadline=20.0, policy="choose-once")  # 33 > 20, 33/17 x 9 = 17.5 fits
     assert inf.levels == (1,) * 4 and inf.switches == [] and inf.latency == 9.0
     # that one ran as profiled: ratio back to 1
     assert ex(one(), deadline=17.0, policy="choose-once").levels == (0,) * 4
@@ -335,17 +337,17 @@ def test_choose_once_picks_the_densest_level_whose_scaled_total_fits(ticks):
 def test_choose_once_with_margin(ticks):
     clock, model, _ = ticks
     with ReroutingExecutor(model, "block", make_profile(TICK_STAGES, TICK_TIMES), clock=clock, margin=0.5) as ex:
-        assert ex(one(), deadline=20.0, policy="choose-once").levels == (1,) * 4   # budget 10
-        assert ex(one(), deadline=34.0, policy="choose-once").levels == (0,) * 4   # budget 17
+        assert ex(one(), deadline=20.0, policy="choose-once").levels == (1,) * 4  # budget 10
+        assert ex(one(), deadline=34.0, policy="choose-once").levels == (0,) * 4  # budget 17
 
 
 def test_refresh_moves_the_profile_toward_what_ran(ticks):
     clock, model, _ = ticks
     prof = make_profile(TICK_STAGES, TICK_TIMES)
     with ReroutingExecutor(model, "block", prof, clock=clock, refresh=0.25) as ex:
-        slow_from(model, 2, 2.0)                     # stages 2, 3: 8 s instead of 4
+        slow_from(model, 2, 2.0)  # stages 2, 3: 8 s instead of 4
         ex(one(), policy="static-densest")
-    assert [row[0] for row in prof.times] == [1.0, 4.0, 4.0, 5.0, 5.0]   # 0.75 x 4 + 0.25 x 8
+    assert [row[0] for row in prof.times] == [1.0, 4.0, 4.0, 5.0, 5.0]  # 0.75 x 4 + 0.25 x 8
     assert [row[1:] for row in prof.times] == [row[1:] for row in TICK_TIMES]
     assert prof.total(0) == 19.0
 
@@ -354,16 +356,16 @@ def test_ratio_after_a_switch_at_the_first_checkpoint():
     """Segment 0 ran at the start level even when the first checkpoint switches: the slowdown ratio of the
     next choose-once (and the refresh) must read that profile cell, not the new level's."""
     clock = FakeClock()
-    times = [[1.0, 2.0, 2.0]] + TICK_TIMES[1:]     # segment 0 profiled a little slower at levels 1, 2
+    times = [[1.0, 2.0, 2.0]] + TICK_TIMES[1:]  # segment 0 profiled a little slower at levels 1, 2
     with ReroutingExecutor(tick_model(clock), profile=make_profile(TICK_STAGES, times), clock=clock) as ex:
-        inf = ex(one(), deadline=16.5)             # cp0: 1 + 16 > 16.5 -> level 1; every segment as profiled
+        inf = ex(one(), deadline=16.5)  # cp0: 1 + 16 > 16.5 -> level 1; every segment as profiled
         assert inf.switches == [(0, 1)] and inf.segment_times == [1.0, 2.0, 2.0, 2.0, 2.0]
         # everything ran exactly as profiled (segment 0 at the start level 0): the ratio is 1, and 17 > 16
         assert ex(one(), deadline=16.0, policy="choose-once").levels == (1,) * 4
     prof = make_profile(TICK_STAGES, times)
     with ReroutingExecutor(tick_model(clock), profile=prof, clock=clock, refresh=0.5) as ex:
         ex(one(), deadline=16.5)
-    assert prof.times[0] == [1.0, 2.0, 2.0]                          # measured 1 s at level 0: unchanged
+    assert prof.times[0] == [1.0, 2.0, 2.0]  # measured 1 s at level 0: unchanged
     assert [row[1] for row in prof.times[1:]] == [2.0] * 4
 
 
@@ -373,7 +375,7 @@ def test_interference_is_called_once_per_segment_before_the_clock_is_read_again(
 
     def interference(start, end):
         calls.append((start, end))
-        clock.advance(0.5)              # each segment is stretched by 0.5 s
+        clock.advance(0.5)  # each segment is stretched by 0.5 s
 
     ex.interference = interference
     inf = ex(one(), policy="static-densest")
@@ -403,12 +405,12 @@ def test_slowdown_stretch_waits_factor_minus_one_times_the_segment(fake_scenario
     sc = Slowdown(seed=0)
     assert sc.factor == 1.0
     sc.stretch(0.0, 2.0)
-    assert fake_scenario_time.t == 0.0             # factor 1: no wait, not even a clock read
+    assert fake_scenario_time.t == 0.0  # factor 1: no wait, not even a clock read
     sc.apply(2.5)
     assert sc.factor == 2.5
-    sc.stretch(3.0, 5.0)                           # 1.5 x 2 s, plus the first read's step
+    sc.stretch(3.0, 5.0)  # 1.5 x 2 s, plus the first read's step
     assert fake_scenario_time.t == 3.0 + STEP
-    sc.apply(0.0)                                  # a quiet period
+    sc.apply(0.0)  # a quiet period
     assert sc.factor == 1.0
 
 
@@ -417,14 +419,15 @@ def test_slowdown_stretch_through_the_executor(fake_scenario_time):
     clock = fake_scenario_time
     model = tick_model(clock)
     sc = Slowdown(seed=0)
-    with ReroutingExecutor(model, "block", make_profile(TICK_STAGES, TICK_TIMES), clock=clock,
-                           interference=sc.stretch) as ex:
+    with ReroutingExecutor(
+        model, "block", make_profile(TICK_STAGES, TICK_TIMES), clock=clock, interference=sc.stretch
+    ) as ex:
         inf = ex(one(), deadline=20.0)
         assert inf.segment_times == [1.0, 4.0, 4.0, 4.0, 4.0] and inf.switches == []
         sc.apply(2.0)
         inf = ex(one(), deadline=40.0, policy="static-densest")
         assert inf.segment_times == [2.0 + STEP, 8.0 + STEP, 8.0 + STEP, 8.0 + STEP, 8.0 + STEP]
-        inf = ex(one(), deadline=20.0)   # cp0: 2 + 2 x 16 > 20, level 1: 2 + 2 x 8 = 18 fits
+        inf = ex(one(), deadline=20.0)  # cp0: 2 + 2 x 16 > 20, level 1: 2 + 2 x 8 = 18 fits
         assert inf.switches[0] == (0, 1)
 
 
@@ -454,6 +457,7 @@ def test_slowdown_start_needs_the_executor_and_stop_restores_it():
 
 # ---- traces
 
+
 def test_trace_is_reproducible_from_its_seed():
     a, b, c = Trace(7, 0.2, 0.5, (1.5, 2.5)), Trace(7, 0.2, 0.5, (1.5, 2.5)), Trace(8, 0.2, 0.5, (1.5, 2.5))
     assert a.changes(20.0) == b.changes(20.0)
@@ -472,7 +476,7 @@ def test_trace_values_alternate_and_match_changes():
     assert times == sorted(times) and len(set(times)) == len(times)
     for i, (t, v) in enumerate(ch):
         assert (v == 0.0) == (i % 2 == 0) and (v == 0.0 or v in (1.5, 2.5))
-        assert tr.value(t) == v                                 # a change holds from its time on
+        assert tr.value(t) == v  # a change holds from its time on
         nxt = ch[i + 1][0] if i + 1 < len(ch) else 30.0
         assert tr.value((t + nxt) / 2) == v
     share = tr.loaded_share(30.0)
@@ -481,9 +485,15 @@ def test_trace_values_alternate_and_match_changes():
     assert 0.0 <= Trace(1, 0.01, 10.0, (2,)).loaded_share(5.0) < 0.1 <= Trace(1, 10.0, 0.01, (2,)).loaded_share(5.0)
 
 
-@pytest.mark.parametrize("args, match", [((0, 0.0, 1.0, (1,)), "positive"), ((0, 1.0, -1.0, (1,)), "positive"),
-                                         ((0, 1.0, 1.0, ()), "levels must not be empty")],
-                         ids=["mean_on-0", "mean_off-negative", "no-levels"])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0, 0.0, 1.0, (1,)), "positive"),
+        ((0, 1.0, -1.0, (1,)), "positive"),
+        ((0, 1.0, 1.0, ()), "levels must not be empty"),
+    ],
+    ids=["mean_on-0", "mean_off-negative", "no-levels"],
+)
 def test_trace_refuses_bad_parameters(args, match):
     with pytest.raises(ValueError, match=match):
         Trace(*args)
@@ -498,7 +508,7 @@ def test_make_scenario():
         make_scenario("storm")
     with pytest.raises(ValueError, match="factors must be >= 1"):
         Slowdown(levels=(0.5,))
-    with make_scenario("none") as quiet:       # start / stop do nothing
+    with make_scenario("none") as quiet:  # start / stop do nothing
         assert quiet.trace is None
 
 
@@ -522,10 +532,11 @@ def test_cuda_rerouting_and_gpu_stream():
             torch.testing.assert_close(ex(x, policy=f"static:{lvl}").output, ref, rtol=0, atol=0)
         results = run_qos(ex, lambda i: (x,), 20, 2 * profile.percentile(0, 50), scenario=sc, progress=False)
     assert set(results) == set(POLICIES) and all(r.n == 20 for r in results.values())
-    assert sc._worker is None and sc._thread is None     # stopped
+    assert sc._worker is None and sc._thread is None  # stopped
 
 
 # ======================================================= 2. a rerouted run = the same per-stage levels, static
+
 
 def resnet(kind: str) -> nn.Module:
     """resnet_small (width 8, 2 blocks per stage, downsampling shortcuts in stages 2 and 3), eval mode:
@@ -535,7 +546,7 @@ def resnet(kind: str) -> nn.Module:
     model = models.resnet_small(width=8)
     if kind != "converted-plain-bn":
         nestsparse.level_batchnorms(model, len(LEVELS))
-    with torch.no_grad():                        # non-trivial statistics, different per level
+    with torch.no_grad():  # non-trivial statistics, different per level
         for m in model.modules():
             if isinstance(m, (LevelBatchNorm, nn.BatchNorm2d)):
                 m.running_mean.uniform_(-0.2, 0.2)
@@ -560,10 +571,15 @@ def run_with_stage_levels(model, heads, levels, x):
     """model(x) with every level-aware module that runs after stage ``heads[k]`` starts (and before the next
     head) at ``levels[k]``, those before the first head at levels[0]: the per-stage levels, without an executor."""
     state = {"k": 0}
-    handles = [model.get_submodule(h).register_forward_pre_hook(lambda m, a, k=k: state.update(k=k))
-               for k, h in enumerate(heads)]
-    handles += [m.register_forward_pre_hook(lambda m, a: setattr(m, "level", levels[state["k"]]))
-                for m in model.modules() if isinstance(m, LevelAware)]
+    handles = [
+        model.get_submodule(h).register_forward_pre_hook(lambda m, a, k=k: state.update(k=k))
+        for k, h in enumerate(heads)
+    ]
+    handles += [
+        m.register_forward_pre_hook(lambda m, a: setattr(m, "level", levels[state["k"]]))
+        for m in model.modules()
+        if isinstance(m, LevelAware)
+    ]
     try:
         with torch.no_grad():
             return model(x)
@@ -572,22 +588,24 @@ def run_with_stage_levels(model, heads, levels, x):
             h.remove()
 
 
-
-@pytest.mark.parametrize("kind, granularity", [
-    ("converted", "block"),
-    ("converted-plain-bn", "block"),
-    ("converted-plain-bn", "layer"),
-    ("masked", "block"),
-    pytest.param("converted", "layer"),
-    pytest.param("masked", "layer"),
-])
+@pytest.mark.parametrize(
+    "kind, granularity",
+    [
+        ("converted", "block"),
+        ("converted-plain-bn", "block"),
+        ("converted-plain-bn", "layer"),
+        ("masked", "block"),
+        pytest.param("converted", "layer"),
+        pytest.param("masked", "layer"),
+    ],
+)
 def test_rerouted_output_equals_the_same_levels_run_statically(kind, granularity):
     model = resnet(kind)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     clock = FakeClock()
     script = Script(clock)
     ex = ReroutingExecutor(model, granularity, clock=clock, interference=script)
-    ex.measure_profile(x, warmup=0, repeats=1, progress=False)       # learns the execution order
+    ex.measure_profile(x, warmup=0, repeats=1, progress=False)  # learns the execution order
     S = len(ex.order)
     ex.set_profile(make_profile(ex.order, [[1.0, 0.5, 0.25]] * (S + 1)))
     # segments 0..j-1 on time, segment j (stage j-1) 1 s late, later ones as profiled at level 1; deadline
@@ -633,9 +651,15 @@ def test_static_level_equals_set_level_with_layer_stages():
 
 # ====================================================================================== 3. profiles
 
+
 def small_profile() -> LatencyProfile:
-    return LatencyProfile(["a", "b"], [[1.0, 1.0], [2.0, 4.0], [3.0, 6.0]], [[0.0, 0.0], [0.5, 0.5], [0.25, 1.0]],
-                          [[6.0, 6.5, 7.0, 8.0], [11.0, 12.0]], {"device": "cpu", "threads": 1})
+    return LatencyProfile(
+        ["a", "b"],
+        [[1.0, 1.0], [2.0, 4.0], [3.0, 6.0]],
+        [[0.0, 0.0], [0.5, 0.5], [0.25, 1.0]],
+        [[6.0, 6.5, 7.0, 8.0], [11.0, 12.0]],
+        {"device": "cpu", "threads": 1},
+    )
 
 
 def test_profile_tables():
@@ -657,9 +681,9 @@ def test_profile_tables():
 def test_profile_observe_is_a_moving_estimate():
     p = small_profile()
     p.observe([2.0, 4.0, 3.0], [0, 1, 1], alpha=0.25)
-    assert p.times == [[1.25, 1.0], [2.0, 4.0], [3.0, 5.25]]   # (1 - a) t + a x measured, at the level run
+    assert p.times == [[1.25, 1.0], [2.0, 4.0], [3.0, 5.25]]  # (1 - a) t + a x measured, at the level run
     assert p.total(1) == 10.25 and p.remaining(2, 1) == 5.25 and p.total(0) == 6.25
-    p.observe([0.0, 0.0, 0.0], [0, 0, 0], alpha=1.0)             # alpha 1: the last measurement
+    p.observe([0.0, 0.0, 0.0], [0, 0, 0], alpha=1.0)  # alpha 1: the last measurement
     assert p.total(0) == 0.0
     for alpha in (0.0, -0.5, 1.5, math.nan):
         with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
@@ -684,8 +708,14 @@ def test_profile_save_load_round_trip(tmp_path):
 
 
 def _doc(**changes):
-    d = {"format": PROFILE_FORMAT, "stages": ["a", "b"], "times": [[1, 1], [2, 4], [3, 6]],
-         "spread": [[0, 0], [0, 0], [0, 0]], "totals": [[6], [11]], "info": {}}
+    d = {
+        "format": PROFILE_FORMAT,
+        "stages": ["a", "b"],
+        "times": [[1, 1], [2, 4], [3, 6]],
+        "spread": [[0, 0], [0, 0], [0, 0]],
+        "totals": [[6], [11]],
+        "info": {},
+    }
     d.update(changes)
     return json.dumps(d)
 
@@ -695,8 +725,10 @@ MALFORMED = {
     "a-list": ("[1, 2, 3]", "not a nestsparse.latency_profile/1 document"),
     "wrong-format-tag": (_doc(format="nestsparse.latency_profile/0"), "not a nestsparse.latency_profile/1"),
     "no-format-tag": (_doc(format=None), "not a nestsparse.latency_profile/1"),
-    "missing-times": (json.dumps({"format": PROFILE_FORMAT, "stages": ["a"], "spread": [[0]], "totals": [[1]]}),
-                      "malformed document"),
+    "missing-times": (
+        json.dumps({"format": PROFILE_FORMAT, "stages": ["a"], "spread": [[0]], "totals": [[1]]}),
+        "malformed document",
+    ),
     "times-not-rows": (_doc(times=[1, 2, 3]), "malformed document"),
     "too-few-segments": (_doc(times=[[1, 1], [2, 4]]), r"times must be 3 segments x 2 levels"),
     "too-few-levels": (_doc(times=[[1, 1], [2], [3, 6]]), r"times must be 3 segments x 2 levels"),
@@ -745,19 +777,26 @@ def test_set_profile_refuses_a_profile_for_another_model(ticks):
         ex.set_profile(make_profile(TICK_STAGES, [row[:2] for row in TICK_TIMES]))
     with pytest.raises(TypeError, match="expected a LatencyProfile, got dict"):
         ex.set_profile(make_profile(TICK_STAGES, TICK_TIMES).to_json())
-    assert ex.profile.times == TICK_TIMES           # the old profile is still in use
+    assert ex.profile.times == TICK_TIMES  # the old profile is still in use
 
 
 def test_measure_profile_on_the_fake_clock_is_exact():
     clock = FakeClock()
     model = tick_model(clock)
-    stages = [("1",), ("2",), ("3.a",), ("3.b",), ("3.down",), ("4",)]   # the shortcut is listed last
+    stages = [("1",), ("2",), ("3.a",), ("3.b",), ("3.down",), ("4",)]  # the shortcut is listed last
     with ReroutingExecutor(model, stages, clock=clock) as ex:
         prof = ex.measure_profile(one(), warmup=1, repeats=3, progress=False)
         assert ex.profile is prof
-        assert prof.stages == ex.order == ["1", "2", "3.down", "3.a", "3.b", "4"]   # as executed
-        assert prof.times == [[1.0, 1.0, 1.0], [4.0, 2.0, 1.0], [4.0, 2.0, 1.0], [1.0, 0.5, 0.25],
-                              [1.0, 0.5, 0.25], [2.0, 1.0, 0.5], [4.0, 2.0, 1.0]]
+        assert prof.stages == ex.order == ["1", "2", "3.down", "3.a", "3.b", "4"]  # as executed
+        assert prof.times == [
+            [1.0, 1.0, 1.0],
+            [4.0, 2.0, 1.0],
+            [4.0, 2.0, 1.0],
+            [1.0, 0.5, 0.25],
+            [1.0, 0.5, 0.25],
+            [2.0, 1.0, 0.5],
+            [4.0, 2.0, 1.0],
+        ]
         assert prof.spread == [[0.0] * 3] * 7
         assert prof.totals == [[17.0] * 3, [9.0] * 3, [5.0] * 3]
         assert prof.info["repeats"] == 3 and prof.info["input_shapes"] == [[1]] and prof.info["device"] == "cpu"
@@ -769,6 +808,7 @@ def test_measure_profile_on_the_fake_clock_is_exact():
 
 
 # ================================================================================= 4. bad arguments
+
 
 class NoAware(nn.Sequential):
     pass
@@ -803,18 +843,22 @@ def test_bad_deadline(ticks, deadline):
         ex(one(), deadline=deadline)
 
 
-@pytest.mark.parametrize("policy, match", [
-    ("fastest", r"unknown policy 'fastest'; expected one of \('static-densest'"),
-    ("static:3", r"policy 'static:3': level must be an integer in \[0, 2\]"),
-    ("static:-1", r"level must be an integer in \[0, 2\]"),
-    ("static:x", r"level must be an integer in \[0, 2\]"),
-    ("static:", r"level must be an integer"),
-], ids=["unknown", "static-out-of-range", "static-negative", "static-not-a-number", "static-empty"])
+@pytest.mark.parametrize(
+    "policy, match",
+    [
+        ("fastest", r"unknown policy 'fastest'; expected one of \('static-densest'"),
+        ("static:3", r"policy 'static:3': level must be an integer in \[0, 2\]"),
+        ("static:-1", r"level must be an integer in \[0, 2\]"),
+        ("static:x", r"level must be an integer in \[0, 2\]"),
+        ("static:", r"level must be an integer"),
+    ],
+    ids=["unknown", "static-out-of-range", "static-negative", "static-not-a-number", "static-empty"],
+)
 def test_bad_policy(ticks, policy, match):
     clock, _, ex = ticks
     with pytest.raises(ValueError, match=match):
         ex(one(), deadline=20.0, policy=policy)
-    assert clock.log == []            # refused before running anything
+    assert clock.log == []  # refused before running anything
 
 
 @pytest.mark.parametrize("policy", ["reroute", "choose-once"])
@@ -828,30 +872,47 @@ def test_profile_and_deadline_needed(policy):
             ex(one(), policy=policy)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"margin": 1.0}, r"margin must be in \[0, 1\), got 1.0"),
-    ({"margin": -0.1}, r"margin must be in \[0, 1\)"),
-    ({"margin": math.nan}, r"margin must be in \[0, 1\)"),
-    ({"refresh": 1.5}, r"refresh must be in \[0, 1\]"),
-    ({"refresh": -0.5}, r"refresh must be in \[0, 1\]"),
-], ids=["margin-1", "margin-negative", "margin-nan", "refresh-1.5", "refresh-negative"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"margin": 1.0}, r"margin must be in \[0, 1\), got 1.0"),
+        ({"margin": -0.1}, r"margin must be in \[0, 1\)"),
+        ({"margin": math.nan}, r"margin must be in \[0, 1\)"),
+        ({"refresh": 1.5}, r"refresh must be in \[0, 1\]"),
+        ({"refresh": -0.5}, r"refresh must be in \[0, 1\]"),
+    ],
+    ids=["margin-1", "margin-negative", "margin-nan", "refresh-1.5", "refresh-negative"],
+)
 def test_bad_executor_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReroutingExecutor(tick_model(FakeClock()), **kwargs)
 
 
-@pytest.mark.parametrize("stages, match", [
-    (["1", "2", "3"], r"stages do not cover the model: level-aware module '4' \(Tick\) is in no stage"),
-    (["1", "2", "3", "4", "nope"], r"no module named 'nope' in the model \(stage 'nope'\)"),
-    (["1", "2", "3", ("4", "")], r"no module named ''"),
-    (["1", "2", "3", "3.a", "4"], r"module '3.a' is in stage '3' and in stage '3.a'"),
-    (["1", "2", ("3", "1"), "4"], r"module '1' is in stage '1' and in stage '3'"),
-    (["1", "1", "2", "3", "4"], "two stages start at the same module"),
-    ([], "give at least one stage"),
-    (["1", (), "2"], "each with at least one module name"),
-    (["1", ["2", 5], "3", "4"], "no module named 5"),
-], ids=["not-covering", "unknown-name", "root", "overlap", "overlap-in-group", "same-head",
-        "no-stages", "empty-stage", "not-a-name"])
+@pytest.mark.parametrize(
+    "stages, match",
+    [
+        (["1", "2", "3"], r"stages do not cover the model: level-aware module '4' \(Tick\) is in no stage"),
+        (["1", "2", "3", "4", "nope"], r"no module named 'nope' in the model \(stage 'nope'\)"),
+        (["1", "2", "3", ("4", "")], r"no module named ''"),
+        (["1", "2", "3", "3.a", "4"], r"module '3.a' is in stage '3' and in stage '3.a'"),
+        (["1", "2", ("3", "1"), "4"], r"module '1' is in stage '1' and in stage '3'"),
+        (["1", "1", "2", "3", "4"], "two stages start at the same module"),
+        ([], "give at least one stage"),
+        (["1", (), "2"], "each with at least one module name"),
+        (["1", ["2", 5], "3", "4"], "no module named 5"),
+    ],
+    ids=[
+        "not-covering",
+        "unknown-name",
+        "root",
+        "overlap",
+        "overlap-in-group",
+        "same-head",
+        "no-stages",
+        "empty-stage",
+        "not-a-name",
+    ],
+)
 def test_bad_stages(stages, match):
     with pytest.raises(ValueError, match=match):
         ReroutingExecutor(tick_model(FakeClock()), stages)
@@ -869,9 +930,12 @@ def test_good_explicit_stages():
 def test_stages_must_cover_the_real_model(missing):
     model = resnet("converted")
     stages = [s for s in auto_stages(model, "block") if s[0] != missing]
-    if missing == "layer3.1.conv2":      # per-layer stages, but leave one nested layer out
-        stages = [(n,) for n, m in model.named_modules() if isinstance(m, (NestedSparseConv2d, LevelBatchNorm))
-                  and n != missing]
+    if missing == "layer3.1.conv2":  # per-layer stages, but leave one nested layer out
+        stages = [
+            (n,)
+            for n, m in model.named_modules()
+            if isinstance(m, (NestedSparseConv2d, LevelBatchNorm)) and n != missing
+        ]
     kind = "LevelBatchNorm" if missing == "bn1" else "NestedSparseConv2d"
     with pytest.raises(ValueError, match=rf"level-aware module '{missing}' \({kind}\) is in no stage"):
         ReroutingExecutor(model, stages)
@@ -951,11 +1015,21 @@ def test_closed_executor():
     assert not model[3]._forward_pre_hooks
 
 
-BAD_DEADLINES = [("abc", "give milliseconds"), ("p0", "give milliseconds"), ("p101", "give milliseconds"),
-                 ("p-5", "give milliseconds"), ("", "give milliseconds"), ("ms", "give milliseconds"),
-                 ("40 seconds", "give milliseconds"), ("-5", "deadline must be positive, got '-5'"),
-                 ("0", "must be positive"), ("0ms", "must be positive"), ("nan", "must be positive"),
-                 ("inf", "must be positive"), (-5, "must be positive")]
+BAD_DEADLINES = [
+    ("abc", "give milliseconds"),
+    ("p0", "give milliseconds"),
+    ("p101", "give milliseconds"),
+    ("p-5", "give milliseconds"),
+    ("", "give milliseconds"),
+    ("ms", "give milliseconds"),
+    ("40 seconds", "give milliseconds"),
+    ("-5", "deadline must be positive, got '-5'"),
+    ("0", "must be positive"),
+    ("0ms", "must be positive"),
+    ("nan", "must be positive"),
+    ("inf", "must be positive"),
+    (-5, "must be positive"),
+]
 
 
 @pytest.mark.parametrize("spec, match", BAD_DEADLINES, ids=[repr(spec) for spec, _ in BAD_DEADLINES])
@@ -964,8 +1038,15 @@ def test_deadline_from_refuses(spec, match):
         deadline_from(spec, small_profile())
 
 
-GOOD_DEADLINES = [("40", 0.04), ("40ms", 0.04), (" 12.5 MS ", 0.0125), (40, 0.04), ("p50", 6.75), ("P100", 8.0),
-                  ("p95", 7.85)]   # percentiles of small_profile's level-0 totals 6, 6.5, 7, 8 s
+GOOD_DEADLINES = [
+    ("40", 0.04),
+    ("40ms", 0.04),
+    (" 12.5 MS ", 0.0125),
+    (40, 0.04),
+    ("p50", 6.75),
+    ("P100", 8.0),
+    ("p95", 7.85),
+]  # percentiles of small_profile's level-0 totals 6, 6.5, 7, 8 s
 
 
 @pytest.mark.parametrize("spec, seconds", GOOD_DEADLINES, ids=[repr(spec) for spec, _ in GOOD_DEADLINES])
@@ -994,11 +1075,12 @@ def test_run_qos_bad_arguments(ticks):
 
 # ============================================================================ 5. auto stages, execution order
 
+
 def test_auto_stages_block_on_the_zoo_resnet():
     model = resnet("converted")
     blocks = [("bn1",)] + [(f"layer{i}.{j}",) for i in (1, 2, 3) for j in (0, 1)]
     assert auto_stages(model) == auto_stages(model, "block") == blocks
-    assert auto_stages(resnet("converted-plain-bn"), "block") == blocks[1:]   # an nn.BatchNorm2d is no stage
+    assert auto_stages(resnet("converted-plain-bn"), "block") == blocks[1:]  # an nn.BatchNorm2d is no stage
     assert auto_stages(resnet("masked"), "block") == blocks
 
 
@@ -1010,7 +1092,7 @@ def test_auto_stages_layer_without_level_batchnorm():
             expected += [(f"layer{i}.{j}.conv1",), (f"layer{i}.{j}.conv2",)]
             if i > 1 and j == 0:
                 expected.append((f"layer{i}.{j}.downsample.0",))
-    assert auto_stages(model, "layer") == expected           # registration order
+    assert auto_stages(model, "layer") == expected  # registration order
 
 
 @pytest.mark.parametrize("kind", ["converted", "masked"])
@@ -1036,9 +1118,9 @@ def test_executor_learns_the_execution_order(kind):
         assert registered.index("layer2.0.downsample.0") > registered.index("layer2.0.conv2")
         prof = ex.measure_profile(x, warmup=0, repeats=2, progress=False)
         assert sorted(ex.order) == sorted(registered) and prof.stages == ex.order
-        for i in (2, 3):   # the shortcut runs before the block's first convolution
+        for i in (2, 3):  # the shortcut runs before the block's first convolution
             assert ex.order.index(f"layer{i}.0.downsample.0") + 1 == ex.order.index(f"layer{i}.0.conv1")
-        assert prof.times == [[1.0] * 3] * (len(ex.order) + 1)     # one scripted second per segment
+        assert prof.times == [[1.0] * 3] * (len(ex.order) + 1)  # one scripted second per segment
         for lvl in range(3):
             assert ex(x, policy=f"static:{lvl}").levels == (lvl,) * len(ex.order)
 
@@ -1051,7 +1133,7 @@ def test_static_policy_without_profile_on_layer_stages():
 
 # ================================================================================================ 6. QoS
 
-FACTORS = [1.0, 1.0, 1.0, 2.0]      # inference i runs FACTORS[i % 4] x slower (input-driven, all segments)
+FACTORS = [1.0, 1.0, 1.0, 2.0]  # inference i runs FACTORS[i % 4] x slower (input-driven, all segments)
 
 
 def qos_inputs(i):
@@ -1075,8 +1157,12 @@ def test_run_qos_results(qos_results):
     choose-once misses 3 (level 0 -> 34), then (ratio 2) picks level 1 for 4 (9 s), level 0 again after."""
     r = qos_results
     assert list(r) == list(POLICIES)
-    exp = {"static-densest": [17, 17, 17, 34] * 2, "static-sparsest": [5, 5, 5, 10] * 2,
-           "reroute": [17, 17, 17, 18] * 2, "choose-once": [17, 17, 17, 34, 9, 17, 17, 34]}
+    exp = {
+        "static-densest": [17, 17, 17, 34] * 2,
+        "static-sparsest": [5, 5, 5, 10] * 2,
+        "reroute": [17, 17, 17, 18] * 2,
+        "choose-once": [17, 17, 17, 34, 9, 17, 17, 34],
+    }
     for policy, lat in exp.items():
         res = r[policy]
         assert isinstance(res, QosResult) and res.n == 8 and res.deadline == 20.0 and res.num_levels == 3
@@ -1089,7 +1175,7 @@ def test_run_qos_results(qos_results):
         assert res.effective_accuracy == pytest.approx(float(np.mean(res.scores * res.met)))
     d, s, ro, co = (r[p] for p in ("static-densest", "static-sparsest", "reroute", "choose-once"))
     assert d.met_rate == 0.75 and d.nines == pytest.approx(-math.log10(0.25))
-    assert s.met_rate == 1.0 and s.nines == pytest.approx(math.log10(8))    # no miss: the resolution bound
+    assert s.met_rate == 1.0 and s.nines == pytest.approx(math.log10(8))  # no miss: the resolution bound
     assert ro.met_rate == 1.0 and co.met_rate == 0.75
     assert d.effective_accuracy == 0.625 and co.effective_accuracy == 0.625 and ro.effective_accuracy == 0.75
     assert d.latency_percentile(50) == 17.0 and d.latency_percentile(100) == 34.0
@@ -1117,7 +1203,7 @@ def test_qos_table(qos_results):
     densest = rows[0].split(" | ")
     assert densest[1:4] == ["75.00%", "0.60", "17000.00"] and densest[6:8] == ["75.00%", "62.50%"]
     assert "L0 100.0% / L1 0.0% / L2 0.0%" in rows[0]
-    assert "| >= 0.90 |" in rows[1]                            # no miss: a lower bound
+    assert "| >= 0.90 |" in rows[1]  # no miss: a lower bound
     assert "L0 75.0% / L1 25.0% / L2 0.0%" in rows[3]
 
 
@@ -1147,12 +1233,22 @@ def test_run_qos_restarts_the_scenario_for_every_policy(ticks):
         def stop(self):
             events.append(("stop", None))
 
-    run_qos(ex, qos_inputs, 2, 20.0, policies=["static-densest", "reroute"], scenario=Recorder(), period=1e-6,
-            warmup=0, progress=False)
+    run_qos(
+        ex,
+        qos_inputs,
+        2,
+        20.0,
+        policies=["static-densest", "reroute"],
+        scenario=Recorder(),
+        period=1e-6,
+        warmup=0,
+        progress=False,
+    )
     assert events == [("start", ex), ("stop", None)] * 2
 
 
 # ================================================================================================ 7. the CLI
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -1179,15 +1275,19 @@ def cli_error(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--scenario", "storm"], "unknown scenario 'storm'"),
-    (["--model", "vgg16"], "unknown model 'vgg16'"),
-    (["--model", "weights.pt"], "unknown model 'weights.pt'"),
-    (["-n", "0"], "n must be >= 1, got 0"),
-    (["--threads", "-1"], "--threads must be >= 0, got -1"),
-    (["--stages", "blocks"], "argument --stages: invalid choice: 'blocks'"),
-    (["-n", "many"], "argument -n/--inferences: invalid int value: 'many'"),
-], ids=["scenario", "model", "model-extension", "n", "threads", "stages", "n-not-int"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--scenario", "storm"], "unknown scenario 'storm'"),
+        (["--model", "vgg16"], "unknown model 'vgg16'"),
+        (["--model", "weights.pt"], "unknown model 'weights.pt'"),
+        (["-n", "0"], "n must be >= 1, got 0"),
+        (["--threads", "-1"], "--threads must be >= 0, got -1"),
+        (["--stages", "blocks"], "argument --stages: invalid choice: 'blocks'"),
+        (["-n", "many"], "argument -n/--inferences: invalid int value: 'many'"),
+    ],
+    ids=["scenario", "model", "model-extension", "n", "threads", "stages", "n-not-int"],
+)
 def test_cli_errors_before_building_anything(argv, message, capsys, monkeypatch):
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built before the arguments were checked")
@@ -1198,18 +1298,37 @@ def test_cli_errors_before_building_anything(argv, message, capsys, monkeypatch)
     assert message in err and "error:" in err and "usage: python -m nestsparse" in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--deadline", "-5"], "deadline must be positive, got '-5'"),
-    (["--deadline", "0ms"], "deadline must be positive"),
-    (["--deadline", "p101"], "give milliseconds (e.g. 40 or 40ms)"),
-    (["--deadline", "soon"], "give milliseconds"),
-    (["--margin", "1"], "margin must be in [0, 1)"),
-    (["--policies", "static-densest", "fastest"], "unknown policy 'fastest'"),
-    (["--repeats", "0"], "repeats >= 1"),
-], ids=["deadline-negative", "deadline-zero", "deadline-p101", "deadline-word", "margin", "policy", "repeats"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--deadline", "-5"], "deadline must be positive, got '-5'"),
+        (["--deadline", "0ms"], "deadline must be positive"),
+        (["--deadline", "p101"], "give milliseconds (e.g. 40 or 40ms)"),
+        (["--deadline", "soon"], "give milliseconds"),
+        (["--margin", "1"], "margin must be in [0, 1)"),
+        (["--policies", "static-densest", "fastest"], "unknown policy 'fastest'"),
+        (["--repeats", "0"], "repeats >= 1"),
+    ],
+    ids=["deadline-negative", "deadline-zero", "deadline-p101", "deadline-word", "margin", "policy", "repeats"],
+)
 def test_cli_argument_errors_on_a_checkpoint(checkpoint, capsys, cheap_cost, argv, message):
-    err = cli_error(["qos", "--model", checkpoint, "--input-shape", "1,1,8,8", "--scenario", "none", "--repeats", "1",
-                     "-n", "1", *argv], capsys)
+    err = cli_error(
+        [
+            "qos",
+            "--model",
+            checkpoint,
+            "--input-shape",
+            "1,1,8,8",
+            "--scenario",
+            "none",
+            "--repeats",
+            "1",
+            "-n",
+            "1",
+            *argv,
+        ],
+        capsys,
+    )
     assert message in err
 
 
@@ -1227,12 +1346,35 @@ def test_cli_checks_the_deadline_before_building_the_model(capsys, monkeypatch):
 
 def test_cli_qos_end_to_end(checkpoint, tmp_path, capsys, cheap_cost):
     prof_path, png = tmp_path / "profile.json", tmp_path / "cdf.png"
-    assert cli.main(["qos", "--model", checkpoint, "--input-shape", "1,1,8,8", "-n", "3", "--repeats", "2",
-                     "--scenario", "none", "--deadline", "20ms", "--save-profile", str(prof_path),
-                     "--plot", str(png), "--threads", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "qos",
+                "--model",
+                checkpoint,
+                "--input-shape",
+                "1,1,8,8",
+                "-n",
+                "3",
+                "--repeats",
+                "2",
+                "--scenario",
+                "none",
+                "--deadline",
+                "20ms",
+                "--save-profile",
+                str(prof_path),
+                "--plot",
+                str(png),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "random inputs (1, 1, 8, 8)" in out
-    assert "3 stages (block); unloaded latency per level:" in out    # bn1, layer1.0, layer2.0
+    assert "3 stages (block); unloaded latency per level:" in out  # bn1, layer1.0, layer2.0
     assert "deadline 20.00 ms (20ms); scenario none: no background load; rerouting margin 10%" in out
     assert "deadline 20.00 ms, 3 inferences per policy" in out
     rows = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| policy")]
@@ -1244,9 +1386,29 @@ def test_cli_qos_end_to_end(checkpoint, tmp_path, capsys, cheap_cost):
     assert prof.stages == ["bn1", "layer1.0", "layer2.0"] and prof.num_levels == 3
     assert all(len(t) == 2 for t in prof.totals) and prof.info["input_shapes"] == [[1, 1, 8, 8]]
     # the saved profile is reused; a subset of the policies
-    assert cli.main(["qos", "--model", checkpoint, "--input-shape", "1,1,8,8", "-n", "2", "--scenario", "none",
-                     "--deadline", "p95", "--profile", str(prof_path), "--policies", "static-densest",
-                     "reroute"]) == 0
+    assert (
+        cli.main(
+            [
+                "qos",
+                "--model",
+                checkpoint,
+                "--input-shape",
+                "1,1,8,8",
+                "-n",
+                "2",
+                "--scenario",
+                "none",
+                "--deadline",
+                "p95",
+                "--profile",
+                str(prof_path),
+                "--policies",
+                "static-densest",
+                "reroute",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"latency profile loaded from {prof_path}" in out
     assert f"deadline {1e3 * prof.percentile(0, 95):.2f} ms (p95)" in out
@@ -1257,12 +1419,14 @@ def test_cli_qos_end_to_end(checkpoint, tmp_path, capsys, cheap_cost):
 def test_cli_refuses_a_profile_for_another_model(checkpoint, tmp_path, capsys):
     path = tmp_path / "profile.json"
     make_profile(TICK_STAGES, TICK_TIMES).save(path)
-    err = cli_error(["qos", "--model", checkpoint, "--input-shape", "1,1,8,8", "--scenario", "none",
-                     "--profile", str(path)], capsys)
+    err = cli_error(
+        ["qos", "--model", checkpoint, "--input-shape", "1,1,8,8", "--scenario", "none", "--profile", str(path)], capsys
+    )
     assert "latency profile is for stages ['1', '2', '3', '4']" in err
 
 
 # ============================================================================================ 8. CPU load
+
 
 def _spawned(monkeypatch):
     """Every process the scenarios module starts."""
@@ -1283,21 +1447,22 @@ def _state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(signal, "SIGSTOP"),
-                                      reason="the CPU-load scenario is Linux only")
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(signal, "SIGSTOP"), reason="the CPU-load scenario is Linux only"
+)
 
 
 @linux_only
 def test_cpu_load_start_stop_leaves_no_child(monkeypatch):
     procs = _spawned(monkeypatch)
-    per_core = 1 / (os.cpu_count() or 1)   # levels count spinners per core: these are 1 and 2 spinners
+    per_core = 1 / (os.cpu_count() or 1)  # levels count spinners per core: these are 1 and 2 spinners
     sc = CpuLoad(seed=0, mean_off=100.0, levels=(per_core, 2 * per_core))
     sc.start()
-    sc.start()                           # started twice
+    sc.start()  # started twice
     sc.stop()
     assert procs and all(p.poll() is not None for p in procs), "a spinner outlived stop()"
     assert sc._procs == [] and sc._thread is None
-    sc.stop()                            # stopping twice is harmless
+    sc.stop()  # stopping twice is harmless
     with CpuLoad(seed=0, mean_off=100.0, levels=(1,)) as again:
         assert again._thread is not None and again._thread.is_alive()
     assert all(p.poll() is not None for p in procs) and again._thread is None
@@ -1306,7 +1471,7 @@ def test_cpu_load_start_stop_leaves_no_child(monkeypatch):
 @linux_only
 def test_cpu_load_spinners_wait_stopped_and_follow_the_trace(monkeypatch):
     procs = _spawned(monkeypatch)
-    per_core = 1 / (os.cpu_count() or 1)   # levels count spinners per core: these are 1 and 2 spinners
+    per_core = 1 / (os.cpu_count() or 1)  # levels count spinners per core: these are 1 and 2 spinners
     sc = CpuLoad(seed=0, mean_off=100.0, levels=(per_core, 2 * per_core))
     sc.start()
     try:
@@ -1314,7 +1479,7 @@ def test_cpu_load_spinners_wait_stopped_and_follow_the_trace(monkeypatch):
         deadline = time.monotonic() + 0.2
         while time.monotonic() < deadline and {_state(p.pid) for p in sc._procs} != {"T"}:
             time.sleep(0.01)
-        assert {_state(p.pid) for p in sc._procs} == {"T"}        # quiet period: stopped
+        assert {_state(p.pid) for p in sc._procs} == {"T"}  # quiet period: stopped
     finally:
         sc.stop()
         assert all(p.poll() is not None for p in procs)
@@ -1326,8 +1491,8 @@ def test_cpu_load_parameters():
         CpuLoad(levels=(0,))
     with pytest.raises(ValueError, match=r"per core \(> 0\)"):
         CpuLoad(levels=(-1.5,))
-    assert CpuLoad(levels=(1.0,)).trace.levels == (os.cpu_count(),)   # one spinner per core by default
-    assert CpuLoad(levels=(1e-6,)).trace.levels == (1,)                # at least one
+    assert CpuLoad(levels=(1.0,)).trace.levels == (os.cpu_count(),)  # one spinner per core by default
+    assert CpuLoad(levels=(1e-6,)).trace.levels == (1,)  # at least one
     with pytest.raises(ValueError, match=r"nice must be in \[0, 19\]"):
         CpuLoad(nice=20)
     sc = make_scenario("fluctuating", seed=3)

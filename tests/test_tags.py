@@ -32,8 +32,9 @@ def global_tags(structure, weights, densities, block_shape=None):
     """Tags of several layers under one budget per level (see layer_tags)."""
     if structure == "unstructured":
         return global_magnitude_tags(weights, densities)
-    return global_bcr_tags(weights, densities) if block_shape is None else global_bcr_tags(weights, densities,
-                                                                                            block_shape)
+    return (
+        global_bcr_tags(weights, densities) if block_shape is None else global_bcr_tags(weights, densities, block_shape)
+    )
 
 
 def check_tags(structure, weight, tags, densities, block_shape=(16, 16)):
@@ -66,6 +67,7 @@ def assert_density_met(structure, kept, d, n, slack=None):
 
 # ---- every structure alike ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", BAD_DENSITIES)
 def test_level_spec_refuses_bad_densities(bad):
     with pytest.raises(ValueError, match="LevelSpec"):
@@ -90,8 +92,10 @@ def test_global_tags_of_no_layer_are_empty(structure):
 
 
 @pytest.mark.parametrize("shape", [(50, 77), (512, 512)])
-@pytest.mark.parametrize("structure,block_shape", [("unstructured", None), ("bcr", (32, 32)), ("bcr", (16, 16)),
-                                                   ("bcr", (8, 8)), ("bcr", (3, 5))])
+@pytest.mark.parametrize(
+    "structure,block_shape",
+    [("unstructured", None), ("bcr", (32, 32)), ("bcr", (16, 16)), ("bcr", (8, 8)), ("bcr", (3, 5))],
+)
 def test_densities_are_met_and_levels_nest(structure, block_shape, shape):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=g)
@@ -137,8 +141,9 @@ def test_strong_weights_are_kept(structure):
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_deterministic_also_with_ties(structure):
     weight = torch.randn(200, 150, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(layer_tags(structure, weight, DENSITIES, (16, 16)),
-                       layer_tags(structure, weight.clone(), DENSITIES, (16, 16)))
+    assert torch.equal(
+        layer_tags(structure, weight, DENSITIES, (16, 16)), layer_tags(structure, weight.clone(), DENSITIES, (16, 16))
+    )
     ones = torch.ones(64, 64)
     a = layer_tags(structure, ones, (0.25, 0.0625), (16, 16))
     b = layer_tags(structure, ones, (0.25, 0.0625), (16, 16))
@@ -210,6 +215,7 @@ def test_tags_from_masks_refuses_non_nested():
 
 # ---- unstructured (magnitude) tags' own ------------------------------------------------------------------------
 
+
 def test_unstructured_tags_keep_the_largest_weights():
     w = torch.randn(50, 77)
     tags = magnitude_tags(w, DENSITIES)
@@ -231,6 +237,7 @@ def test_unstructured_global_budget_goes_to_the_largest_magnitudes():
 
 
 # ---- BCR tags' own ---------------------------------------------------------------------------------------------------
+
 
 def test_bcr_global_budget_is_fair_across_scales():
     g = torch.Generator().manual_seed(4)

@@ -36,9 +36,17 @@ def mlp(seed=0):
 
 def cnn(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+    )
 
 
 def classification(n, shape, seed=0):
@@ -84,6 +92,7 @@ def outputs_by_level(model, x, num_levels):
 
 
 # -------------------------------------------------------------------------------------------- level masks
+
 
 def masked_mlp(densities=(0.5, 0.2, 0.05)):
     model = mlp()
@@ -235,8 +244,9 @@ def test_reapplying_masks_updates_tags_in_place():
 
 def conv_model():
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(72, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(72, 5)
+    )
 
 
 def test_unmask_and_convert_match_the_masked_model_at_every_level():
@@ -279,22 +289,31 @@ def test_set_level_refuses_bad_levels():
 
 # -------------------------------------------------------------------------------------------- schedules
 
+
 def test_cubic_density():
     assert cubic_density(0, 0.1, 10, 20) == 1.0
     assert cubic_density(10, 0.1, 10, 20) == 1.0
     assert cubic_density(20, 0.1, 10, 20) == 0.1
     assert cubic_density(99, 0.1, 10, 20) == 0.1
     assert cubic_density(5, 0.2, 10, 20, initial=0.8) == 0.8
-    assert cubic_density(15, 0.1, 10, 20) == pytest.approx(0.1 + 0.9 * 0.5 ** 3)
-    assert cubic_density(12, 0.2, 10, 20, initial=0.6) == pytest.approx(0.2 + 0.4 * 0.8 ** 3)
+    assert cubic_density(15, 0.1, 10, 20) == pytest.approx(0.1 + 0.9 * 0.5**3)
+    assert cubic_density(12, 0.2, 10, 20, initial=0.6) == pytest.approx(0.2 + 0.4 * 0.8**3)
     vals = [cubic_density(s, 0.05, 3, 40) for s in range(50)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
     assert vals[4] < 1.0 and vals[39] > 0.05
     assert cubic_density(7, 0.3, 7, 7) == 1.0 and cubic_density(8, 0.3, 7, 7) == 0.3
 
 
-@pytest.mark.parametrize("kwargs", [dict(final=0.0), dict(final=-0.1), dict(final=0.6, initial=0.5),
-                                    dict(final=0.5, initial=1.5), dict(start=10, end=5)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(final=0.0),
+        dict(final=-0.1),
+        dict(final=0.6, initial=0.5),
+        dict(final=0.5, initial=1.5),
+        dict(start=10, end=5),
+    ],
+)
 def test_cubic_density_errors(kwargs):
     args = dict(step=3, final=0.1, start=0, end=10)
     args.update(kwargs)
@@ -465,7 +484,7 @@ def test_joint_three_levels_and_sandwich_rule(monkeypatch):
     monkeypatch.setattr(methods, "set_level", lambda m, lvl: (seen.append(lvl), real(m, lvl))[1])
     dens = (0.6, 0.4, 0.2, 0.1)
     joint(mlp(), mlp_task(), dens, 2, progress=False)
-    steps = [seen[i:i + 3] for i in range(0, len(seen) - 1, 3)]
+    steps = [seen[i : i + 3] for i in range(0, len(seen) - 1, 3)]
     assert len(seen) == 6 * 3 + 1 and seen[-1] == 0
     assert all(s[:2] == [0, 3] and s[2] in (1, 2) for s in steps)
     assert {s[2] for s in steps} == {1, 2}
@@ -517,8 +536,17 @@ def test_joint_refuses_grow_and_prune_with_bcr():
     with pytest.raises(ValueError, match="grow-and-prune"):
         joint(mlp(), mlp_task(), (0.5, 0.2), 1, structure="bcr", grow_prune_every=1, progress=False)
     with pytest.raises(ValueError, match="grow-and-prune"):
-        core_first(mlp(), mlp_task(), (0.5, 0.2), prune_epochs=1, core_epochs=1, level_epochs=1,
-                   structure="bcr", grow_prune_every=1, progress=False)
+        core_first(
+            mlp(),
+            mlp_task(),
+            (0.5, 0.2),
+            prune_epochs=1,
+            core_epochs=1,
+            level_epochs=1,
+            structure="bcr",
+            grow_prune_every=1,
+            progress=False,
+        )
 
 
 def test_joint_reaches_targets_when_pruning_spans_all_steps():
@@ -555,8 +583,17 @@ def core_run(level_epochs=2, densities=(0.5, 0.2), prepared=None, **kw):
         model = cnn()
         if prepared is not None:
             prepare(model, len(densities), per_level_affine=prepared)
-        tags = core_first(model, cnn_task(), densities, prune_epochs=2, core_epochs=1, level_epochs=level_epochs,
-                          seed=1, progress=False, **kw)
+        tags = core_first(
+            model,
+            cnn_task(),
+            densities,
+            prune_epochs=2,
+            core_epochs=1,
+            level_epochs=level_epochs,
+            seed=1,
+            progress=False,
+            **kw,
+        )
         _CORE[key] = (model, tags)
     return _CORE[key]
 
@@ -632,12 +669,20 @@ def test_core_first_grow_and_prune_keeps_counts():
 @pytest.mark.parametrize("prune_epochs,core_epochs", [(2, 0), (0, 2)])
 def test_core_first_reaches_targets(prune_epochs, core_epochs):
     # the sparsest level must end at its density whatever the split between pruning and extra core epochs
-    tags = core_first(mlp(), mlp_task(), (0.5, 0.2), prune_epochs=prune_epochs, core_epochs=core_epochs,
-                      level_epochs=1, progress=False)
+    tags = core_first(
+        mlp(),
+        mlp_task(),
+        (0.5, 0.2),
+        prune_epochs=prune_epochs,
+        core_epochs=core_epochs,
+        level_epochs=1,
+        progress=False,
+    )
     assert_layer_densities(tags, (0.5, 0.2))
 
 
 # -------------------------------------------------------------------------------------------- SupervisedTask
+
 
 def index_task(n, batch_size, seed=0):
     x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
@@ -692,8 +737,17 @@ def test_supervised_task_evaluate_restores_mode():
     assert task.loss(logits, (x, y)).item() == pytest.approx(nn.functional.cross_entropy(logits, y).item())
 
 
-@pytest.mark.parametrize("kwargs", [dict(epochs=-1), dict(epochs=1.5), dict(prune_fraction=0.0), dict(distill=1.5),
-                                    dict(temperature=0.0), dict(tag_updates=-2)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(epochs=-1),
+        dict(epochs=1.5),
+        dict(prune_fraction=0.0),
+        dict(distill=1.5),
+        dict(temperature=0.0),
+        dict(tag_updates=-2),
+    ],
+)
 def test_joint_refuses_bad_arguments(kwargs):
     args = dict(epochs=1) | kwargs
     with pytest.raises(ValueError, match="joint"):

@@ -14,14 +14,13 @@ NbcrLevel check_nbcr(const char* op, const at::Tensor& values, const at::Tensor&
   TORCH_CHECK(vd == at::kFloat || vd == at::kHalf || vd == at::kBFloat16 || vd == at::kDouble, op,
               ": values must be float32, float16, bfloat16 or float64, got ", vd);
   TORCH_CHECK(indices.scalar_type() == at::kShort, op, ": indices must be int16, got ", indices.scalar_type());
-  const std::pair<const char*, const at::Tensor*> ints[] = {{"block_ptr", &block_ptr}, {"blocks", &blocks},
-                                                            {"counts", &counts}};
+  const std::pair<const char*, const at::Tensor*> ints[] = {
+      {"block_ptr", &block_ptr}, {"blocks", &blocks}, {"counts", &counts}};
   for (const auto& [name, t] : ints) {
     TORCH_CHECK(t->scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t->scalar_type());
   }
-  const std::pair<const char*, const at::Tensor*> named[] = {{"values", &values},       {"indices", &indices},
-                                                             {"block_ptr", &block_ptr}, {"blocks", &blocks},
-                                                             {"counts", &counts}};
+  const std::pair<const char*, const at::Tensor*> named[] = {
+      {"values", &values}, {"indices", &indices}, {"block_ptr", &block_ptr}, {"blocks", &blocks}, {"counts", &counts}};
   for (const auto& [name, t] : named) {
     TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but the input is on ", device);
     TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
@@ -85,8 +84,8 @@ void fail_bad_block(const char* op, const NbcrLevel& w, int64_t K) {
       }
       for (int64_t q = 0; q < c; ++q) {
         const int64_t p = io + r0 + q;
-        TORCH_CHECK(idx[p] >= 0 && idx[p] < col_lim, op, ": block ", b, " (block column ", j,
-                    ") keeps local column ", idx[p], " at indices[", p, "], outside [0, ", col_lim, ") for K=", K);
+        TORCH_CHECK(idx[p] >= 0 && idx[p] < col_lim, op, ": block ", b, " (block column ", j, ") keeps local column ",
+                    idx[p], " at indices[", p, "], outside [0, ", col_lim, ") for K=", K);
       }
     }
   }

@@ -42,8 +42,8 @@ int64_t check_row_slices(const char* op, const int32_t* rp, const int32_t* re, i
   TORCH_CHECK(rp[0] == 0, op, ": row_ptr[0] = ", rp[0], " but must be 0");
   int64_t count = 0;
   for (int64_t r = 0; r < M; ++r) {
-    TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr is not non-decreasing: row_ptr[", r, "] = ", rp[r],
-                " > row_ptr[", r + 1, "] = ", rp[r + 1]);
+    TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr is not non-decreasing: row_ptr[", r, "] = ", rp[r], " > row_ptr[",
+                r + 1, "] = ", rp[r + 1]);
     TORCH_CHECK(re[r] >= rp[r] && re[r] <= rp[r + 1], op, ": row_end[", level, ", ", r, "] = ", re[r],
                 " is outside its row [row_ptr[", r, "], row_ptr[", r + 1, "]] = [", rp[r], ", ", rp[r + 1], "]");
     count += re[r] - rp[r];

@@ -38,9 +38,8 @@ struct NcsrLevel {
 };
 
 // Checks dtypes, devices, shapes, contiguity, the level and (on CPU) the row slices of `level`.
-NcsrLevel check_ncsr(const char* op, const at::Tensor& values, const at::Tensor& col_idx,
-                     const at::Tensor& row_ptr, const at::Tensor& row_end, int64_t level,
-                     c10::Device device);
+NcsrLevel check_ncsr(const char* op, const at::Tensor& values, const at::Tensor& col_idx, const at::Tensor& row_ptr,
+                     const at::Tensor& row_end, int64_t level, c10::Device device);
 
 // The O(M) row checks of check_ncsr for one level: the slices lie in [0, nnz] and are ordered. Returns the
 // level's non-zeros.

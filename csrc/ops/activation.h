@@ -58,14 +58,11 @@ struct ExactMath {
 template <typename Math, typename T>
 NESTSPARSE_HOST_DEVICE inline T activate(Act act, T z) {
   switch (act) {
-    case Act::Relu:
-      return z < T(0) ? T(0) : z;
-    case Act::Relu6:
-      return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
+    case Act::Relu: return z < T(0) ? T(0) : z;
+    case Act::Relu6: return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
     case Act::Gelu:  // exact: z/2 (1 + erf(z / sqrt 2)), as torch's approximate='none'
       return T(0.5) * z * (T(1) + Math::erf(z * T(0.70710678118654752440)));
-    case Act::None:
-      break;
+    case Act::None: break;
   }
   return z;
 }
@@ -89,18 +86,15 @@ NESTSPARSE_HOST_DEVICE inline void activate_all(Act act, T* y, int64_t n) {
 template <typename Tensor, typename PreActivation>
 Tensor grad_through_activation(Act act, const Tensor& grad, const Tensor& out, PreActivation pre_activation) {
   switch (act) {
-    case Act::Relu:
-      return grad * out.gt(0).to(grad.scalar_type());
-    case Act::Relu6:
-      return grad * out.gt(0).logical_and(out.lt(6)).to(grad.scalar_type());
+    case Act::Relu: return grad * out.gt(0).to(grad.scalar_type());
+    case Act::Relu6: return grad * out.gt(0).logical_and(out.lt(6)).to(grad.scalar_type());
     case Act::Gelu: {
       const Tensor z = pre_activation();
       const Tensor cdf = 0.5 * (1.0 + (z * M_SQRT1_2).erf());
       const Tensor pdf = (-0.5 * z * z).exp() * (0.5 * M_2_SQRTPI * M_SQRT1_2);
       return grad * (cdf + z * pdf);
     }
-    case Act::None:
-      break;
+    case Act::None: break;
   }
   return grad;
 }

@@ -115,8 +115,8 @@ bool any_input(const typename Op::Call& call, Pred pred) {
 template <typename Op>
 at::Tensor product(const typename Op::Call& call) {
   // A forward gradient goes through the Function too, which refuses it (no jvp) instead of dropping it.
-  const bool record = (at::GradMode::is_enabled() && any_input<Op>(call, requires_grad)) ||
-                      any_input<Op>(call, has_forward_grad);
+  const bool record =
+      (at::GradMode::is_enabled() && any_input<Op>(call, requires_grad)) || any_input<Op>(call, has_forward_grad);
   if (!record) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return dispatch<Op>(call);

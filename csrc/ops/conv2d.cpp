@@ -22,10 +22,10 @@ ConvShape conv_shape(const char* op, const at::Tensor& x, int64_t M, const ConvG
   TORCH_CHECK(s.groups > 0, op, ": groups must be positive, got ", s.groups);
   // Bounds that keep every offset computed below far from int64 overflow (and K within int32 indices).
   constexpr int64_t kMaxTap = 1 << 16, kMaxPad = 1 << 24;
-  TORCH_CHECK(s.kh <= kMaxTap && s.kw <= kMaxTap && s.sh <= kMaxTap && s.sw <= kMaxTap && s.dh <= kMaxTap &&
-                  s.dw <= kMaxTap,
-              op, ": kernel_size, stride and dilation must be at most ", kMaxTap, ", got ", kernel_size, ", ", stride,
-              ", ", dilation);
+  TORCH_CHECK(
+      s.kh <= kMaxTap && s.kw <= kMaxTap && s.sh <= kMaxTap && s.sw <= kMaxTap && s.dh <= kMaxTap && s.dw <= kMaxTap,
+      op, ": kernel_size, stride and dilation must be at most ", kMaxTap, ", got ", kernel_size, ", ", stride, ", ",
+      dilation);
   TORCH_CHECK(s.ph <= kMaxPad && s.pw <= kMaxPad, op, ": padding must be at most ", kMaxPad, ", got ", padding);
   int64_t padded = 0, total = 0;
   const bool overflow =

@@ -68,11 +68,10 @@ struct Conv2d<F, Params<W...>> {
   }
   static auto pack(const Call& c) {
     const ConvGeometry& g = c.geometry;
-    return std::tuple_cat(
-        std::forward_as_tuple(c.x), F::pack(c.w),
-        std::make_tuple(at::IntArrayRef(g.kernel_size), std::cref(c.bias), at::IntArrayRef(g.stride),
-                        at::IntArrayRef(g.padding), at::IntArrayRef(g.dilation), g.groups,
-                        c10::string_view(kActivationNames[int(c.activation)]), std::cref(c.plan)));
+    return std::tuple_cat(std::forward_as_tuple(c.x), F::pack(c.w),
+                          std::make_tuple(at::IntArrayRef(g.kernel_size), std::cref(c.bias), at::IntArrayRef(g.stride),
+                                          at::IntArrayRef(g.padding), at::IntArrayRef(g.dilation), g.groups,
+                                          c10::string_view(kActivationNames[int(c.activation)]), std::cref(c.plan)));
   }
 };
 
@@ -106,9 +105,7 @@ struct Conv2dBackward<F, Params<W...>> {
                           std::make_tuple(at::IntArrayRef(g.kernel_size), at::IntArrayRef(g.stride),
                                           at::IntArrayRef(g.padding), at::IntArrayRef(g.dilation), g.groups));
   }
-  static Call of(const typename Conv2d<F>::Call& c, const at::Tensor& grad_z) {
-    return {grad_z, c.x, c.w, c.geometry};
-  }
+  static Call of(const typename Conv2d<F>::Call& c, const at::Tensor& grad_z) { return {grad_z, c.x, c.w, c.geometry}; }
 };
 
 }  // namespace nestsparse

@@ -54,9 +54,9 @@ struct Linear<F, Params<W...>> {
     return {x, F::unpack(name(), w...), bias, parse_activation(name(), activation), plan};
   }
   static auto pack(const Call& c) {
-    return std::tuple_cat(std::forward_as_tuple(c.x), F::pack(c.w),
-                          std::make_tuple(std::cref(c.bias), c10::string_view(kActivationNames[int(c.activation)]),
-                                          std::cref(c.plan)));
+    return std::tuple_cat(
+        std::forward_as_tuple(c.x), F::pack(c.w),
+        std::make_tuple(std::cref(c.bias), c10::string_view(kActivationNames[int(c.activation)]), std::cref(c.plan)));
   }
 };
 

@@ -20,7 +20,8 @@ namespace nestsparse {
 struct Ncsr {
   static constexpr const char* name = "ncsr";
   static constexpr const char* schema = "Tensor values, Tensor col_idx, Tensor row_ptr, Tensor row_end, int level";
-  using Params = nestsparse::Params<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t>;
+  using Params =
+      nestsparse::Params<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t>;
   using Level = NcsrLevel;
 
   struct Args {
@@ -71,8 +72,7 @@ struct Nbcr {
                            std::cref(a.counts), a.level, a.rows, at::IntArrayRef(a.block_shape));
   }
   static Level check(const char* op, const Args& a, c10::Device device) {
-    return check_nbcr(op, a.values, a.indices, a.block_ptr, a.blocks, a.counts, a.level, a.rows, a.block_shape,
-                      device);
+    return check_nbcr(op, a.values, a.indices, a.block_ptr, a.blocks, a.counts, a.level, a.rows, a.block_shape, device);
   }
 };
 

@@ -44,15 +44,50 @@ def cpu_isa() -> str:
 
 def build_info() -> dict:
     """How the compiled library was built and what it runs on here."""
-    return {"version": __version__, "torch_built": _C.torch_version(), "with_cuda": _C.with_cuda(),
-            "cpu_isa": _C.cpu_isa(), "cpu_isas": _C.cpu_isas()}
+    return {
+        "version": __version__,
+        "torch_built": _C.torch_version(),
+        "with_cuda": _C.with_cuda(),
+        "cpu_isa": _C.cpu_isa(),
+        "cpu_isas": _C.cpu_isas(),
+    }
 
 
 __all__ = [
-    "NestedFormat", "NestedCSR", "NestedBCR", "FORMATS", "DEFAULT_BLOCK_SHAPE", "FormatError", "bcr_tags",
-    "global_bcr_tags", "NestedSparseLinear", "NestedSparseConv2d", "NestedSparseModule", "LevelAware", "LevelBatchNorm",
-    "level_batchnorms", "level_aware_modules", "set_level", "get_levels", "convert", "to_dense", "LevelSpec",
-    "magnitude_tags", "global_magnitude_tags", "model_tags", "masks_from_tags", "tags_from_masks", "prunable_layers",
-    "save", "load", "register_architecture", "CheckpointError", "formats", "ops", "pruning", "runtime", "cpu_isa",
+    "NestedFormat",
+    "NestedCSR",
+    "NestedBCR",
+    "FORMATS",
+    "DEFAULT_BLOCK_SHAPE",
+    "FormatError",
+    "bcr_tags",
+    "global_bcr_tags",
+    "NestedSparseLinear",
+    "NestedSparseConv2d",
+    "NestedSparseModule",
+    "LevelAware",
+    "LevelBatchNorm",
+    "level_batchnorms",
+    "level_aware_modules",
+    "set_level",
+    "get_levels",
+    "convert",
+    "to_dense",
+    "LevelSpec",
+    "magnitude_tags",
+    "global_magnitude_tags",
+    "model_tags",
+    "masks_from_tags",
+    "tags_from_masks",
+    "prunable_layers",
+    "save",
+    "load",
+    "register_architecture",
+    "CheckpointError",
+    "formats",
+    "ops",
+    "pruning",
+    "runtime",
+    "cpu_isa",
     "build_info",
 ]

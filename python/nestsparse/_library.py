@@ -11,7 +11,9 @@ def _load():
     try:
         from . import _build_info
     except ImportError as exc:  # pragma: no cover - only without a build
-        raise ImportError(f"nestsparse: the compiled library is missing ({exc}); build the package first: {_REBUILD}") from exc
+        raise ImportError(
+            f"nestsparse: the compiled library is missing ({exc}); build the package first: {_REBUILD}"
+        ) from exc
     built, running = _build_info.TORCH_VERSION, torch.__version__
     if built.split("+")[0] != running.split("+")[0]:
         raise ImportError(

@@ -40,8 +40,10 @@ ACTIVATIONS: dict[str, Activation | None] = {
 }
 
 if tuple(ACTIVATIONS) != tuple(_C.activations()):  # pragma: no cover - only when the two sides disagree
-    raise ImportError(f"nestsparse: the Python activations {tuple(ACTIVATIONS)} differ from the compiled library's "
-                      f"{tuple(_C.activations())} (csrc/ops/activation.h); rebuild, or add the activation to both")
+    raise ImportError(
+        f"nestsparse: the Python activations {tuple(ACTIVATIONS)} differ from the compiled library's "
+        f"{tuple(_C.activations())} (csrc/ops/activation.h); rebuild, or add the activation to both"
+    )
 
 
 def fusable_activation(m: nn.Module) -> str | None:

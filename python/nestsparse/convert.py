@@ -16,10 +16,18 @@ from .runtime.timing import median_time
 __all__ = ["convert", "to_dense"]
 
 
-def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[float, ...] = (),
-            num_levels: int | None = None, fuse_activations: bool = True, inplace: bool = False,
-            format: str = "ncsr", block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
-            example_input: Tensor | tuple | None = None) -> nn.Module:
+def convert(
+    model: nn.Module,
+    tags: Mapping[str, Tensor],
+    *,
+    densities: tuple[float, ...] = (),
+    num_levels: int | None = None,
+    fuse_activations: bool = True,
+    inplace: bool = False,
+    format: str = "ncsr",
+    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+    example_input: Tensor | tuple | None = None,
+) -> nn.Module:
     """Replaces each nn.Linear / nn.Conv2d named in ``tags`` by its nested sparse module.
 
     ``tags`` maps module names to int8 tags of the module's weight shape (see nestsparse.pruning). Every
@@ -53,7 +61,9 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"convert: {name!r} is a {type(m).__name__}; only nn.Linear and nn.Conv2d convert")
         if tuple(t.shape) != tuple(m.weight.shape):
-            raise ValueError(f"convert: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}")
+            raise ValueError(
+                f"convert: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}"
+            )
     inputs = _layer_inputs(model, list(tags), example_input) if format == "auto" and example_input is not None else {}
     for name, t in tags.items():
         m = modules[name]
@@ -68,8 +78,9 @@ def convert(model: nn.Module, tags: Mapping[str, Tensor], *, densities: tuple[fl
         cls = NestedSparseLinear if isinstance(m, nn.Linear) else NestedSparseConv2d
 
         def build(fmt: str, m=m, t=t, cls=cls, act=act) -> NestedSparseModule:
-            return cls.from_dense(m, t, activation=act, densities=densities, num_levels=num_levels, format=fmt,
-                                  block_shape=block_shape)
+            return cls.from_dense(
+                m, t, activation=act, densities=densities, num_levels=num_levels, format=fmt, block_shape=block_shape
+            )
 
         if format == "auto":
             new = _pick_faster(build, inputs.get(name), num_levels)
@@ -85,8 +96,10 @@ def _layer_inputs(model: nn.Module, names: list[str], example_input) -> dict[str
     """Each named layer's input when ``model`` runs ``example_input`` (one forward pass, no gradients)."""
     captured, hooks = {}, []
     for name in names:
+
         def hook(_mod, args, name=name):
             captured.setdefault(name, args[0].detach())
+
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -110,8 +123,10 @@ def _pick_faster(build, x: Tensor | None, num_levels: int) -> NestedSparseModule
         return min(candidates, key=lambda mod: mod.nested().nbytes(0))
     levels = sorted({0, num_levels - 1})
     with torch.no_grad():
-        cost = [sum(median_time(lambda mod=mod, lvl=lvl: mod(x, level=lvl), min_run_time=0.02) for lvl in levels)
-                for mod in candidates]
+        cost = [
+            sum(median_time(lambda mod=mod, lvl=lvl: mod(x, level=lvl), min_run_time=0.02) for lvl in levels)
+            for mod in candidates
+        ]
     return candidates[cost.index(min(cost))]
 
 
@@ -127,8 +142,16 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
         if isinstance(m, NestedSparseLinear):
             dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         else:
-            dense = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                              m.groups, bias=m.bias is not None)
+            dense = nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.groups,
+                bias=m.bias is not None,
+            )
         dense = dense.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             dense.weight.copy_(w)

@@ -65,8 +65,15 @@ from .nn import (
 )
 from .version import __version__
 
-__all__ = ["save", "load", "read_metadata", "register_architecture", "CheckpointError", "FORMAT_VERSION",
-           "METADATA_KEY"]
+__all__ = [
+    "save",
+    "load",
+    "read_metadata",
+    "register_architecture",
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "nestsparse"
@@ -93,6 +100,7 @@ def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
 
 # ---- shared helpers ---------------------------------------------------------------------------------
 
+
 def _checksum(description: str, user: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:
     """The SHA-256 hex digest of the user metadata, the description string and every tensor (sorted by name)."""
     h = hashlib.sha256(b"nestsparse-checkpoint\n")
@@ -113,13 +121,16 @@ def _key(module: str, tensor: str) -> str:
 
 # ---- save -------------------------------------------------------------------------------------------
 
+
 def _refuse_parametrized(model: nn.Module) -> None:
     """Raises ValueError naming the first module that still carries training-time parametrizations."""
     for name, m in model.named_modules():
         if parametrize.is_parametrized(m):
-            raise ValueError(f"save: module {name or '<root>'!r} ({type(m).__name__}) still has training-time "
-                             "parametrizations (level masks); call nestsparse.pruning.unmask(model) and then "
-                             "nestsparse.convert(...) to get a nested sparse model before saving")
+            raise ValueError(
+                f"save: module {name or '<root>'!r} ({type(m).__name__}) still has training-time "
+                "parametrizations (level masks); call nestsparse.pruning.unmask(model) and then "
+                "nestsparse.convert(...) to get a nested sparse model before saving"
+            )
 
 
 def _describe_nested(m: NestedSparseModule) -> dict[str, Any]:
@@ -135,8 +146,12 @@ def _describe_nested(m: NestedSparseModule) -> dict[str, Any]:
         "dtype": str(m.values.dtype).removeprefix("torch."),
     }
     if isinstance(m, NestedSparseConv2d):
-        d.update(stride=[int(x) for x in m.stride], padding=[int(x) for x in m.padding],
-                 dilation=[int(x) for x in m.dilation], groups=int(m.groups))
+        d.update(
+            stride=[int(x) for x in m.stride],
+            padding=[int(x) for x in m.padding],
+            dilation=[int(x) for x in m.dilation],
+            groups=int(m.groups),
+        )
     return d
 
 
@@ -162,13 +177,25 @@ def _describe(model: nn.Module) -> dict[str, Any]:
         if isinstance(m, (NestedSparseLinear, NestedSparseConv2d)):
             nested[name] = _describe_nested(m)
         elif isinstance(m, LevelBatchNorm):
-            bns[name] = {"num_features": int(m.num_features), "num_levels": int(m.num_levels), "eps": float(m.eps),
-                         "momentum": None if m.momentum is None else float(m.momentum), "affine": bool(m.affine),
-                         "per_level_affine": bool(m.per_level_affine)}
+            bns[name] = {
+                "num_features": int(m.num_features),
+                "num_levels": int(m.num_levels),
+                "eps": float(m.eps),
+                "momentum": None if m.momentum is None else float(m.momentum),
+                "affine": bool(m.affine),
+                "per_level_affine": bool(m.per_level_affine),
+            }
         elif isinstance(m, nn.Identity) and name:
             identities.append(name)
-    return {"format_version": FORMAT_VERSION, "nestsparse_version": __version__, "arch": arch,
-            "level": _describe_levels(model), "nested": nested, "level_batchnorms": bns, "identities": identities}
+    return {
+        "format_version": FORMAT_VERSION,
+        "nestsparse_version": __version__,
+        "arch": arch,
+        "level": _describe_levels(model),
+        "nested": nested,
+        "level_batchnorms": bns,
+        "identities": identities,
+    }
 
 
 def _stored_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -222,6 +249,7 @@ def save(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] 
 
 # ---- load -------------------------------------------------------------------------------------------
 
+
 def _read(path: str) -> tuple[dict[str, Any], str, dict[str, str], dict[str, Tensor]]:
     """The parsed description, its raw string, the user metadata and every tensor (on CPU), unverified."""
     from safetensors import safe_open
@@ -236,16 +264,17 @@ def _read(path: str) -> tuple[dict[str, Any], str, dict[str, str], dict[str, Ten
         raise CheckpointError(f"{path}: not a safetensors file, or truncated or damaged ({e})") from e
     text = meta.pop(METADATA_KEY, None)
     if text is None:
-        raise CheckpointError(f"{path}: no {METADATA_KEY!r} metadata; the file was not written by "
-                              "nestsparse.io.save")
+        raise CheckpointError(f"{path}: no {METADATA_KEY!r} metadata; the file was not written by nestsparse.io.save")
     try:
         desc = json.loads(text)
     except ValueError as e:
-        raise CheckpointError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON: the file was altered or "
-                              "damaged") from e
+        raise CheckpointError(
+            f"{path}: the {METADATA_KEY!r} metadata is not valid JSON: the file was altered or damaged"
+        ) from e
     if not isinstance(desc, dict):
-        raise CheckpointError(f"{path}: the {METADATA_KEY!r} metadata is not a JSON object: the file was altered "
-                              "or damaged")
+        raise CheckpointError(
+            f"{path}: the {METADATA_KEY!r} metadata is not a JSON object: the file was altered or damaged"
+        )
     return desc, text, meta, tensors
 
 
@@ -253,13 +282,16 @@ def _verify(path: str, text: str, user: Mapping[str, str], tensors: Mapping[str,
     """Raises CheckpointError unless the stored checksum matches the metadata and tensors."""
     m = _CHECKSUM_RE.match(text)
     if m is None:
-        raise CheckpointError(f"{path}: the nestsparse metadata has no checksum where it should: the file was "
-                              "altered or damaged")
+        raise CheckpointError(
+            f"{path}: the nestsparse metadata has no checksum where it should: the file was altered or damaged"
+        )
     stored = m.group(1)
     expect = _checksum(text.replace(stored, _PLACEHOLDER, 1), user, tensors)
     if expect != stored:
-        raise CheckpointError(f"{path}: checksum mismatch (stored sha256 {stored[:12]}..., computed "
-                              f"{expect[:12]}...): the file was altered or damaged")
+        raise CheckpointError(
+            f"{path}: checksum mismatch (stored sha256 {stored[:12]}..., computed "
+            f"{expect[:12]}...): the file was altered or damaged"
+        )
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -273,29 +305,40 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def _skeleton_from_arch(path: str, arch: Any) -> nn.Module:
     """A fresh dense model of the recorded architecture, from its registered builder."""
     if arch is None:
-        raise CheckpointError(f"{path}: the file records no architecture (the saved model had no .arch); pass "
-                              "the dense model to fill as load(path, model=...)")
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or \
-            not isinstance(arch.get("kwargs", {}), dict):
+        raise CheckpointError(
+            f"{path}: the file records no architecture (the saved model had no .arch); pass "
+            "the dense model to fill as load(path, model=...)"
+        )
+    if (
+        not isinstance(arch, dict)
+        or not isinstance(arch.get("name"), str)
+        or not isinstance(arch.get("kwargs", {}), dict)
+    ):
         raise CheckpointError(f"{path}: malformed arch {arch!r}; expected {{'name': str, 'kwargs': dict}}")
     builder = _ARCHITECTURES.get(arch["name"])
     if builder is None:
-        raise CheckpointError(f"{path}: unknown arch {arch['name']!r} (registered: {sorted(_ARCHITECTURES)}); "
-                              "import the module that registers it (the model zoo: import nestsparse.apps.models) "
-                              "or pass the dense model as load(path, model=...)")
+        raise CheckpointError(
+            f"{path}: unknown arch {arch['name']!r} (registered: {sorted(_ARCHITECTURES)}); "
+            "import the module that registers it (the model zoo: import nestsparse.apps.models) "
+            "or pass the dense model as load(path, model=...)"
+        )
     try:
         return builder(**arch.get("kwargs", {}))
     except Exception as e:
-        raise CheckpointError(f"{path}: arch {arch['name']!r} cannot be built with the arguments "
-                              f"{arch.get('kwargs', {})!r}: {e}") from e
+        raise CheckpointError(
+            f"{path}: arch {arch['name']!r} cannot be built with the arguments {arch.get('kwargs', {})!r}: {e}"
+        ) from e
 
 
 def _conv_geometry(m: nn.Module) -> dict[str, Any]:
     """Stride, padding, dilation and groups of a dense or nested conv as lists, comparable with the file's."""
     padding = (0, 0) if m.padding == "valid" else m.padding
-    return {"stride": [int(x) for x in m.stride],
-            "padding": padding if isinstance(padding, str) else [int(x) for x in padding],
-            "dilation": [int(x) for x in m.dilation], "groups": int(m.groups)}
+    return {
+        "stride": [int(x) for x in m.stride],
+        "padding": padding if isinstance(padding, str) else [int(x) for x in padding],
+        "dilation": [int(x) for x in m.dilation],
+        "groups": int(m.groups),
+    }
 
 
 def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) -> None:
@@ -303,8 +346,10 @@ def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) ->
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        raise CheckpointError(f"{path}: skeleton mismatch: the file has a nested {d['kind']} layer {name!r} but "
-                              "the model has no module of that name") from None
+        raise CheckpointError(
+            f"{path}: skeleton mismatch: the file has a nested {d['kind']} layer {name!r} but "
+            "the model has no module of that name"
+        ) from None
     kind = d["kind"]
     dense_cls, nested_cls = (nn.Conv2d, NestedSparseConv2d) if kind == "conv2d" else (nn.Linear, NestedSparseLinear)
     if isinstance(old, nested_cls):
@@ -312,24 +357,32 @@ def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) ->
     elif isinstance(old, dense_cls):
         shape, has_bias = tuple(old.weight.shape), old.bias is not None
     else:
-        raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: the file has a nested {kind} layer, "
-                              f"the model has a {type(old).__name__} (expected nn.{dense_cls.__name__})")
+        raise CheckpointError(
+            f"{path}: skeleton mismatch at layer {name!r}: the file has a nested {kind} layer, "
+            f"the model has a {type(old).__name__} (expected nn.{dense_cls.__name__})"
+        )
     want = tuple(d["weight_shape"])
     if shape != want:
-        raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: weight shape in the file {want}, in "
-                              f"the model {shape}")
+        raise CheckpointError(
+            f"{path}: skeleton mismatch at layer {name!r}: weight shape in the file {want}, in the model {shape}"
+        )
     if has_bias != bool(d["bias"]):
-        raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: the file "
-                              f"{'has' if d['bias'] else 'has no'} bias, the model {'has' if has_bias else 'has no'}")
+        raise CheckpointError(
+            f"{path}: skeleton mismatch at layer {name!r}: the file "
+            f"{'has' if d['bias'] else 'has no'} bias, the model {'has' if has_bias else 'has no'}"
+        )
     if kind == "conv2d":
         if getattr(old, "padding_mode", "zeros") != "zeros":
-            raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: padding_mode {old.padding_mode!r}; "
-                                  "nested convs pad with zeros")
+            raise CheckpointError(
+                f"{path}: skeleton mismatch at layer {name!r}: padding_mode {old.padding_mode!r}; "
+                "nested convs pad with zeros"
+            )
         got = _conv_geometry(old)
         want_geo = {k: d[k] for k in ("stride", "padding", "dilation", "groups")}
         if got != want_geo:
-            raise CheckpointError(f"{path}: skeleton mismatch at layer {name!r}: conv geometry in the file "
-                                  f"{want_geo}, in the model {got}")
+            raise CheckpointError(
+                f"{path}: skeleton mismatch at layer {name!r}: conv geometry in the file {want_geo}, in the model {got}"
+            )
 
 
 def _nested_module(path: str, name: str, d: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> NestedSparseModule:
@@ -342,43 +395,59 @@ def _nested_module(path: str, name: str, d: Mapping[str, Any], tensors: Mapping[
     missing = [_key(name, k) for k in needed if _key(name, k) not in tensors]
     if missing:
         raise CheckpointError(f"{path}: missing tensors {missing} of nested layer {name!r}")
-    weight = cls.from_parts(tensors[_key(name, "values")], {k: tensors[_key(name, k)] for k in cls.index_names},
-                            [int(s) for s in d["weight_shape"]], d["densities"], **{k: d[k] for k in cls.option_lengths})
+    weight = cls.from_parts(
+        tensors[_key(name, "values")],
+        {k: tensors[_key(name, k)] for k in cls.index_names},
+        [int(s) for s in d["weight_shape"]],
+        d["densities"],
+        **{k: d[k] for k in cls.option_lengths},
+    )
     try:
         weight.validate()
     except FormatError as e:
         raise CheckpointError(f"{path}: corrupted index arrays in layer {name!r}: {e}") from e
     bias = tensors[_key(name, "bias")] if d["bias"] else None
     if d["kind"] == "conv2d":
-        return NestedSparseConv2d(weight, bias, d["stride"], d["padding"], d["dilation"], int(d["groups"]),
-                                  d["activation"])
+        return NestedSparseConv2d(
+            weight, bias, d["stride"], d["padding"], d["dilation"], int(d["groups"]), d["activation"]
+        )
     return NestedSparseLinear(weight, bias, d["activation"])
 
 
-def _level_batchnorm(path: str, model: nn.Module, name: str, args: Mapping[str, Any],
-                     tensors: Mapping[str, Tensor]) -> LevelBatchNorm:
+def _level_batchnorm(
+    path: str, model: nn.Module, name: str, args: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> LevelBatchNorm:
     """A LevelBatchNorm with the recorded arguments, after checking the skeleton has a BatchNorm there."""
     try:
         old = model.get_submodule(name)
     except AttributeError:
-        raise CheckpointError(f"{path}: skeleton mismatch: the file has a LevelBatchNorm {name!r} but the model "
-                              "has no module of that name") from None
+        raise CheckpointError(
+            f"{path}: skeleton mismatch: the file has a LevelBatchNorm {name!r} but the model "
+            "has no module of that name"
+        ) from None
     if not isinstance(old, (nn.modules.batchnorm._BatchNorm, LevelBatchNorm)):
-        raise CheckpointError(f"{path}: skeleton mismatch at {name!r}: the file has a LevelBatchNorm, the model a "
-                              f"{type(old).__name__} (expected a BatchNorm)")
+        raise CheckpointError(
+            f"{path}: skeleton mismatch at {name!r}: the file has a LevelBatchNorm, the model a "
+            f"{type(old).__name__} (expected a BatchNorm)"
+        )
     if int(old.num_features) != int(args["num_features"]):
-        raise CheckpointError(f"{path}: skeleton mismatch at {name!r}: {args['num_features']} features in the "
-                              f"file, {old.num_features} in the model")
+        raise CheckpointError(
+            f"{path}: skeleton mismatch at {name!r}: {args['num_features']} features in the "
+            f"file, {old.num_features} in the model"
+        )
     stats = tensors.get(_key(name, "running_mean"))
     if stats is None or tuple(stats.shape) != (int(args["num_levels"]), int(args["num_features"])):
-        raise CheckpointError(f"{path}: LevelBatchNorm {name!r} records {args['num_levels']} levels of "
-                              f"{args['num_features']} features but its running_mean tensor is "
-                              f"{'missing' if stats is None else tuple(stats.shape)}")
+        raise CheckpointError(
+            f"{path}: LevelBatchNorm {name!r} records {args['num_levels']} levels of "
+            f"{args['num_features']} features but its running_mean tensor is "
+            f"{'missing' if stats is None else tuple(stats.shape)}"
+        )
     return LevelBatchNorm(**{k: args[k] for k in _BN_ARGS})
 
 
-def _replacements(path: str, model: nn.Module, desc: Mapping[str, Any],
-                  tensors: Mapping[str, Tensor]) -> dict[str, nn.Module]:
+def _replacements(
+    path: str, model: nn.Module, desc: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> dict[str, nn.Module]:
     """Every module to put into the skeleton, by name, all built and checked before any is put in."""
     new: dict[str, nn.Module] = {}
     for name, d in desc.get("nested", {}).items():
@@ -390,8 +459,10 @@ def _replacements(path: str, model: nn.Module, desc: Mapping[str, Any],
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"{path}: skeleton mismatch: the file has a fused activation (nn.Identity) at "
-                                  f"{name!r} but the model has no module of that name") from None
+            raise CheckpointError(
+                f"{path}: skeleton mismatch: the file has a fused activation (nn.Identity) at "
+                f"{name!r} but the model has no module of that name"
+            ) from None
         new[name] = nn.Identity()
     return new
 
@@ -402,13 +473,17 @@ def _check_state(path: str, model: nn.Module, tensors: Mapping[str, Tensor]) -> 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: the file does not fit the model: missing tensors {missing[:8]}"
-                              f"{'...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
-                              f"{'...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(
+            f"{path}: the file does not fit the model: missing tensors {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+            f"{'...' if len(unexpected) > 8 else ''}"
+        )
     for k, t in expected.items():
         if tuple(t.shape) != tuple(tensors[k].shape):
-            raise CheckpointError(f"{path}: skeleton mismatch: tensor {k!r} has shape {tuple(tensors[k].shape)} in "
-                                  f"the file, {tuple(t.shape)} in the model")
+            raise CheckpointError(
+                f"{path}: skeleton mismatch: tensor {k!r} has shape {tuple(tensors[k].shape)} in "
+                f"the file, {tuple(t.shape)} in the model"
+            )
 
 
 def _match_dtypes(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
@@ -435,16 +510,19 @@ def _restore_levels(path: str, model: nn.Module, level: Any) -> None:
         raise CheckpointError(f"{path}: cannot restore the saved level {level!r}: {e}") from e
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None,
-         map_location: str | torch.device | None = "cpu") -> nn.Module:
+def load(
+    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device | None = "cpu"
+) -> nn.Module:
     """Reads a file written by :func:`save` into ``model`` (a dense skeleton, or built from the file's arch)."""
     path = os.fspath(path)
     desc, text, user, tensors = _read(path)
     _verify(path, text, user, tensors)
     version = desc.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {version!r} is not supported (this nestsparse reads up to "
-                              f"{FORMAT_VERSION}); upgrade nestsparse")
+        raise CheckpointError(
+            f"{path}: format version {version!r} is not supported (this nestsparse reads up to "
+            f"{FORMAT_VERSION}); upgrade nestsparse"
+        )
     aliases = desc.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         raise CheckpointError(f"{path}: malformed nestsparse metadata (aliases must map tensor names to names)")

@@ -17,18 +17,54 @@ __all__ = ["ncsr_linear", "ncsr_conv2d", "ncsr_plan", "nbcr_linear", "nbcr_conv2
 _ops = torch.ops.nestsparse
 
 
-def ncsr_linear(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_end: Tensor, level: int = 0,
-                bias: Tensor | None = None, activation: str = "none", plan: Tensor | None = None) -> Tensor:
+def ncsr_linear(
+    x: Tensor,
+    values: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    row_end: Tensor,
+    level: int = 0,
+    bias: Tensor | None = None,
+    activation: str = "none",
+    plan: Tensor | None = None,
+) -> Tensor:
     """act(x @ W_level^T + bias) for x of shape (..., K) and W in nested CSR."""
     return _ops.ncsr_linear(x, values, col_idx, row_ptr, row_end, level, bias, activation, plan)
 
 
-def ncsr_conv2d(x: Tensor, values: Tensor, col_idx: Tensor, row_ptr: Tensor, row_end: Tensor, level: int,
-                kernel_size: tuple[int, int], bias: Tensor | None = None, stride=(1, 1), padding=(0, 0),
-                dilation=(1, 1), groups: int = 1, activation: str = "none", plan: Tensor | None = None) -> Tensor:
+def ncsr_conv2d(
+    x: Tensor,
+    values: Tensor,
+    col_idx: Tensor,
+    row_ptr: Tensor,
+    row_end: Tensor,
+    level: int,
+    kernel_size: tuple[int, int],
+    bias: Tensor | None = None,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+    activation: str = "none",
+    plan: Tensor | None = None,
+) -> Tensor:
     """act(conv2d(x, W_level) + bias) for NCHW x, W (Cout, Cin/groups, kh, kw) in nested CSR."""
-    return _ops.ncsr_conv2d(x, values, col_idx, row_ptr, row_end, level, list(pair(kernel_size)), bias,
-                            list(pair(stride)), list(pair(padding)), list(pair(dilation)), groups, activation, plan)
+    return _ops.ncsr_conv2d(
+        x,
+        values,
+        col_idx,
+        row_ptr,
+        row_end,
+        level,
+        list(pair(kernel_size)),
+        bias,
+        list(pair(stride)),
+        list(pair(padding)),
+        list(pair(dilation)),
+        groups,
+        activation,
+        plan,
+    )
 
 
 def ncsr_plan(row_ptr: Tensor, row_end: Tensor, num_chunks: int | None = None) -> Tensor:
@@ -36,22 +72,65 @@ def ncsr_plan(row_ptr: Tensor, row_end: Tensor, num_chunks: int | None = None) -
     return _ops.ncsr_plan(row_ptr, row_end, _chunks(num_chunks))
 
 
-def nbcr_linear(x: Tensor, values: Tensor, indices: Tensor, block_ptr: Tensor, blocks: Tensor, counts: Tensor,
-                level: int, rows: int, block_shape: tuple[int, int], bias: Tensor | None = None,
-                activation: str = "none", plan: Tensor | None = None) -> Tensor:
+def nbcr_linear(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    block_ptr: Tensor,
+    blocks: Tensor,
+    counts: Tensor,
+    level: int,
+    rows: int,
+    block_shape: tuple[int, int],
+    bias: Tensor | None = None,
+    activation: str = "none",
+    plan: Tensor | None = None,
+) -> Tensor:
     """act(x @ W_level^T + bias) for x of shape (..., K) and W (``rows`` x K) in nested BCR."""
-    return _ops.nbcr_linear(x, values, indices, block_ptr, blocks, counts, level, rows, list(pair(block_shape)), bias,
-                            activation, plan)
+    return _ops.nbcr_linear(
+        x, values, indices, block_ptr, blocks, counts, level, rows, list(pair(block_shape)), bias, activation, plan
+    )
 
 
-def nbcr_conv2d(x: Tensor, values: Tensor, indices: Tensor, block_ptr: Tensor, blocks: Tensor, counts: Tensor,
-                level: int, rows: int, block_shape: tuple[int, int], kernel_size: tuple[int, int],
-                bias: Tensor | None = None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
-                activation: str = "none", plan: Tensor | None = None) -> Tensor:
+def nbcr_conv2d(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    block_ptr: Tensor,
+    blocks: Tensor,
+    counts: Tensor,
+    level: int,
+    rows: int,
+    block_shape: tuple[int, int],
+    kernel_size: tuple[int, int],
+    bias: Tensor | None = None,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+    activation: str = "none",
+    plan: Tensor | None = None,
+) -> Tensor:
     """act(conv2d(x, W_level) + bias) for NCHW x, W (Cout = ``rows``, Cin/groups, kh, kw) in nested BCR."""
-    return _ops.nbcr_conv2d(x, values, indices, block_ptr, blocks, counts, level, rows, list(pair(block_shape)),
-                            list(pair(kernel_size)), bias, list(pair(stride)), list(pair(padding)),
-                            list(pair(dilation)), groups, activation, plan)
+    return _ops.nbcr_conv2d(
+        x,
+        values,
+        indices,
+        block_ptr,
+        blocks,
+        counts,
+        level,
+        rows,
+        list(pair(block_shape)),
+        list(pair(kernel_size)),
+        bias,
+        list(pair(stride)),
+        list(pair(padding)),
+        list(pair(dilation)),
+        groups,
+        activation,
+        plan,
+    )
 
 
 def nbcr_plan(block_ptr: Tensor, counts: Tensor, rows_per_block: int, num_chunks: int | None = None) -> Tensor:

@@ -32,7 +32,9 @@ inline int64_t panel_width(int64_t ncols, int64_t K) {
 
 // Grain for at::parallel_for over `items` pieces of a product with `work` multiply-adds in all: below about
 // 10 us of work, waking the other threads costs more than it saves, so the whole range runs inline.
-inline int64_t grain_for(int64_t items, int64_t work) { return work < (int64_t{1} << 15) ? std::max<int64_t>(items, 1) : 1; }
+inline int64_t grain_for(int64_t items, int64_t work) {
+  return work < (int64_t{1} << 15) ? std::max<int64_t>(items, 1) : 1;
+}
 
 inline int64_t default_chunks() { return 4 * static_cast<int64_t>(at::get_num_threads()); }
 

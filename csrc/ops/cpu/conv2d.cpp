@@ -21,8 +21,8 @@ namespace nestsparse::cpu {
 namespace {
 
 template <typename F>
-int64_t conv_f32(const typename F::Level& w, const ConvShape& s, const float* x, const float* bias, Act act,
-                 float* out, const std::vector<int32_t>& chunks) {
+int64_t conv_f32(const typename F::Level& w, const ConvShape& s, const float* x, const float* bias, Act act, float* out,
+                 const std::vector<int32_t>& chunks) {
   using C = CpuFormat<F>;
   const Epilogue ep{bias, act};
   const auto view = C::kernel_view(w, s.K);
@@ -62,19 +62,18 @@ at::Tensor conv2d(const typename Conv2d<F>::Call& c) {
   const std::vector<int32_t> chunks = CpuFormat<F>::chunks(op, w, c.plan);
   const at::Tensor xc = c.x.to(ct).contiguous();
   const at::Tensor bc = c.bias.has_value() ? c.bias->to(ct).contiguous() : at::Tensor();
-  const int64_t bad =
-      ct == at::kDouble
-          ? conv_f64<F>(w, s, xc, bc.defined() ? bc.const_data_ptr<double>() : nullptr, c.activation,
-                        out.data_ptr<double>(), chunks)
-          : conv_f32<F>(w, s, xc.const_data_ptr<float>(), bc.defined() ? bc.const_data_ptr<float>() : nullptr,
-                        c.activation, out.data_ptr<float>(), chunks);
+  const int64_t bad = ct == at::kDouble ? conv_f64<F>(w, s, xc, bc.defined() ? bc.const_data_ptr<double>() : nullptr,
+                                                      c.activation, out.data_ptr<double>(), chunks)
+                                        : conv_f32<F>(w, s, xc.const_data_ptr<float>(),
+                                                      bc.defined() ? bc.const_data_ptr<float>() : nullptr, c.activation,
+                                                      out.data_ptr<float>(), chunks);
   if (bad != 0) CpuFormat<F>::fail(op, w, s.K);
   return out.to(c.x.scalar_type());
 }
 
 template <typename F, typename T>
-std::tuple<at::Tensor, at::Tensor> conv_backward_typed(const char* op, const typename F::Level& w,
-                                                       const ConvShape& s, const at::Tensor& gz, const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> conv_backward_typed(const char* op, const typename F::Level& w, const ConvShape& s,
+                                                       const at::Tensor& gz, const at::Tensor& x) {
   using C = CpuFormat<F>;
   const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
   const int64_t L = s.OH * s.OW, Ktot = s.Cin * s.kh * s.kw;

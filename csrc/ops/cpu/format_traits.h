@@ -21,8 +21,13 @@ struct CpuFormat;
 template <>
 struct CpuFormat<Ncsr> {
   static SparseRows kernel_view(const NcsrLevel& w, int64_t K) {
-    return SparseRows{w.values.const_data_ptr(), w.col_idx.const_data_ptr(), value_kind(w.values),
-                      static_cast<int32_t>(w.col_idx.element_size()), w.row_start(), w.row_stop(), K};
+    return SparseRows{w.values.const_data_ptr(),
+                      w.col_idx.const_data_ptr(),
+                      value_kind(w.values),
+                      static_cast<int32_t>(w.col_idx.element_size()),
+                      w.row_start(),
+                      w.row_stop(),
+                      K};
   }
   static SpmmTileFn tile_kernel(const KernelTable& k, int64_t tn) {
     return tn == 16 ? k.spmm16 : (tn == 32 ? k.spmm32 : k.spmm64);
@@ -42,9 +47,20 @@ struct CpuFormat<Ncsr> {
 template <>
 struct CpuFormat<Nbcr> {
   static SparseBlocks kernel_view(const NbcrLevel& w, int64_t K) {
-    return SparseBlocks{w.values.const_data_ptr(), value_kind(w.values), w.indices.const_data_ptr<int16_t>(), w.ptr(),
-                        w.meta(), w.level_counts(), w.base_counts(), w.values.numel(), w.indices.numel(), w.rows, K,
-                        w.bm, w.bk, (K + w.bk - 1) / w.bk};
+    return SparseBlocks{w.values.const_data_ptr(),
+                        value_kind(w.values),
+                        w.indices.const_data_ptr<int16_t>(),
+                        w.ptr(),
+                        w.meta(),
+                        w.level_counts(),
+                        w.base_counts(),
+                        w.values.numel(),
+                        w.indices.numel(),
+                        w.rows,
+                        K,
+                        w.bm,
+                        w.bk,
+                        (K + w.bk - 1) / w.bk};
   }
   static BlockTileFn tile_kernel(const KernelTable& k, int64_t tn) {
     return tn == 16 ? k.block16 : (tn == 32 ? k.block32 : k.block64);

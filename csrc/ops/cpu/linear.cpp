@@ -26,9 +26,8 @@ int64_t linear_f32(const typename F::Level& w, const float* x, int64_t N, int64_
   const int64_t M = w.rows, P = static_cast<int64_t>(chunks.size()) - 1, work = C::work(w);
   if (N > kMaxSpmvBatch) {
     const auto fn = C::tile_kernel(kt, panel_width(N, K));
-    return panel_product(x, N, K, M, P, work, out, [&](const SpmmTile& tile, int64_t c) {
-      return fn(view, ep, tile, chunks[c], chunks[c + 1]);
-    });
+    return panel_product(x, N, K, M, P, work, out,
+                         [&](const SpmmTile& tile, int64_t c) { return fn(view, ep, tile, chunks[c], chunks[c + 1]); });
   }
   const auto fn = C::small_batch_kernel(kt);
   std::atomic<int64_t> bad{0};

@@ -32,9 +32,9 @@ int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t P
     int64_t b = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / P, c = i % P, tn = std::min(TN, N - t * TN);
-      const SpmmTile tile = direct
-          ? SpmmTile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, tn, out + t * TN * M, 1, M, nullptr, 0}
-          : SpmmTile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, tn, tp + t * M * TN, TN, 1, &whole, 1};
+      const SpmmTile tile =
+          direct ? SpmmTile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, tn, out + t * TN * M, 1, M, nullptr, 0}
+                 : SpmmTile{pan + t * K * TN, nullptr, TN, kNoGroups, 0, tn, tp + t * M * TN, TN, 1, &whole, 1};
       b += run(tile, c);
     }
     bad += b;
@@ -67,7 +67,7 @@ int64_t conv_direct(const ConvShape& s, const float* xf, int64_t P, int64_t work
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / (T * P), t = (i / P) % T, c = i % P, tn = std::min(TN, HW - t * TN);
       const SpmmTile tile{xf + n * s.Cin * HW + t * TN, nullptr, HW, s.M / s.groups, s.Cg * HW, tn,
-                          out + n * s.M * HW + t * TN, HW, 1, nullptr, 0};
+                          out + n * s.M * HW + t * TN,  HW,      1,  nullptr,        0};
       nbad += run(tile, c);
     }
     bad += nbad;
@@ -117,7 +117,8 @@ int64_t conv_phases(const ConvShape& s, const float* xf, int64_t P, int64_t work
   }
   // Rows [r_lo, r_hi) of phase row qr and columns [c_lo, c_hi) of phase column qc hold input pixels.
   std::vector<int64_t> r_lo(s.sh), r_hi(s.sh), c_lo(s.sw), c_hi(s.sw);
-  const auto interior = [](int64_t q, int64_t stride, int64_t pad, int64_t size_in, int64_t n, int64_t& lo, int64_t& hi) {
+  const auto interior = [](int64_t q, int64_t stride, int64_t pad, int64_t size_in, int64_t n, int64_t& lo,
+                           int64_t& hi) {
     lo = n, hi = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t y = i * stride + q - pad;

@@ -38,13 +38,24 @@ int64_t for_each_entry(const BlocksView& w, int64_t br0, int64_t br1, F&& f) {
 }  // namespace
 
 BlocksView loop_view(const NbcrLevel& w, int64_t K, int64_t group_rows) {
-  return BlocksView{w.indices.const_data_ptr<int16_t>(), w.ptr(), w.meta(), w.level_counts(), w.base_counts(),
-                    w.values.numel(), w.indices.numel(), w.rows, K, w.bm, w.bk, (K + w.bk - 1) / w.bk, group_rows};
+  return BlocksView{w.indices.const_data_ptr<int16_t>(),
+                    w.ptr(),
+                    w.meta(),
+                    w.level_counts(),
+                    w.base_counts(),
+                    w.values.numel(),
+                    w.indices.numel(),
+                    w.rows,
+                    K,
+                    w.bm,
+                    w.bk,
+                    (K + w.bk - 1) / w.bk,
+                    group_rows};
 }
 
 template <typename T>
 int64_t spmm_strided(const BlocksView& w, const T* v, const T* B, int64_t ldb_k, int64_t ldb_j, int64_t ncols,
-                          const T* bias, Act act, T* out, int64_t ors, int64_t ocs, int64_t br0, int64_t br1) {
+                     const T* bias, Act act, T* out, int64_t ors, int64_t ocs, int64_t br0, int64_t br1) {
   const int64_t r_first = br0 * w.bm, r_last = std::min(w.M, br1 * w.bm);
   for (int64_t r = r_first; r < r_last; ++r) {
     for (int64_t j = 0; j < ncols; ++j) out[r * ors + j * ocs] = T(0);
@@ -63,7 +74,7 @@ int64_t spmm_strided(const BlocksView& w, const T* v, const T* B, int64_t ldb_k,
 
 template <typename T>
 int64_t spmm_transposed(const BlocksView& w, const T* v, const T* A, int64_t lda, T* C, int64_t ldc, int64_t j0,
-                             int64_t j1) {
+                        int64_t j1) {
   const int64_t MB = (w.M + w.bm - 1) / w.bm;
   return for_each_entry(w, 0, MB, [&](int64_t r, int64_t k, int64_t p) {
     const T* a = A + r * lda;
@@ -73,8 +84,8 @@ int64_t spmm_transposed(const BlocksView& w, const T* v, const T* A, int64_t lda
 }
 
 template <typename T>
-int64_t sddmm(const BlocksView& w, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb,
-                   int64_t stride_b, int64_t ncols, int64_t nbatch, T* gv, int64_t br0, int64_t br1) {
+int64_t sddmm(const BlocksView& w, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b,
+              int64_t ncols, int64_t nbatch, T* gv, int64_t br0, int64_t br1) {
   return for_each_entry(w, br0, br1, [&](int64_t r, int64_t k, int64_t p) {
     T acc = T(0);
     for (int64_t n = 0; n < nbatch; ++n) {
@@ -86,13 +97,12 @@ int64_t sddmm(const BlocksView& w, const T* A, int64_t lda, int64_t stride_a, co
   });
 }
 
-#define NESTSPARSE_INSTANTIATE(T)                                                                                    \
-  template int64_t spmm_strided<T>(const BlocksView&, const T*, const T*, int64_t, int64_t, int64_t, const T*, \
-                                        Act, T*, int64_t, int64_t, int64_t, int64_t);                               \
-  template int64_t spmm_transposed<T>(const BlocksView&, const T*, const T*, int64_t, T*, int64_t, int64_t,    \
-                                           int64_t);                                                                \
-  template int64_t sddmm<T>(const BlocksView&, const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, \
-                                 int64_t, T*, int64_t, int64_t);
+#define NESTSPARSE_INSTANTIATE(T)                                                                                     \
+  template int64_t spmm_strided<T>(const BlocksView&, const T*, const T*, int64_t, int64_t, int64_t, const T*, Act,   \
+                                   T*, int64_t, int64_t, int64_t, int64_t);                                           \
+  template int64_t spmm_transposed<T>(const BlocksView&, const T*, const T*, int64_t, T*, int64_t, int64_t, int64_t); \
+  template int64_t sddmm<T>(const BlocksView&, const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t,       \
+                            int64_t, T*, int64_t, int64_t);
 NESTSPARSE_INSTANTIATE(float)
 NESTSPARSE_INSTANTIATE(double)
 #undef NESTSPARSE_INSTANTIATE

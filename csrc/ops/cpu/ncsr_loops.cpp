@@ -4,10 +4,14 @@ namespace nestsparse::cpu {
 
 RowsView loop_view(const NcsrLevel& w, int64_t K, int64_t group_rows) {
   const bool i16 = w.col_idx.scalar_type() == at::kShort;
-  return RowsView{w.row_start(), w.row_stop(), i16 ? nullptr : w.col_idx.const_data_ptr<int32_t>(),
-                  i16 ? w.col_idx.const_data_ptr<int16_t>() : nullptr, w.rows, K, group_rows};
+  return RowsView{w.row_start(),
+                  w.row_stop(),
+                  i16 ? nullptr : w.col_idx.const_data_ptr<int32_t>(),
+                  i16 ? w.col_idx.const_data_ptr<int16_t>() : nullptr,
+                  w.rows,
+                  K,
+                  group_rows};
 }
-
 
 template <typename T>
 int64_t spmm_strided(const RowsView& w, const T* v, const T* B, int64_t ldb_k, int64_t ldb_j, int64_t ncols,
@@ -56,8 +60,8 @@ int64_t spmm_transposed(const RowsView& w, const T* v, const T* A, int64_t lda, 
 }
 
 template <typename T>
-int64_t sddmm(const RowsView& w, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb,
-              int64_t stride_b, int64_t ncols, int64_t nbatch, T* gv, int64_t r0, int64_t r1) {
+int64_t sddmm(const RowsView& w, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b,
+              int64_t ncols, int64_t nbatch, T* gv, int64_t r0, int64_t r1) {
   int64_t bad = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t g = r / w.group_rows;
@@ -79,13 +83,12 @@ int64_t sddmm(const RowsView& w, const T* A, int64_t lda, int64_t stride_a, cons
   return bad;
 }
 
-#define NESTSPARSE_INSTANTIATE(T)                                                                                  \
-  template int64_t spmm_strided<T>(const RowsView&, const T*, const T*, int64_t, int64_t, int64_t, const T*, Act, \
-                                   T*, int64_t, int64_t, int64_t, int64_t);                                       \
-  template int64_t spmm_transposed<T>(const RowsView&, const T*, const T*, int64_t, T*, int64_t, int64_t,          \
-                                      int64_t);                                                                   \
-  template int64_t sddmm<T>(const RowsView&, const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t,     \
-                            int64_t, T*, int64_t, int64_t);
+#define NESTSPARSE_INSTANTIATE(T)                                                                                      \
+  template int64_t spmm_strided<T>(const RowsView&, const T*, const T*, int64_t, int64_t, int64_t, const T*, Act, T*,  \
+                                   int64_t, int64_t, int64_t, int64_t);                                                \
+  template int64_t spmm_transposed<T>(const RowsView&, const T*, const T*, int64_t, T*, int64_t, int64_t, int64_t);    \
+  template int64_t sddmm<T>(const RowsView&, const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t, \
+                            T*, int64_t, int64_t);
 NESTSPARSE_INSTANTIATE(float)
 NESTSPARSE_INSTANTIATE(double)
 #undef NESTSPARSE_INSTANTIATE

@@ -40,7 +40,7 @@ int64_t spmm_transposed(const RowsView& w, const T* v, const T* A, int64_t lda, 
 // gv[p] = sum_b sum_j A_b[r, j] * B_b[g*K + col_p, j] for the level's entries of rows [r0, r1) (the rest of gv
 // is left as it is). A_b = A + b*stride_a with row stride lda, likewise B.
 template <typename T>
-int64_t sddmm(const RowsView& w, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb,
-              int64_t stride_b, int64_t ncols, int64_t nbatch, T* gv, int64_t r0, int64_t r1);
+int64_t sddmm(const RowsView& w, const T* A, int64_t lda, int64_t stride_a, const T* B, int64_t ldb, int64_t stride_b,
+              int64_t ncols, int64_t nbatch, T* gv, int64_t r0, int64_t r1);
 
 }  // namespace nestsparse::cpu

@@ -89,8 +89,8 @@ at::Tensor ncsr_plan(const NcsrPlan::Call& c) {
   TORCH_CHECK(row_end.is_contiguous(), "ncsr_plan: row_end must be contiguous");
   const int64_t L = row_end.size(0), M = row_ptr.numel() - 1;
   TORCH_CHECK(row_end.size(1) == M, "ncsr_plan: row_end must have shape (L, M=", M, "), got ", row_end.sizes());
-  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max() && num_chunks <= std::max<int64_t>(M, 1) + 1024, "ncsr_plan: ",
-              num_chunks, " chunks for ", M, " rows; ask for at most M + 1024");
+  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max() && num_chunks <= std::max<int64_t>(M, 1) + 1024,
+              "ncsr_plan: ", num_chunks, " chunks for ", M, " rows; ask for at most M + 1024");
   for (int64_t l = 0; l < L; ++l) {
     check_row_slices("ncsr_plan", row_ptr.const_data_ptr<int32_t>(), row_end.const_data_ptr<int32_t>() + l * M, M, l,
                      std::numeric_limits<int64_t>::max());

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       const int64_t c = static_cast<int64_t>(col_idx[j]);
       if (c < 0 || c >= K) {
         bad_cols += (n0 == 0);  // counted once per entry, in the first batch block
-        continue;  // never read x out of bounds
+        continue;               // never read x out of bounds
       }
       const acc_t v = static_cast<acc_t>(values[j]);
 #pragma unroll
@@ -110,18 +110,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 }
 
 template <typename scalar_t, typename index_t>
-void launch_ncsr_linear(const scalar_t* x, const scalar_t* values, const index_t* col_idx,
-                        const int32_t* row_start, const int32_t* row_stop, const scalar_t* bias, scalar_t* y,
-                        int64_t N, int64_t M, int64_t K, int64_t nnz, Act act, int* flags,
-                        cudaStream_t stream) {
+void launch_ncsr_linear(const scalar_t* x, const scalar_t* values, const index_t* col_idx, const int32_t* row_start,
+                        const int32_t* row_stop, const scalar_t* bias, scalar_t* y, int64_t N, int64_t M, int64_t K,
+                        int64_t nnz, Act act, int* flags, cudaStream_t stream) {
   const int64_t grid_x = (M + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int64_t batch_blocks = (N + kBatchBlock - 1) / kBatchBlock;
   TORCH_CHECK(grid_x <= INT32_MAX, "ncsr_linear: too many output rows for one launch (M=", M, ")");
   const dim3 grid(static_cast<unsigned>(grid_x),
                   static_cast<unsigned>(batch_blocks < kMaxGridY ? batch_blocks : kMaxGridY));
   const dim3 block(kWarp * kWarpsPerBlock);
-  ncsr_linear_kernel<scalar_t, index_t><<<grid, block, 0, stream>>>(x, values, col_idx, row_start, row_stop,
-                                                                    bias, y, N, M, K, nnz, act, flags);
+  ncsr_linear_kernel<scalar_t, index_t>
+      <<<grid, block, 0, stream>>>(x, values, col_idx, row_start, row_stop, bias, y, N, M, K, nnz, act, flags);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -48,11 +48,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["digits", "labelled_batches", "point_clouds", "POINT_CLOUD_CLASSES", "SCALE_RANGE", "seq2seq", "Seq2SeqData", "PAD", "BOS",
-           "EOS", "sbm_graph", "Graph"]
+__all__ = [
+    "digits",
+    "labelled_batches",
+    "point_clouds",
+    "POINT_CLOUD_CLASSES",
+    "SCALE_RANGE",
+    "seq2seq",
+    "Seq2SeqData",
+    "PAD",
+    "BOS",
+    "EOS",
+    "sbm_graph",
+    "Graph",
+]
 
 
 # ----------------------------------------------------------------------------------------------- digits
+
 
 def digits(seed: int = 0):
     """scikit-learn's 8x8 digits (1797 images, shipped with the package), standardised, split 70/30."""
@@ -78,11 +91,11 @@ def labelled_batches(data: tuple[torch.Tensor, torch.Tensor], batch: int):
 
     def inputs(i):
         j = i % n_batches
-        return (x[j * batch:(j + 1) * batch].contiguous(),)
+        return (x[j * batch : (j + 1) * batch].contiguous(),)
 
     def score(i, out):
         j = i % n_batches
-        return (out.argmax(1) == y[j * batch:(j + 1) * batch]).float().mean().item()
+        return (out.argmax(1) == y[j * batch : (j + 1) * batch]).float().mean().item()
 
     return inputs, score
 
@@ -180,11 +193,12 @@ def _torus(g, n):
         cand = 2 * math.pi * _uniform(g, 2 * n)
         keep = cand[_uniform(g, 2 * n) * (R + r) <= R + r * torch.cos(cand)]
         take = min(n - filled, keep.numel())
-        b[filled:filled + take] = keep[:take]
+        b[filled : filled + take] = keep[:take]
         filled += take
     a = 2 * math.pi * _uniform(g, n)
-    return torch.stack([(R + r * torch.cos(b)) * torch.cos(a), (R + r * torch.cos(b)) * torch.sin(a),
-                        r * torch.sin(b)], 1)
+    return torch.stack(
+        [(R + r * torch.cos(b)) * torch.cos(a), (R + r * torch.cos(b)) * torch.sin(a), r * torch.sin(b)], 1
+    )
 
 
 def _helix(g, n):
@@ -195,8 +209,16 @@ def _helix(g, n):
     return centre + tube * _sphere(g, n)
 
 
-_SHAPES = {"sphere": _sphere, "ellipsoid": _ellipsoid, "cube": _cube, "cylinder": _cylinder, "cone": _cone,
-           "pyramid": _pyramid, "torus": _torus, "helix": _helix}
+_SHAPES = {
+    "sphere": _sphere,
+    "ellipsoid": _ellipsoid,
+    "cube": _cube,
+    "cylinder": _cylinder,
+    "cone": _cone,
+    "pyramid": _pyramid,
+    "torus": _torus,
+    "helix": _helix,
+}
 
 
 def _rotation(g: torch.Generator) -> Tensor:
@@ -208,8 +230,9 @@ def _rotation(g: torch.Generator) -> Tensor:
     return q
 
 
-def point_clouds(n_per_class: int = 100, num_points: int = 128, seed: int = 0, noise: float = 0.02,
-                 test_fraction: float = 0.3):
+def point_clouds(
+    n_per_class: int = 100, num_points: int = 128, seed: int = 0, noise: float = 0.02, test_fraction: float = 0.3
+):
     """Point clouds of the shapes in ``POINT_CLOUD_CLASSES``, randomly stretched, rotated, centred and jittered
     (see the module docstring). Returns ((x_tr, y_tr), (x_te, y_te)); x float32 (N, num_points, 3), y int64."""
     if n_per_class < 2 or num_points < 1:
@@ -274,8 +297,16 @@ def _sequences(g: torch.Generator, n: int, vocab: int, min_len: int, max_len: in
     return src, tgt
 
 
-def seq2seq(n_train: int = 4000, n_test: int = 500, seed: int = 0, vocab: int = 20, min_len: int = 4,
-            max_len: int = 10, noise: float = 0.05, task: str = "reverse") -> Seq2SeqData:
+def seq2seq(
+    n_train: int = 4000,
+    n_test: int = 500,
+    seed: int = 0,
+    vocab: int = 20,
+    min_len: int = 4,
+    max_len: int = 10,
+    noise: float = 0.05,
+    task: str = "reverse",
+) -> Seq2SeqData:
     """Reverse or sort random token sequences, with label noise in the training targets only (see the module
     docstring)."""
     if task not in ("reverse", "sort"):
@@ -300,6 +331,7 @@ def seq2seq(n_train: int = 4000, n_test: int = 500, seed: int = 0, vocab: int = 
 
 # ---------------------------------------------------------------------------------------------- graph
 
+
 @dataclass
 class Graph:
     """A node-classification graph: features x (N, F) float32, dense boolean adjacency adj (N, N) with self
@@ -321,20 +353,31 @@ class Graph:
         return int(self.y.max()) + 1
 
 
-def sbm_graph(num_nodes: int = 600, num_classes: int = 5, p_in: float = 0.04, p_out: float = 0.004,
-              feature_dim: int = 32, feature_noise: float = 1.0, seed: int = 0, train_per_class: int = 20,
-              num_val: int = 100, feature_scale: float = 1.5) -> Graph:
+def sbm_graph(
+    num_nodes: int = 600,
+    num_classes: int = 5,
+    p_in: float = 0.04,
+    p_out: float = 0.004,
+    feature_dim: int = 32,
+    feature_noise: float = 1.0,
+    seed: int = 0,
+    train_per_class: int = 20,
+    num_val: int = 100,
+    feature_scale: float = 1.5,
+) -> Graph:
     """A stochastic block model graph with noisy class-mean features and a Planetoid-like split (see the
     module docstring)."""
     if num_classes < 2 or num_nodes < num_classes:
-        raise ValueError(f"sbm_graph: need num_classes >= 2 and num_nodes >= num_classes, "
-                         f"got {num_nodes}, {num_classes}")
+        raise ValueError(
+            f"sbm_graph: need num_classes >= 2 and num_nodes >= num_classes, got {num_nodes}, {num_classes}"
+        )
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (num_nodes,), generator=g)
     counts = torch.bincount(y, minlength=num_classes)
     if int(counts.min()) < train_per_class:
-        raise ValueError(f"sbm_graph: a class has only {int(counts.min())} nodes, fewer than train_per_class="
-                         f"{train_per_class}")
+        raise ValueError(
+            f"sbm_graph: a class has only {int(counts.min())} nodes, fewer than train_per_class={train_per_class}"
+        )
     same = y[:, None] == y[None, :]
     p = torch.where(same, torch.tensor(p_in), torch.tensor(p_out))
     upper = (torch.rand(num_nodes, num_nodes, generator=g) < p).triu(1)

@@ -36,9 +36,12 @@ def dense_flops(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
         def f(m, inp, out):
             per_out = m.weight[0].numel()
             flops[name] = 2 * per_out * out[0].numel()
+
         return f
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [
+        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
     with torch.no_grad():
         model(sample[:1])
     for h in handles:
@@ -63,15 +66,19 @@ class Row:
     lat256: float
 
 
-def run(levels=(0.3, 0.13, 0.05), width: int = 64, epochs: int = 25, seed: int = 0, plot: str | None = None) -> list[Row]:
+def run(
+    levels=(0.3, 0.13, 0.05), width: int = 64, epochs: int = 25, seed: int = 0, plot: str | None = None
+) -> list[Row]:
     spec = LevelSpec(tuple(levels))
     torch.manual_seed(seed)
     train_set, test_set = digits(seed)
     t0 = time.perf_counter()
     task = SupervisedTask(train_set, test_set, seed=seed)
     dense = train_dense(digits_cnn(width), task, epochs, lr=2e-3, seed=seed)
-    print(f"dense CNN trained in {time.perf_counter() - t0:.1f} s on {len(train_set[1])} digits "
-          f"({sum(p.numel() for p in dense.parameters()):,} parameters)")
+    print(
+        f"dense CNN trained in {time.perf_counter() - t0:.1f} s on {len(train_set[1])} digits "
+        f"({sum(p.numel() for p in dense.parameters()):,} parameters)"
+    )
     skip = dense_layers(dense)
     one_shot = copy.deepcopy(dense)
     apply_level_masks(one_shot, model_tags(dense, spec, scope="global", skip=skip), spec.num_levels)
@@ -95,13 +102,24 @@ def run(levels=(0.3, 0.13, 0.05), width: int = 64, epochs: int = 25, seed: int =
         w_pct = 100.0 * sum(nnz.values()) / total_w
         f_sparse = sum(fl[n] * nnz[n] / dense.get_submodule(n).weight.numel() for n in names)
         f_pct = 100.0 * (f_sparse + total_fl - sum(fl[n] for n in names)) / total_fl
-        rows.append(Row(f"level {lvl} (target {spec.densities[lvl]:.0%})", w_pct, f_pct, accuracy(sparse, test_set),
-                        accuracy(one_shot, test_set), latency_us(sparse, xb1), latency_us(sparse, xb256)))
+        rows.append(
+            Row(
+                f"level {lvl} (target {spec.densities[lvl]:.0%})",
+                w_pct,
+                f_pct,
+                accuracy(sparse, test_set),
+                accuracy(one_shot, test_set),
+                latency_us(sparse, xb1),
+                latency_us(sparse, xb256),
+            )
+        )
     print_table(rows)
     one_buffer = sum(m.nested().nbytes() for m in sparse.modules() if isinstance(m, NestedSparseModule))
     dense_bytes = total_w * 4
-    print(f"\nAll {spec.num_levels} levels live in one buffer: {one_buffer / 1e6:.2f} MB of nested CSR for the pruned "
-          f"layers, vs {dense_bytes / 1e6:.2f} MB dense (float32 values, int16 column indices).")
+    print(
+        f"\nAll {spec.num_levels} levels live in one buffer: {one_buffer / 1e6:.2f} MB of nested CSR for the pruned "
+        f"layers, vs {dense_bytes / 1e6:.2f} MB dense (float32 values, int16 column indices)."
+    )
     show_rerouting(sparse, test_set, seed)
     if plot:
         plot_levels(rows, plot)
@@ -114,8 +132,10 @@ def show_rerouting(sparse: nn.Module, test_set, seed: int, n: int = 300, batch: 
     level's unloaded p95, every policy side by side (``python -m nestsparse qos`` runs the full version)."""
     inputs, score = labelled_batches(test_set, batch)
     scenario = make_scenario("fluctuating", seed=seed)
-    print(f"\nRerouting: {n} inferences of {batch} digits per policy, one thread, checkpoints before each sparse "
-          f"layer; {scenario.describe()}")
+    print(
+        f"\nRerouting: {n} inferences of {batch} digits per policy, one thread, checkpoints before each sparse "
+        f"layer; {scenario.describe()}"
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -125,28 +145,38 @@ def show_rerouting(sparse: nn.Module, test_set, seed: int, n: int = 300, batch: 
     finally:
         torch.set_num_threads(threads)
     print(qos_table(results))
-    print("A rerouted inference starts at level 0 and, when a checkpoint predicts a miss, finishes at the densest level "
-          "that still fits; effective accuracy counts a missed deadline as wrong.")
+    print(
+        "A rerouted inference starts at level 0 and, when a checkpoint predicts a miss, finishes at the densest level "
+        "that still fits; effective accuracy counts a missed deadline as wrong."
+    )
 
 
 def print_table(rows: list[Row]) -> None:
     dense = rows[0]
-    print("\n| model | weights % | FLOPs % | test accuracy | one-shot, untrained | latency batch 1 (us) | speedup | "
-          "latency batch 256 (us) | speedup |")
+    print(
+        "\n| model | weights % | FLOPs % | test accuracy | one-shot, untrained | latency batch 1 (us) | speedup | "
+        "latency batch 256 (us) | speedup |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r.name} | {r.weights_pct:.1f} | {r.flops_pct:.1f} | {100 * r.acc:.2f}% | {100 * r.one_shot_acc:.2f}% | "
-              f"{r.lat1:.0f} | "
-              f"{dense.lat1 / r.lat1:.2f}x | {r.lat256:.0f} | {dense.lat256 / r.lat256:.2f}x |")
-    print("\nweights % counts the pruned layers (the first conv and the classifier stay dense); FLOPs % counts every "
-          "layer's multiply-adds. Accuracy: levels trained jointly (nestsparse.pruning.joint); the next column is the "
-          "same budget by one-shot magnitude tags on the dense model, without training. Latency: median of repeated "
-          "runs of the whole model on this machine, levels through the sparse kernels, dense through torch.")
+        print(
+            f"| {r.name} | {r.weights_pct:.1f} | {r.flops_pct:.1f} | {100 * r.acc:.2f}% | "
+            f"{100 * r.one_shot_acc:.2f}% | "
+            f"{r.lat1:.0f} | "
+            f"{dense.lat1 / r.lat1:.2f}x | {r.lat256:.0f} | {dense.lat256 / r.lat256:.2f}x |"
+        )
+    print(
+        "\nweights % counts the pruned layers (the first conv and the classifier stay dense); FLOPs % counts every "
+        "layer's multiply-adds. Accuracy: levels trained jointly (nestsparse.pruning.joint); the next column is the "
+        "same budget by one-shot magnitude tags on the dense model, without training. Latency: median of repeated "
+        "runs of the whole model on this machine, levels through the sparse kernels, dense through torch."
+    )
 
 
 def plot_levels(rows: list[Row], path: str) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:

@@ -58,8 +58,13 @@ def _resnet50(levels: Sequence[float], seed: int) -> Workload:
     model = convert(dense, tags, densities=tuple(levels)).eval()
     g = torch.Generator().manual_seed(seed)
     pool = [torch.randn(1, 3, 224, 224, generator=g) for _ in range(8)]
-    return Workload("resnet50", model, lambda i: (pool[i % len(pool)],), None,
-                    f"ResNet-50, batch 1 (224x224), random weights, one-shot magnitude levels {tuple(levels)}")
+    return Workload(
+        "resnet50",
+        model,
+        lambda i: (pool[i % len(pool)],),
+        None,
+        f"ResNet-50, batch 1 (224x224), random weights, one-shot magnitude levels {tuple(levels)}",
+    )
 
 
 def _digits(levels: Sequence[float], seed: int, batch: int, epochs: int) -> Workload:
@@ -72,8 +77,13 @@ def _digits(levels: Sequence[float], seed: int, batch: int, epochs: int) -> Work
     plain, tags = unmask(nested)
     model = convert(plain, tags, densities=spec.densities).eval()
     inputs, score = labelled_batches(test_set, batch)
-    return Workload("digits", model, inputs, score,
-                    f"digits CNN, batches of {batch} test digits, levels {tuple(levels)} trained jointly")
+    return Workload(
+        "digits",
+        model,
+        inputs,
+        score,
+        f"digits CNN, batches of {batch} test digits, levels {tuple(levels)} trained jointly",
+    )
 
 
 def _checkpoint(path: str, input_shape: Sequence[int], seed: int) -> Workload:
@@ -85,8 +95,14 @@ def _checkpoint(path: str, input_shape: Sequence[int], seed: int) -> Workload:
     return Workload(path, model, lambda i: (pool[i % len(pool)],), None, f"{path}, random inputs {tuple(input_shape)}")
 
 
-def workload(model: str, levels: Sequence[float] | None = None, seed: int = 0, batch: int = 16,
-             epochs: int = 25, input_shape: Sequence[int] = ()) -> Workload:
+def workload(
+    model: str,
+    levels: Sequence[float] | None = None,
+    seed: int = 0,
+    batch: int = 16,
+    epochs: int = 25,
+    input_shape: Sequence[int] = (),
+) -> Workload:
     """The model named ``model`` ("resnet50", "digits") or loaded from the checkpoint file ``model``."""
     if model in DEFAULT_LEVELS:
         levels = tuple(levels or DEFAULT_LEVELS[model])
@@ -96,11 +112,26 @@ def workload(model: str, levels: Sequence[float] | None = None, seed: int = 0, b
     raise ValueError(f"unknown model {model!r}: 'resnet50', 'digits' or a nestsparse checkpoint (.safetensors)")
 
 
-def run(model: str = "resnet50", deadline: str = "p95", scenario: str = "fluctuating", n: int = 1000, seed: int = 0,
-        levels: Sequence[float] | None = None, stages: str = "block", margin: float = 0.1,
-        policies: Sequence[str] = POLICIES, profile: str | None = None, save_profile: str | None = None,
-        repeats: int = 50, plot: str | None = None, batch: int = 16, epochs: int = 25,
-        input_shape: Sequence[int] = (), period: float | None = None, progress: bool = True) -> dict:
+def run(
+    model: str = "resnet50",
+    deadline: str = "p95",
+    scenario: str = "fluctuating",
+    n: int = 1000,
+    seed: int = 0,
+    levels: Sequence[float] | None = None,
+    stages: str = "block",
+    margin: float = 0.1,
+    policies: Sequence[str] = POLICIES,
+    profile: str | None = None,
+    save_profile: str | None = None,
+    repeats: int = 50,
+    plot: str | None = None,
+    batch: int = 16,
+    epochs: int = 25,
+    input_shape: Sequence[int] = (),
+    period: float | None = None,
+    progress: bool = True,
+) -> dict:
     """Runs the QoS comparison and prints it; returns the results, the deadline and the checkpoint cost."""
     # Everything that can be refused is refused before minutes of building and profiling.
     if n < 1:
@@ -133,16 +164,21 @@ def run(model: str = "resnet50", deadline: str = "p95", scenario: str = "fluctua
             print(f"latency profile written to {save_profile}")
         print(f"{len(ex.order)} stages ({stages}); unloaded latency per level:\n{prof.summary()}")
         dl = deadline_from(deadline, prof)
-        print(f"deadline {1e3 * dl:.2f} ms ({deadline}); scenario {scen.name}: {scen.describe()}; "
-              f"rerouting margin {margin:.0%}")
-        results = run_qos(ex, wl.inputs, n, dl, policies=policies, scenario=scen, period=period, score=wl.score,
-                          progress=progress)
+        print(
+            f"deadline {1e3 * dl:.2f} ms ({deadline}); scenario {scen.name}: {scen.describe()}; "
+            f"rerouting margin {margin:.0%}"
+        )
+        results = run_qos(
+            ex, wl.inputs, n, dl, policies=policies, scenario=scen, period=period, score=wl.score, progress=progress
+        )
         cost = checkpoint_cost(ex, results)
     print()
     print(qos_table(results))
-    print(f"\ncheckpoint cost: {cost['per_checkpoint_us']:.1f} us each (decision {cost['decision_us']:.1f} us + hook "
-          f"dispatch {cost['dispatch_us']:.1f} us) = {cost['per_checkpoint_pct']:.3f}% of the densest level's median "
-          f"latency; {cost['checkpoints']} checkpoints per inference = {cost['per_inference_pct']:.2f}%")
+    print(
+        f"\ncheckpoint cost: {cost['per_checkpoint_us']:.1f} us each (decision {cost['decision_us']:.1f} us + hook "
+        f"dispatch {cost['dispatch_us']:.1f} us) = {cost['per_checkpoint_pct']:.3f}% of the densest level's median "
+        f"latency; {cost['checkpoints']} checkpoints per inference = {cost['per_inference_pct']:.2f}%"
+    )
     if plot:
         plot_latency_cdf(results, plot, title=f"{wl.name}, scenario {scen.name}, deadline {1e3 * dl:.1f} ms")
         print(f"latency CDF written to {plot}")

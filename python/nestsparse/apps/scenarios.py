@@ -49,8 +49,8 @@ class Trace:
             raise ValueError("Trace: levels must not be empty")
         self.seed, self.mean_on, self.mean_off, self.levels = seed, mean_on, mean_off, tuple(levels)
         self._rng = random.Random(seed)
-        self._times = [0.0]     # change points
-        self._values = [0.0]    # value from each change point on; starts quiet
+        self._times = [0.0]  # change points
+        self._values = [0.0]  # value from each change point on; starts quiet
 
     def _extend(self, until: float) -> None:
         while self._times[-1] <= until:
@@ -154,8 +154,10 @@ class _TraceFollower(Scenario):
 
     def describe(self) -> str:
         on, off, levels = self._params
-        return (f"seed {self.seed}: loaded periods of mean {on * 1e3:.0f} ms at {'/'.join(f'{v:g}' for v in levels)}, "
-                f"quiet periods of mean {off * 1e3:.0f} ms")
+        return (
+            f"seed {self.seed}: loaded periods of mean {on * 1e3:.0f} ms at {'/'.join(f'{v:g}' for v in levels)}, "
+            f"quiet periods of mean {off * 1e3:.0f} ms"
+        )
 
 
 _SPINNER = """
@@ -177,8 +179,14 @@ class CpuLoad(_TraceFollower):
 
     name = "fluctuating"
 
-    def __init__(self, seed: int = 0, mean_on: float = 0.4, mean_off: float = 4.0, levels: Sequence[float] = (1.0,),
-                 nice: int = 0):
+    def __init__(
+        self,
+        seed: int = 0,
+        mean_on: float = 0.4,
+        mean_off: float = 4.0,
+        levels: Sequence[float] = (1.0,),
+        nice: int = 0,
+    ):
         if not hasattr(signal, "SIGSTOP"):
             raise RuntimeError("the 'fluctuating' CPU-load scenario needs POSIX signals (Linux)")
         if any(not v > 0 for v in levels):
@@ -212,8 +220,10 @@ class CpuLoad(_TraceFollower):
         self._procs = []
 
     def describe(self) -> str:
-        return (f"background CPU load by spinner processes at nice {self.nice} on {os.cpu_count()} cores, "
-                + super().describe())
+        return (
+            f"background CPU load by spinner processes at nice {self.nice} on {os.cpu_count()} cores, "
+            + super().describe()
+        )
 
 
 class Slowdown(_TraceFollower):
@@ -221,8 +231,9 @@ class Slowdown(_TraceFollower):
 
     name = "slowdown"
 
-    def __init__(self, seed: int = 0, mean_on: float = 0.25, mean_off: float = 3.0,
-                 levels: Sequence[float] = (1.5, 2.5)):
+    def __init__(
+        self, seed: int = 0, mean_on: float = 0.25, mean_off: float = 3.0, levels: Sequence[float] = (1.5, 2.5)
+    ):
         if any(not v >= 1 for v in levels):
             raise ValueError(f"Slowdown: factors must be >= 1, got {levels}")
         super().__init__(seed, mean_on, mean_off, levels)
@@ -259,8 +270,15 @@ class GpuStream(_TraceFollower):
 
     name = "gpu-stream"
 
-    def __init__(self, seed: int = 0, mean_on: float = 0.25, mean_off: float = 3.0, levels: Sequence[int] = (1, 4),
-                 size: int = 4096, device: str = "cuda"):
+    def __init__(
+        self,
+        seed: int = 0,
+        mean_on: float = 0.25,
+        mean_off: float = 3.0,
+        levels: Sequence[int] = (1, 4),
+        size: int = 4096,
+        device: str = "cuda",
+    ):
         import torch
 
         if not torch.cuda.is_available():

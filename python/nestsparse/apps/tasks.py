@@ -30,7 +30,9 @@ def digits_task(seed: int = 0, batch_size: int = 64) -> SupervisedTask:
     return SupervisedTask(train, test, batch_size, seed)
 
 
-def point_cloud_task(seed: int = 0, batch_size: int = 32, n_per_class: int = 150, num_points: int = 128) -> SupervisedTask:
+def point_cloud_task(
+    seed: int = 0, batch_size: int = 32, n_per_class: int = 150, num_points: int = 128
+) -> SupervisedTask:
     """Point-cloud shape classification (8 classes)."""
     train, test = data.point_clouds(n_per_class=n_per_class, num_points=num_points, seed=seed)
     return SupervisedTask(train, test, batch_size, seed)
@@ -70,7 +72,7 @@ class Seq2SeqTask:
         for src, tgt in zip(self.data.src_test.split(256), self.data.tgt_test.split(256)):
             out = inner.greedy(src, tgt.shape[1])
             keep = tgt != data.PAD
-            correct += int(((out[:, :tgt.shape[1]] == tgt) & keep).sum())
+            correct += int(((out[:, : tgt.shape[1]] == tgt) & keep).sum())
             total += int(keep.sum())
         model.train(was_training)
         return correct / max(total, 1)

@@ -12,8 +12,16 @@ from .blocks import DEFAULT_BLOCK_SHAPE
 from .nbcr import NestedBCR
 from .ncsr import NestedCSR
 
-__all__ = ["NestedFormat", "NestedCSR", "NestedBCR", "FormatError", "DEFAULT_BLOCK_SHAPE", "FORMATS", "format_class",
-           "from_dense"]
+__all__ = [
+    "NestedFormat",
+    "NestedCSR",
+    "NestedBCR",
+    "FormatError",
+    "DEFAULT_BLOCK_SHAPE",
+    "FORMATS",
+    "format_class",
+    "from_dense",
+]
 
 FORMATS: dict[str, type[NestedFormat]] = {cls.name: cls for cls in (NestedCSR, NestedBCR)}
 
@@ -26,8 +34,9 @@ def format_class(name: str) -> type[NestedFormat]:
     return cls
 
 
-def from_dense(format: str, weight, tags, *, num_levels: int | None = None, densities: tuple[float, ...] = (),
-               **options) -> NestedFormat:
+def from_dense(
+    format: str, weight, tags, *, num_levels: int | None = None, densities: tuple[float, ...] = (), **options
+) -> NestedFormat:
     """``weight`` packed by ``tags`` in the format named ``format``. Options the format does not have (block_shape
     for "ncsr") are not used."""
     cls = format_class(format)

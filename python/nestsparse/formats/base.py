@@ -17,8 +17,16 @@ from torch import Tensor
 from .. import ops
 from .blocks import matrix_shape
 
-__all__ = ["NestedFormat", "FormatError", "VALUE_DTYPES", "first_index", "check_integer", "check_weight_dtype",
-           "level_count", "check_dense_args"]
+__all__ = [
+    "NestedFormat",
+    "FormatError",
+    "VALUE_DTYPES",
+    "first_index",
+    "check_integer",
+    "check_weight_dtype",
+    "level_count",
+    "check_dense_args",
+]
 
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -56,8 +64,9 @@ class NestedFormat:
 
     # ---- what each format defines --------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, weight: Tensor, tags: Tensor, num_levels: int | None = None,
-                   densities: tuple[float, ...] = (), **options) -> NestedFormat:
+    def from_dense(
+        cls, weight: Tensor, tags: Tensor, num_levels: int | None = None, densities: tuple[float, ...] = (), **options
+    ) -> NestedFormat:
         """Packs the entries of ``weight`` whose tag is >= 0 (``tags``: int8, the weight's shape)."""
         raise NotImplementedError
 
@@ -132,35 +141,76 @@ class NestedFormat:
         return self.tags() >= self._check_level(level)
 
     # ---- products -----------------------------------------------------------------------------------------
-    def linear(self, x: Tensor, level: int = 0, bias: Tensor | None = None, activation: str = "none",
-               plan: Tensor | None = None) -> Tensor:
+    def linear(
+        self,
+        x: Tensor,
+        level: int = 0,
+        bias: Tensor | None = None,
+        activation: str = "none",
+        plan: Tensor | None = None,
+    ) -> Tensor:
         """act(x @ W_level^T + bias) for x of shape (..., K)."""
         return self.linear_op(x, self.values, *self.index_tensors(), level, *self.op_args(), bias, activation, plan)
 
-    def conv2d(self, x: Tensor, level: int, kernel_size, bias: Tensor | None = None, stride=1, padding=0,
-               dilation=1, groups: int = 1, activation: str = "none", plan: Tensor | None = None) -> Tensor:
+    def conv2d(
+        self,
+        x: Tensor,
+        level: int,
+        kernel_size,
+        bias: Tensor | None = None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        activation: str = "none",
+        plan: Tensor | None = None,
+    ) -> Tensor:
         """act(conv2d(x, W_level) + bias) for NCHW x, the weight (Cout, Cin/groups, kh, kw)."""
-        return self.conv2d_op(x, self.values, *self.index_tensors(), level, *self.op_args(), kernel_size, bias, stride,
-                              padding, dilation, groups, activation, plan)
+        return self.conv2d_op(
+            x,
+            self.values,
+            *self.index_tensors(),
+            level,
+            *self.op_args(),
+            kernel_size,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            activation,
+            plan,
+        )
 
     # ---- movement and serialisation -------------------------------------------------------------------------
     @classmethod
-    def from_parts(cls, values: Tensor, index: Mapping[str, Tensor], weight_shape, densities=(),
-                   **options) -> NestedFormat:
+    def from_parts(
+        cls, values: Tensor, index: Mapping[str, Tensor], weight_shape, densities=(), **options
+    ) -> NestedFormat:
         """An object from its tensors (``index`` by name), shape, densities and options; not validated."""
-        return cls(values=values, **{n: index[n] for n in cls.index_names}, weight_shape=tuple(weight_shape),
-                   densities=tuple(float(d) for d in densities),
-                   **{n: tuple(int(v) for v in options[n]) for n in cls.option_lengths})
+        return cls(
+            values=values,
+            **{n: index[n] for n in cls.index_names},
+            weight_shape=tuple(weight_shape),
+            densities=tuple(float(d) for d in densities),
+            **{n: tuple(int(v) for v in options[n]) for n in cls.option_lengths},
+        )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> NestedFormat:
         """A copy on ``device`` and/or with values cast to ``dtype`` (index tensors keep their dtypes)."""
-        return replace(self, values=self.values.to(device=device, dtype=dtype),
-                       **{n: t.to(device) for n, t in zip(self.index_names, self.index_tensors())})
+        return replace(
+            self,
+            values=self.values.to(device=device, dtype=dtype),
+            **{n: t.to(device) for n, t in zip(self.index_names, self.index_tensors())},
+        )
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors only, so safetensors can store it."""
-        sd = {"values": self.values, **dict(zip(self.index_names, self.index_tensors())),
-              "weight_shape": torch.tensor(self.weight_shape, dtype=torch.int64)}
+        sd = {
+            "values": self.values,
+            **dict(zip(self.index_names, self.index_tensors())),
+            "weight_shape": torch.tensor(self.weight_shape, dtype=torch.int64),
+        }
         sd.update({n: torch.tensor(v, dtype=torch.int64) for n, v in self.options().items()})
         sd["densities"] = torch.tensor(self.densities, dtype=torch.float64)
         return sd
@@ -178,12 +228,14 @@ class NestedFormat:
         for name, n in cls.option_lengths.items():
             if sd[name].dtype != torch.int64 or sd[name].shape != (n,):
                 raise FormatError(f"{where}: {name} must be an int64 tensor of shape ({n},), got {sd[name]}")
-        obj = cls.from_parts(sd["values"], sd, ws.tolist(), sd["densities"].tolist(),
-                             **{n: sd[n].tolist() for n in cls.option_lengths})
+        obj = cls.from_parts(
+            sd["values"], sd, ws.tolist(), sd["densities"].tolist(), **{n: sd[n].tolist() for n in cls.option_lengths}
+        )
         return obj.validate()
 
 
 # ---- checks shared by the formats' constructors ----------------------------------------------------------------
+
 
 def first_index(mask: Tensor) -> int:
     """The flat index of the first True of ``mask``."""
@@ -200,8 +252,9 @@ def check_weight_dtype(where: str, weight: Tensor) -> None:
         raise ValueError(f"{where}: weight dtype {weight.dtype} is not a supported value dtype")
 
 
-def level_count(where: str, name: str, tags: tuple[Tensor, ...], num_levels: int | None,
-                densities: tuple[float, ...]) -> int:
+def level_count(
+    where: str, name: str, tags: tuple[Tensor, ...], num_levels: int | None, densities: tuple[float, ...]
+) -> int:
     """The number of levels (given, or one more than the largest tag), once every tag lies in [-1, L-1]."""
     seen = [(int(t.min()), int(t.max())) for t in tags if t.numel()]
     lo, hi = (min(s[0] for s in seen), max(s[1] for s in seen)) if seen else (-1, -1)
@@ -215,8 +268,9 @@ def level_count(where: str, name: str, tags: tuple[Tensor, ...], num_levels: int
     return L
 
 
-def check_dense_args(where: str, weight: Tensor, tags: Tensor, num_levels: int | None,
-                     densities: tuple[float, ...]) -> tuple[int, int, Tensor, int]:
+def check_dense_args(
+    where: str, weight: Tensor, tags: Tensor, num_levels: int | None, densities: tuple[float, ...]
+) -> tuple[int, int, Tensor, int]:
     """The checks of every ``from_dense``; returns M, K, the tags as an int64 (M, K) matrix, and L."""
     if tags.shape != weight.shape:
         raise ValueError(f"{where}: tags shape {tuple(tags.shape)} != weight shape {tuple(weight.shape)}")

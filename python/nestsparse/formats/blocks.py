@@ -7,8 +7,16 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BLOCK_DIM", "DEFAULT_BLOCK_SHAPE", "matrix_shape", "check_block_shape", "grid", "inside", "blocked",
-           "element_tags"]
+__all__ = [
+    "MAX_BLOCK_DIM",
+    "DEFAULT_BLOCK_SHAPE",
+    "matrix_shape",
+    "check_block_shape",
+    "grid",
+    "inside",
+    "blocked",
+    "element_tags",
+]
 
 MAX_BLOCK_DIM = 256  # kMaxBlockDim in csrc/formats/nbcr.h
 
@@ -26,10 +34,13 @@ def matrix_shape(weight_shape: tuple[int, ...]) -> tuple[int, int]:
 def check_block_shape(where: str, block_shape) -> tuple[int, int]:
     """``block_shape`` as (bm, bk), each in [1, MAX_BLOCK_DIM]; ValueError naming ``where`` otherwise."""
     bs = tuple(block_shape) if isinstance(block_shape, (tuple, list)) else None
-    if bs is None or len(bs) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bs) \
-            or not all(1 <= b <= MAX_BLOCK_DIM for b in bs):
-        raise ValueError(f"{where}: block_shape must be two ints (bm, bk) in [1, {MAX_BLOCK_DIM}], "
-                         f"got {block_shape!r}")
+    if (
+        bs is None
+        or len(bs) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in bs)
+        or not all(1 <= b <= MAX_BLOCK_DIM for b in bs)
+    ):
+        raise ValueError(f"{where}: block_shape must be two ints (bm, bk) in [1, {MAX_BLOCK_DIM}], got {block_shape!r}")
     return bs
 
 

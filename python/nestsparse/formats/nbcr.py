@@ -74,12 +74,19 @@ class NestedBCR(NestedFormat):
                 f"{where}: tags are not block row/column structured (block shape ({bm}, {bk})): element ({r}, {c}) "
                 f"in block ({i}, {j}) has tag {int(t[r, c])}, but its row and column are kept up to levels "
                 f"{int(row_tags[i, j, p])} and {int(col_tags[i, j, q])}, so it would have tag "
-                f"{int(implied[i, j, p, q])}")
+                f"{int(implied[i, j, p, q])}"
+            )
         return row_tags.contiguous(), col_tags.contiguous()
 
     @classmethod
-    def from_dense(cls, weight: Tensor, tags: Tensor, block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
-                   num_levels: int | None = None, densities: tuple[float, ...] = ()) -> NestedBCR:
+    def from_dense(
+        cls,
+        weight: Tensor,
+        tags: Tensor,
+        block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+        num_levels: int | None = None,
+        densities: tuple[float, ...] = (),
+    ) -> NestedBCR:
         """Packs ``weight`` by its element tags (weight-shaped, int8), which must be block row/column structured
         (see structured_tags)."""
         where = "NestedBCR.from_dense"
@@ -88,9 +95,15 @@ class NestedBCR(NestedFormat):
         return cls.from_tags(weight, *cls.structured_tags(tags, block_shape), block_shape, L, densities)
 
     @classmethod
-    def from_tags(cls, weight: Tensor, row_tags: Tensor, col_tags: Tensor,
-                  block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE, num_levels: int | None = None,
-                  densities: tuple[float, ...] = ()) -> NestedBCR:
+    def from_tags(
+        cls,
+        weight: Tensor,
+        row_tags: Tensor,
+        col_tags: Tensor,
+        block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+        num_levels: int | None = None,
+        densities: tuple[float, ...] = (),
+    ) -> NestedBCR:
         """Packs ``weight`` by the tags of every local row (MB, KB, bm) and column (MB, KB, bk) of every block
         (-1: pruned at every level; always so outside the matrix). Element tag = min(row tag, column tag).
         A row or column tag above the sparsest level at which its block keeps both rows and columns is
@@ -104,17 +117,22 @@ class NestedBCR(NestedFormat):
         for name, t, n in (("row_tags", row_tags, bm), ("col_tags", col_tags, bk)):
             check_integer(where, name, t)
             if tuple(t.shape) != (MB, KB, n):
-                raise ValueError(f"{where}: {name} must have shape {(MB, KB, n)} for a ({M}, {K}) matrix in "
-                                 f"({bm}, {bk}) blocks, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{where}: {name} must have shape {(MB, KB, n)} for a ({M}, {K}) matrix in "
+                    f"({bm}, {bk}) blocks, got {tuple(t.shape)}"
+                )
         rt, ct = row_tags.detach().to(dev, torch.int64), col_tags.detach().to(dev, torch.int64)
         L = level_count(where, "row_tags and col_tags", (rt, ct), num_levels, densities)
-        for name, t, inside, what, n in zip(("row_tags", "col_tags"), (rt, ct), block_grid.inside(M, K, (bm, bk), dev),
-                                            ("row", "column"), (M, K)):
+        for name, t, inside, what, n in zip(
+            ("row_tags", "col_tags"), (rt, ct), block_grid.inside(M, K, (bm, bk), dev), ("row", "column"), (M, K)
+        ):
             outside = (t >= 0) & ~inside
             if outside.any():
                 i, j, p = (int(x) for x in outside.nonzero()[0])
-                raise ValueError(f"{where}: {name}[{i}, {j}, {p}] = {int(t[i, j, p])}, but local {what} {p} of "
-                                 f"block ({i}, {j}) lies outside the matrix ({n} {what}s); it must be -1")
+                raise ValueError(
+                    f"{where}: {name}[{i}, {j}, {p}] = {int(t[i, j, p])}, but local {what} {p} of "
+                    f"block ({i}, {j}) lies outside the matrix ({n} {what}s); it must be -1"
+                )
         top = torch.minimum(rt.amax(2, keepdim=True), ct.amax(2, keepdim=True))  # canonical form
         rt, ct = torch.minimum(rt, top), torch.minimum(ct, top)
         # Per block: rows (and columns) sparsest level first, then by number.
@@ -126,8 +144,10 @@ class NestedBCR(NestedFormat):
         r, c, r_order, c_order = r[:, bi, bj], c[:, bi, bj], r_order[bi, bj], c_order[bi, bj]
         vsize, isize = r[0] * c[0], r[0] + c[0]
         if int(vsize.sum()) > INT32_MAX or int(isize.sum()) > INT32_MAX:
-            raise ValueError(f"{where}: {int(vsize.sum())} values and {int(isize.sum())} indices; int32 offsets "
-                             f"allow at most {INT32_MAX} of each")
+            raise ValueError(
+                f"{where}: {int(vsize.sum())} values and {int(isize.sum())} indices; int32 offsets "
+                f"allow at most {INT32_MAX} of each"
+            )
         keep_r = torch.arange(bm, device=dev) < r[0, :, None]  # (B, bm)
         keep_c = torch.arange(bk, device=dev) < c[0, :, None]  # (B, bk)
         sub = block_grid.blocked(weight.detach().reshape(M, K), (bm, bk), 0)[bi, bj]  # (B, bm, bk)
@@ -173,8 +193,12 @@ class NestedBCR(NestedFormat):
         if level is None:
             return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.counts) + tables)
         rc = self.counts[self._check_level(level)].to(torch.int64)
-        return (self.nnz(level) * self.values.element_size() + int(rc.sum()) * self.indices.element_size()
-                + sum(t.numel() * t.element_size() for t in tables) + rc.numel() * self.counts.element_size())
+        return (
+            self.nnz(level) * self.values.element_size()
+            + int(rc.sum()) * self.indices.element_size()
+            + sum(t.numel() * t.element_size() for t in tables)
+            + rc.numel() * self.counts.element_size()
+        )
 
     # ---- views back to dense ---------------------------------------------------------------------
     def _block_rows(self) -> Tensor:
@@ -257,8 +281,10 @@ class NestedBCR(NestedFormat):
         if v.dim() != 1 or ix.dim() != 1:
             fail(f"values and indices must be 1-D, got shapes {tuple(v.shape)} and {tuple(ix.shape)}")
         if bp.shape != (MB + 1,):
-            fail(f"block_ptr must have shape (MB + 1,) = ({MB + 1},) for a ({M}, {K}) matrix in ({bm}, {bk}) "
-                 f"blocks, got {tuple(bp.shape)}")
+            fail(
+                f"block_ptr must have shape (MB + 1,) = ({MB + 1},) for a ({M}, {K}) matrix in ({bm}, {bk}) "
+                f"blocks, got {tuple(bp.shape)}"
+            )
         if bl.dim() != 2 or bl.shape[1] != 3:
             fail(f"blocks must have shape (B, 3), got {tuple(bl.shape)}")
         B = bl.shape[0]
@@ -275,8 +301,10 @@ class NestedBCR(NestedFormat):
         d = bp64[1:] - bp64[:-1]
         if (d < 0).any():
             i = first_index(d < 0)
-            fail(f"block_ptr is not non-decreasing: block_ptr[{i}] = {int(bp64[i])} > block_ptr[{i + 1}] = "
-                 f"{int(bp64[i + 1])}")
+            fail(
+                f"block_ptr is not non-decreasing: block_ptr[{i}] = {int(bp64[i])} > block_ptr[{i + 1}] = "
+                f"{int(bp64[i + 1])}"
+            )
         if int(bp64[-1]) != B:
             fail(f"block_ptr[MB] = block_ptr[{MB}] = {int(bp64[-1])} but {B} blocks are stored")
         brow, j = self._block_rows(), bl[:, 0].to(torch.int64)
@@ -290,41 +318,55 @@ class NestedBCR(NestedFormat):
         unsorted = (brow[1:] == brow[:-1]) & (j[1:] <= j[:-1])
         if unsorted.any():
             b = first_index(unsorted) + 1
-            fail(f"block row {int(brow[b])} is not sorted by block column without repeats: block {b - 1} has "
-                 f"column {int(j[b - 1])}, block {b} has column {int(j[b])}")
+            fail(
+                f"block row {int(brow[b])} is not sorted by block column without repeats: block {b - 1} has "
+                f"column {int(j[b - 1])}, block {b} has column {int(j[b])}"
+            )
         cnt = cn.to(torch.int64)
         r, c = cnt[..., 0], cnt[..., 1]  # (L, B)
         for name, x, lim in (("r", r, f"bm={bm}"), ("c", c, f"bk={bk}")):
             bad = (x < 0) | (x > (bm if name == "r" else bk))
             if bad.any():
                 lvl, b = divmod(first_index(bad), B)
-                fail(f"counts[{lvl}, {b}] = ({int(r[lvl, b])}, {int(c[lvl, b])}) of {at(b)}: {name}_{lvl} is "
-                     f"outside [0, {lim}]")
+                fail(
+                    f"counts[{lvl}, {b}] = ({int(r[lvl, b])}, {int(c[lvl, b])}) of {at(b)}: {name}_{lvl} is "
+                    f"outside [0, {lim}]"
+                )
         if (r[0] < 1).any():
             b = first_index(r[0] < 1)
-            fail(f"{at(b)} keeps no row at level 0 (counts[0, {b}] = ({int(r[0, b])}, {int(c[0, b])})): r_0 must "
-                 f"be >= 1, a block with nothing kept is not stored")
+            fail(
+                f"{at(b)} keeps no row at level 0 (counts[0, {b}] = ({int(r[0, b])}, {int(c[0, b])})): r_0 must "
+                f"be >= 1, a block with nothing kept is not stored"
+            )
         grows = (r[1:] > r[:-1]) | (c[1:] > c[:-1])
         if grows.any():
             lvl, b = divmod(first_index(grows), B)
-            fail(f"counts of {at(b)} are not nested: level {lvl + 1} keeps (r, c) = ({int(r[lvl + 1, b])}, "
-                 f"{int(c[lvl + 1, b])}) but level {lvl} only ({int(r[lvl, b])}, {int(c[lvl, b])})")
+            fail(
+                f"counts of {at(b)} are not nested: level {lvl + 1} keeps (r, c) = ({int(r[lvl + 1, b])}, "
+                f"{int(c[lvl + 1, b])}) but level {lvl} only ({int(r[lvl, b])}, {int(c[lvl, b])})"
+            )
         odd = (r == 0) != (c == 0)
         if odd.any():
             lvl, b = divmod(first_index(odd), B)
-            fail(f"counts[{lvl}, {b}] = ({int(r[lvl, b])}, {int(c[lvl, b])}) of {at(b)}: r_l == 0 must hold "
-                 f"exactly when c_l == 0")
+            fail(
+                f"counts[{lvl}, {b}] = ({int(r[lvl, b])}, {int(c[lvl, b])}) of {at(b)}: r_l == 0 must hold "
+                f"exactly when c_l == 0"
+            )
         for col, name, size, rule in ((1, "value", r[0] * c[0], "r0*c0"), (2, "index", r[0] + c[0], "r0+c0")):
             expect = size.cumsum(0) - size
             bad = bl[:, col].to(torch.int64) != expect
             if bad.any():
                 b = first_index(bad)
-                fail(f"blocks[{b}, {col}] = {int(bl[b, col])}, the {name} offset of {at(b)}, should be "
-                     f"{int(expect[b])}: offsets are packed, the running sum of {rule}")
+                fail(
+                    f"blocks[{b}, {col}] = {int(bl[b, col])}, the {name} offset of {at(b)}, should be "
+                    f"{int(expect[b])}: offsets are packed, the running sum of {rule}"
+                )
             total, stored = int(size.sum()), (v if col == 1 else ix).numel()
             if stored != total:
-                fail(f"{stored} {'values' if col == 1 else 'indices'} are stored but the blocks hold {total} "
-                     f"(last {name} offset + {rule})")
+                fail(
+                    f"{stored} {'values' if col == 1 else 'indices'} are stored but the blocks hold {total} "
+                    f"(last {name} offset + {rule})"
+                )
         if not ix.numel():
             return self
         blk, is_row, pos, tag = self._index_entries()
@@ -346,8 +388,10 @@ class NestedBCR(NestedFormat):
         same = (blk[1:] == blk[:-1]) & (is_row[1:] == is_row[:-1]) & (tag[1:] == tag[:-1])
         if (same & (idx[1:] <= idx[:-1])).any():
             p = first_index(same & (idx[1:] <= idx[:-1])) + 1
-            fail(f"{entry(p)} is not ordered by descending tag, then number: it follows {int(idx[p - 1])}, both of "
-                 f"tag {int(tag[p])} (or a repeat)")
+            fail(
+                f"{entry(p)} is not ordered by descending tag, then number: it follows {int(idx[p - 1])}, both of "
+                f"tag {int(tag[p])} (or a repeat)"
+            )
         key = torch.sort((blk * 2 + is_row) * MAX_BLOCK_DIM + idx).values
         if (key[1:] == key[:-1]).any():
             k = int(key[1:][key[1:] == key[:-1]][0])

@@ -34,8 +34,9 @@ class NestedCSR(NestedFormat):
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, weight: Tensor, tags: Tensor, num_levels: int | None = None,
-                   densities: tuple[float, ...] = ()) -> NestedCSR:
+    def from_dense(
+        cls, weight: Tensor, tags: Tensor, num_levels: int | None = None, densities: tuple[float, ...] = ()
+    ) -> NestedCSR:
         """Packs the entries of ``weight`` whose tag is >= 0; ``tags`` has the weight's shape (int8)."""
         M, K, t, L = check_dense_args("NestedCSR.from_dense", weight, tags, num_levels, densities)
         w = weight.detach().reshape(M, K)
@@ -47,8 +48,11 @@ class NestedCSR(NestedFormat):
         device = weight.device
         row_ptr = torch.zeros(M + 1, dtype=torch.int64, device=device)
         row_ptr[1:] = torch.bincount(rows, minlength=M).cumsum(0)
-        row_end = torch.stack([row_ptr[:-1] + torch.bincount(rows[tg >= lvl], minlength=M) for lvl in range(L)]) \
-            if M else torch.zeros(L, 0, dtype=torch.int64, device=device)
+        row_end = (
+            torch.stack([row_ptr[:-1] + torch.bincount(rows[tg >= lvl], minlength=M) for lvl in range(L)])
+            if M
+            else torch.zeros(L, 0, dtype=torch.int64, device=device)
+        )
         if rows.numel() >= 2**31:
             raise ValueError("NestedCSR.from_dense: more than 2^31 non-zeros are not supported")
         return cls(
@@ -140,12 +144,17 @@ class NestedCSR(NestedFormat):
         d = rp64[1:] - rp64[:-1]
         if (d < 0).any():
             r = first_index(d < 0)
-            fail(f"row_ptr is not non-decreasing: row_ptr[{r}] = {int(rp64[r])} > row_ptr[{r + 1}] = {int(rp64[r + 1])}")
+            fail(
+                f"row_ptr is not non-decreasing: row_ptr[{r}] = {int(rp64[r])} > row_ptr[{r + 1}] = {int(rp64[r + 1])}"
+            )
         if int(rp64[-1]) != v.numel():
             fail(f"row_ptr[M] = {int(rp64[-1])} but {v.numel()} values are stored")
         if not torch.equal(re64[0], rp64[1:]):
             r = first_index(re64[0] != rp64[1:])
-            fail(f"row_end[0, {r}] = {int(re64[0, r])} != row_ptr[{r + 1}] = {int(rp64[r + 1])} (level 0 is the whole row)")
+            fail(
+                f"row_end[0, {r}] = {int(re64[0, r])} != row_ptr[{r + 1}] = {int(rp64[r + 1])} "
+                "(level 0 is the whole row)"
+            )
         bounds = torch.cat([rp64[:-1].unsqueeze(0), re64.flip(0)])  # row_ptr, row_end[L-1], ..., row_end[0]
         bad = bounds[1:] < bounds[:-1]
         if bad.any():
@@ -153,8 +162,10 @@ class NestedCSR(NestedFormat):
             step, r = divmod(int(i), max(M, 1))
             lvl = self.num_levels - 1 - step
             lower = f"row_ptr[{r}]" if step == 0 else f"row_end[{lvl + 1}, {r}]"
-            fail(f"levels are not nested in row {r}: row_end[{lvl}, {r}] = {int(re64[lvl, r])} < {lower} = "
-                 f"{int(bounds[step, r])}")
+            fail(
+                f"levels are not nested in row {r}: row_end[{lvl}, {r}] = {int(re64[lvl, r])} < {lower} = "
+                f"{int(bounds[step, r])}"
+            )
         if c64.numel():
             out = (c64 < 0) | (c64 >= K)
             if out.any():
@@ -169,8 +180,10 @@ class NestedCSR(NestedFormat):
             unsorted = same_group & (c64[1:] <= c64[:-1])
             if unsorted.any():
                 p = first_index(unsorted) + 1
-                fail(f"row {int(rows[p])} is not sorted by column within level {int(tag[p])} at col_idx[{p}] = "
-                     f"{int(c64[p])} (or holds that column twice)")
+                fail(
+                    f"row {int(rows[p])} is not sorted by column within level {int(tag[p])} at col_idx[{p}] = "
+                    f"{int(c64[p])} (or holds that column twice)"
+                )
             key = rows * max(K, 1) + c64
             sk = torch.sort(key).values
             dup = sk[1:] == sk[:-1]

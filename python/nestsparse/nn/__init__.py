@@ -5,5 +5,15 @@ from .levels import LevelAware, get_levels, level_aware_modules, set_level
 from .sparse import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule
 from .tree import parent_module
 
-__all__ = ["LevelAware", "NestedSparseLinear", "NestedSparseConv2d", "NestedSparseModule", "LevelBatchNorm",
-           "level_batchnorms", "level_aware_modules", "set_level", "get_levels", "parent_module"]
+__all__ = [
+    "LevelAware",
+    "NestedSparseLinear",
+    "NestedSparseConv2d",
+    "NestedSparseModule",
+    "LevelBatchNorm",
+    "level_batchnorms",
+    "level_aware_modules",
+    "set_level",
+    "get_levels",
+    "parent_module",
+]

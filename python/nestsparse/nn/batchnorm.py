@@ -21,8 +21,15 @@ class LevelBatchNorm(LevelAware, nn.Module):
     buffer floats (plus (L-1) x 2C parameters with per-level affine) and no extra time: the forward is
     F.batch_norm on the level's rows."""
 
-    def __init__(self, num_features: int, num_levels: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, per_level_affine: bool = False):
+    def __init__(
+        self,
+        num_features: int,
+        num_levels: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        per_level_affine: bool = False,
+    ):
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"LevelBatchNorm: num_levels must be >= 1, got {num_levels}")
@@ -43,8 +50,9 @@ class LevelBatchNorm(LevelAware, nn.Module):
         return int(self.running_mean.shape[0])
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, num_levels: int,
-                       per_level_affine: bool = False) -> LevelBatchNorm:
+    def from_batchnorm(
+        cls, bn: nn.modules.batchnorm._BatchNorm, num_levels: int, per_level_affine: bool = False
+    ) -> LevelBatchNorm:
         """Every level starts from ``bn``'s statistics and affine parameters."""
         if not bn.track_running_stats:
             raise ValueError("LevelBatchNorm.from_batchnorm: the BatchNorm must track running statistics")
@@ -72,12 +80,15 @@ class LevelBatchNorm(LevelAware, nn.Module):
             if momentum is None:  # cumulative average, as nn.BatchNorm does
                 momentum = 1.0 / float(self.num_batches_tracked[lvl])
         # Rows of the (L, C) buffers are contiguous views, so F.batch_norm updates the level's statistics in place.
-        return F.batch_norm(x, self.running_mean[lvl], self.running_var[lvl], weight, bias, self.training,
-                            momentum or 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean[lvl], self.running_var[lvl], weight, bias, self.training, momentum or 0.0, self.eps
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, levels={self.num_levels}, level={self.level}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, per_level_affine={self.per_level_affine}")
+        return (
+            f"{self.num_features}, levels={self.num_levels}, level={self.level}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, per_level_affine={self.per_level_affine}"
+        )
 
 
 def level_batchnorms(model: nn.Module, num_levels: int, per_level_affine: bool = False) -> nn.Module:

@@ -24,8 +24,9 @@ class LevelAware:
     def checked_level(self, level: int) -> int:
         """``level`` if it is an int in [0, num_levels); ValueError naming the module otherwise."""
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < self.num_levels:
-            raise ValueError(f"{type(self).__name__}: level {level!r} is out of range for {self.num_levels} levels "
-                             "(0 = densest)")
+            raise ValueError(
+                f"{type(self).__name__}: level {level!r} is out of range for {self.num_levels} levels (0 = densest)"
+            )
         return level
 
 
@@ -39,7 +40,9 @@ def get_levels(model: nn.Module) -> int:
     """The number of levels the level-aware modules of ``model`` share (ValueError if they disagree or none)."""
     counts = {m.num_levels for m in level_aware_modules(model).values()}
     if len(counts) != 1:
-        raise ValueError(f"model has level-aware modules with level counts {sorted(counts)}; expected exactly one count")
+        raise ValueError(
+            f"model has level-aware modules with level counts {sorted(counts)}; expected exactly one count"
+        )
     return counts.pop()
 
 

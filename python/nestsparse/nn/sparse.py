@@ -24,8 +24,10 @@ class NestedSparseModule(LevelAware, nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if not isinstance(weight, NestedFormat):
-            raise TypeError(f"weight must be a nested format ({', '.join(c.__name__ for c in FORMATS.values())}), "
-                            f"got {type(weight).__name__}")
+            raise TypeError(
+                f"weight must be a nested format ({', '.join(c.__name__ for c in FORMATS.values())}), "
+                f"got {type(weight).__name__}"
+            )
         weight.validate()
         self.format = weight.name
         self._format = type(weight)
@@ -54,8 +56,13 @@ class NestedSparseModule(LevelAware, nn.Module):
 
     def nested(self) -> NestedFormat:
         """The weight as its format's object, sharing this module's tensors."""
-        return self._format.from_parts(self.values.detach(), dict(zip(self._format.index_names, self.index_tensors())),
-                                       self.weight_shape, self.densities, **self.options)
+        return self._format.from_parts(
+            self.values.detach(),
+            dict(zip(self._format.index_names, self.index_tensors())),
+            self.weight_shape,
+            self.densities,
+            **self.options,
+        )
 
     def plan(self) -> Tensor | None:
         """The row (or block-row) partition for the CPU kernels, built once per weight and thread count."""
@@ -63,8 +70,12 @@ class NestedSparseModule(LevelAware, nn.Module):
             return None
         # A buffer replaced, reloaded in place or moved invalidates the plan.
         idx = self.index_tensors()
-        key = (tuple(t.data_ptr() for t in idx), tuple(t._version for t in idx), tuple(idx[-1].shape),
-               torch.get_num_threads())
+        key = (
+            tuple(t.data_ptr() for t in idx),
+            tuple(t._version for t in idx),
+            tuple(idx[-1].shape),
+            torch.get_num_threads(),
+        )
         if self._plan is None or self._plan_key != key:
             self._plan = self.nested().plan()
             self._plan_key = key
@@ -76,8 +87,10 @@ class NestedSparseModule(LevelAware, nn.Module):
     def _extra(self) -> str:
         w = self.nested()
         dens = ", ".join(f"{w.density(lvl):.3f}" for lvl in range(self.num_levels))
-        return (f"format={w.describe()}, levels={self.num_levels} (densities {dens}), level={self.level}, "
-                f"activation={self.activation}")
+        return (
+            f"format={w.describe()}, levels={self.num_levels} (densities {dens}), level={self.level}, "
+            f"activation={self.activation}"
+        )
 
 
 class NestedSparseLinear(NestedSparseModule):
@@ -90,21 +103,39 @@ class NestedSparseLinear(NestedSparseModule):
         self.out_features, self.in_features = weight.weight_shape
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
-                   num_levels: int | None = None, format: str = "ncsr",
-                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> NestedSparseLinear:
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        tags: Tensor,
+        activation: str = "none",
+        densities: tuple[float, ...] = (),
+        num_levels: int | None = None,
+        format: str = "ncsr",
+        block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+    ) -> NestedSparseLinear:
         """``format`` "ncsr" stores any nested tags; "nbcr" needs block row/column structured tags
         (nestsparse.bcr_tags) of ``block_shape``."""
-        w = pack(format, linear.weight.detach(), tags, num_levels=num_levels, densities=densities,
-                 block_shape=block_shape)
+        w = pack(
+            format, linear.weight.detach(), tags, num_levels=num_levels, densities=densities, block_shape=block_shape
+        )
         return cls(w, linear.bias, activation)
 
     def forward(self, x: Tensor, level: int | None = None) -> Tensor:
         lvl = self.level if level is None else self.checked_level(level)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}")
-        return self._format.linear_op(x.contiguous(), self.values, *self.index_tensors(), lvl, *self._op_args,
-                                      self.bias, self.activation, self.plan())
+            raise ValueError(
+                f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        return self._format.linear_op(
+            x.contiguous(),
+            self.values,
+            *self.index_tensors(),
+            lvl,
+            *self._op_args,
+            self.bias,
+            self.activation,
+            self.plan(),
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._extra()}"
@@ -113,8 +144,16 @@ class NestedSparseLinear(NestedSparseModule):
 class NestedSparseConv2d(NestedSparseModule):
     """NCHW convolution with the weight (Cout, Cin/groups, kh, kw) stored once for all levels."""
 
-    def __init__(self, weight: NestedFormat, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-                 groups: int = 1, activation: str = "none"):
+    def __init__(
+        self,
+        weight: NestedFormat,
+        bias: Tensor | None = None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        activation: str = "none",
+    ):
         if len(weight.weight_shape) != 4:
             raise ValueError(f"NestedSparseConv2d needs a 4-D weight, got shape {weight.weight_shape}")
         super().__init__(weight, bias, activation)
@@ -125,9 +164,16 @@ class NestedSparseConv2d(NestedSparseModule):
         self.groups = groups
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, tags: Tensor, activation: str = "none", densities: tuple[float, ...] = (),
-                   num_levels: int | None = None, format: str = "ncsr",
-                   block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> NestedSparseConv2d:
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        tags: Tensor,
+        activation: str = "none",
+        densities: tuple[float, ...] = (),
+        num_levels: int | None = None,
+        format: str = "ncsr",
+        block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+    ) -> NestedSparseConv2d:
         if conv.padding_mode != "zeros":
             raise ValueError(f"NestedSparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         padding = conv.padding
@@ -135,19 +181,35 @@ class NestedSparseConv2d(NestedSparseModule):
             if padding != "valid":
                 raise ValueError("NestedSparseConv2d: padding='same' is not supported; give explicit padding")
             padding = 0
-        w = pack(format, conv.weight.detach(), tags, num_levels=num_levels, densities=densities,
-                 block_shape=block_shape)
+        w = pack(
+            format, conv.weight.detach(), tags, num_levels=num_levels, densities=densities, block_shape=block_shape
+        )
         return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
 
     def forward(self, x: Tensor, level: int | None = None) -> Tensor:
         lvl = self.level if level is None else self.checked_level(level)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, "
-                             f"got shape {tuple(x.shape)}")
-        return self._format.conv2d_op(x.contiguous(), self.values, *self.index_tensors(), lvl, *self._op_args,
-                                      self.kernel_size, self.bias, self.stride, self.padding, self.dilation,
-                                      self.groups, self.activation, self.plan())
+            raise ValueError(
+                f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
+            )
+        return self._format.conv2d_op(
+            x.contiguous(),
+            self.values,
+            *self.index_tensors(),
+            lvl,
+            *self._op_args,
+            self.kernel_size,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.activation,
+            self.plan(),
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, {self._extra()}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, {self._extra()}"
+        )

@@ -86,13 +86,16 @@ def apply_level_masks(model: nn.Module, tags: Mapping[str, Tensor], num_levels: 
         if not isinstance(getattr(m, "weight", None), Tensor):
             raise TypeError(f"apply_level_masks: {name!r} ({type(m).__name__}) has no weight tensor")
         if tuple(t.shape) != tuple(m.weight.shape):
-            raise ValueError(f"apply_level_masks: tags for {name!r} have shape {tuple(t.shape)}, "
-                             f"weight has {tuple(m.weight.shape)}")
+            raise ValueError(
+                f"apply_level_masks: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}"
+            )
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"apply_level_masks: tags for {name!r} must be an integer tensor, got {t.dtype}")
         if t.numel() and (int(t.min()) < -1 or int(t.max()) >= num_levels):
-            raise ValueError(f"apply_level_masks: tags for {name!r} span [{int(t.min())}, {int(t.max())}]; with "
-                             f"{num_levels} levels they must lie in [-1, {num_levels - 1}]")
+            raise ValueError(
+                f"apply_level_masks: tags for {name!r} span [{int(t.min())}, {int(t.max())}]; with "
+                f"{num_levels} levels they must lie in [-1, {num_levels - 1}]"
+            )
         t = t.to(device=m.weight.device, dtype=torch.int8)
         mask = _mask_of(m)
         if mask is not None:

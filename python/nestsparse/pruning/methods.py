@@ -90,7 +90,7 @@ def shard_batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterable[Te
             if len(idx) % world:
                 continue
             share = len(idx) // world
-            idx = idx[rank * share:(rank + 1) * share]
+            idx = idx[rank * share : (rank + 1) * share]
         yield idx
 
 
@@ -104,8 +104,14 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def prepare(model: nn.Module, num_levels: int, *, skip: Iterable[str] = (), per_level_bn: bool = True,
-            per_level_affine: bool = False) -> nn.Module:
+def prepare(
+    model: nn.Module,
+    num_levels: int,
+    *,
+    skip: Iterable[str] = (),
+    per_level_bn: bool = True,
+    per_level_affine: bool = False,
+) -> nn.Module:
     """Gives ``model`` (in place) level masks on every Linear/Conv2d outside ``skip``, all weights present at
     every level to start with, and with ``per_level_bn`` a LevelBatchNorm for each BatchNorm. Call it before
     wrapping the model in DistributedDataParallel (it replaces parameters); the methods call it themselves
@@ -124,22 +130,32 @@ def _prepared(model: nn.Module, num_levels: int, skip, per_level_affine: bool) -
     masks = level_masks(inner)
     if not masks:
         if inner is not model:
-            raise ValueError("call nestsparse.pruning.prepare(model, ...) before wrapping it in DistributedDataParallel")
+            raise ValueError(
+                "call nestsparse.pruning.prepare(model, ...) before wrapping it in DistributedDataParallel"
+            )
         prepare(inner, num_levels, skip=skip, per_level_affine=per_level_affine)
     elif any(m.num_levels != num_levels for m in masks.values()):
-        raise ValueError(f"the model's masks have {next(iter(masks.values())).num_levels} levels; the spec has {num_levels}")
+        raise ValueError(
+            f"the model's masks have {next(iter(masks.values())).num_levels} levels; the spec has {num_levels}"
+        )
 
 
-def _optimizer(params: Sequence[tuple[str, nn.Parameter]], lr: float, weight_decay: float, total_steps: int,
-               model: nn.Module):
+def _optimizer(
+    params: Sequence[tuple[str, nn.Parameter]], lr: float, weight_decay: float, total_steps: int, model: nn.Module
+):
     """AdamW (weight decay on weight matrices only, never on BatchNorm: decay would move the rows of levels
     that are not training) under a one-cycle schedule."""
-    norm = {id(p) for m in model.modules() if isinstance(m, (LevelBatchNorm, nn.modules.batchnorm._BatchNorm))
-            for p in m.parameters(recurse=False)}
+    norm = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (LevelBatchNorm, nn.modules.batchnorm._BatchNorm))
+        for p in m.parameters(recurse=False)
+    }
     decay = [p for n, p in params if p.dim() > 1 and id(p) not in norm]
     rest = [p for n, p in params if p.dim() <= 1 or id(p) in norm]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total_steps, 1), pct_start=0.2)
     return opt, sched
 
@@ -150,8 +166,17 @@ def _epochs(task: Task, epochs: int, desc: str, progress: bool):
         yield epoch, list(task.batches(epoch))
 
 
-def train_dense(model: nn.Module, task: Task, epochs: int, *, lr: float = 2e-3, weight_decay: float = 1e-4,
-                max_grad_norm: float | None = None, seed: int = 0, progress: bool = True) -> nn.Module:
+def train_dense(
+    model: nn.Module,
+    task: Task,
+    epochs: int,
+    *,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    max_grad_norm: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
     """Ordinary training (the dense baseline the methods start from). AdamW under a one-cycle schedule;
     ``max_grad_norm`` clips the gradient norm (recurrent models want it)."""
     _check_counts("train_dense", epochs=epochs)
@@ -177,11 +202,12 @@ def _step(model: nn.Module, opt, sched, max_grad_norm: float | None) -> None:
 def _distill(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     s = student.reshape(-1, student.shape[-1]) / temperature
     t = teacher.reshape(-1, teacher.shape[-1]) / temperature
-    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True) * temperature ** 2
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True) * temperature**2
 
 
-def _scheduled_tags(model: nn.Module, densities: Sequence[float], scope: str, structure: str, block_shape,
-                    num_levels: int) -> dict[str, Tensor]:
+def _scheduled_tags(
+    model: nn.Module, densities: Sequence[float], scope: str, structure: str, block_shape, num_levels: int
+) -> dict[str, Tensor]:
     """Tags of the raw weights for levels num_levels - len(densities) .. num_levels - 1 at ``densities``
     (densest first), among the weights level 0 keeps now. The levels before them are left as they are."""
     masks = level_masks(model)
@@ -204,13 +230,30 @@ def _all_reduce_grads(masks) -> None:
             dist.all_reduce(m.grad_sum)
 
 
-def joint(model: nn.Module, task: Task, densities: LevelSpec | Sequence[float], epochs: int, *,
-          lr: float = 1e-3, weight_decay: float = 1e-4, prune_fraction: float = 0.5, tag_updates: int = 40,
-          sandwich: bool = True, distill: float = 0.5, temperature: float = 2.0, skip: Iterable[str] = (),
-          scope: str = "layer", structure: str = "unstructured",
-          block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE, per_level_affine: bool = False,
-          grow_prune_every: int = 0, grow_prune_fraction: float = 0.1, max_grad_norm: float | None = None,
-          seed: int = 0, progress: bool = True) -> dict[str, Tensor]:
+def joint(
+    model: nn.Module,
+    task: Task,
+    densities: LevelSpec | Sequence[float],
+    epochs: int,
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    prune_fraction: float = 0.5,
+    tag_updates: int = 40,
+    sandwich: bool = True,
+    distill: float = 0.5,
+    temperature: float = 2.0,
+    skip: Iterable[str] = (),
+    scope: str = "layer",
+    structure: str = "unstructured",
+    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+    per_level_affine: bool = False,
+    grow_prune_every: int = 0,
+    grow_prune_fraction: float = 0.1,
+    max_grad_norm: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Tensor]:
     """Joint nested training (method 3): every step sums the losses of several levels over the shared weights.
 
     The levels of a step follow the sandwich rule: the densest, the sparsest and (with three or more
@@ -231,8 +274,10 @@ def joint(model: nn.Module, task: Task, densities: LevelSpec | Sequence[float], 
         raise ValueError("joint: grow-and-prune moves single weights; use it with structure='unstructured'")
     _check_counts("joint", epochs=epochs, tag_updates=tag_updates, grow_prune_every=grow_prune_every)
     if not 0.0 < prune_fraction <= 1.0 or not 0.0 <= distill <= 1.0 or temperature <= 0:
-        raise ValueError(f"joint: need 0 < prune_fraction <= 1, 0 <= distill <= 1 and temperature > 0, got "
-                         f"{prune_fraction}, {distill}, {temperature}")
+        raise ValueError(
+            f"joint: need 0 < prune_fraction <= 1, 0 <= distill <= 1 and temperature > 0, got "
+            f"{prune_fraction}, {distill}, {temperature}"
+        )
     _prepared(model, L, skip, per_level_affine)
     inner = _inner(model)
     masks = level_masks(inner)
@@ -292,8 +337,10 @@ def joint(model: nn.Module, task: Task, densities: LevelSpec | Sequence[float], 
 def _grow(masks, reference: dict[str, Tensor], level: int, density: float, scope: str) -> None:
     """Core-first growth: level ``level`` keeps every weight of the sparser levels plus the largest
     |reference| weights among the rest, ``density`` in all (per layer, or one budget with scope="global")."""
-    scores = {n: torch.where(m.tags > level, torch.full_like(reference[n], float("inf")), reference[n].abs())
-              for n, m in masks.items()}
+    scores = {
+        n: torch.where(m.tags > level, torch.full_like(reference[n], float("inf")), reference[n].abs())
+        for n, m in masks.items()
+    }
     spec = LevelSpec((density,))
     if scope == "global":
         names = list(scores)
@@ -307,12 +354,27 @@ def _grow(masks, reference: dict[str, Tensor], level: int, density: float, scope
         m.tags[grown] = level
 
 
-def core_first(model: nn.Module, task: Task, densities: LevelSpec | Sequence[float], *, prune_epochs: int,
-               core_epochs: int, level_epochs: int, lr: float = 1e-3, weight_decay: float = 1e-4,
-               tag_updates: int = 40, skip: Iterable[str] = (), scope: str = "layer",
-               structure: str = "unstructured", block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
-               grow_prune_every: int = 0, grow_prune_fraction: float = 0.1, max_grad_norm: float | None = None,
-               seed: int = 0, progress: bool = True) -> dict[str, Tensor]:
+def core_first(
+    model: nn.Module,
+    task: Task,
+    densities: LevelSpec | Sequence[float],
+    *,
+    prune_epochs: int,
+    core_epochs: int,
+    level_epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    tag_updates: int = 40,
+    skip: Iterable[str] = (),
+    scope: str = "layer",
+    structure: str = "unstructured",
+    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+    grow_prune_every: int = 0,
+    grow_prune_fraction: float = 0.1,
+    max_grad_norm: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Tensor]:
     """Progressive core-first training (method 2, the source paper's recipe), from a trained dense model.
 
     1. Core: the sparsest level is pruned by the cubic schedule over ``prune_epochs`` (magnitude, among the
@@ -326,15 +388,22 @@ def core_first(model: nn.Module, task: Task, densities: LevelSpec | Sequence[flo
     Biases and layers left dense are trained with the core and then fixed, so a finished level's function
     never changes. BatchNorm gets per-level statistics and affine parameters (on a model that ``prepare``
     gave a shared BatchNorm affine, that affine stays as the core left it and only statistics are per level).
-    The budget is per epoch of ``task.batches`` (with structure="bcr", ``prune_epochs`` is not used). With ``grow_prune_every`` > 0
-    (unstructured), the weights being trained also drop and regrow (grow-and-prune) that often, in steps.
+    The budget is per epoch of ``task.batches`` (with structure="bcr", ``prune_epochs`` is not used). With
+    ``grow_prune_every`` > 0 (unstructured), the weights being trained also drop and regrow (grow-and-prune) that
+    often, in steps.
     Returns the tags; the model keeps its masks."""
     spec = level_spec(densities)
     L = spec.num_levels
     if grow_prune_every and structure != "unstructured":
         raise ValueError("core_first: grow-and-prune moves single weights; use it with structure='unstructured'")
-    _check_counts("core_first", prune_epochs=prune_epochs, core_epochs=core_epochs, level_epochs=level_epochs,
-                  tag_updates=tag_updates, grow_prune_every=grow_prune_every)
+    _check_counts(
+        "core_first",
+        prune_epochs=prune_epochs,
+        core_epochs=core_epochs,
+        level_epochs=level_epochs,
+        tag_updates=tag_updates,
+        grow_prune_every=grow_prune_every,
+    )
     _prepared(model, L, skip, per_level_affine=True)
     inner = _inner(model)
     masks = level_masks(inner)
@@ -372,8 +441,9 @@ def core_first(model: nn.Module, task: Task, densities: LevelSpec | Sequence[flo
                 if gp_now:
                     _all_reduce_grads(masks)
                     for name, m in masks.items():
-                        grow_and_prune(raws[name].data, m.grad_sum, m.tags, level, grow_prune_fraction, m.frozen,
-                                       regrow_from=-1)
+                        grow_and_prune(
+                            raws[name].data, m.grad_sum, m.tags, level, grow_prune_fraction, m.frozen, regrow_from=-1
+                        )
                         m.capture_grad = False
                 step += 1
         if prune_steps and step <= prune_steps:  # the schedule ends with the last step: the target still holds
@@ -385,12 +455,17 @@ def core_first(model: nn.Module, task: Task, densities: LevelSpec | Sequence[flo
     prune_steps = 0 if structure == "bcr" else prune_epochs * steps_per_epoch
     if structure != "bcr" and not prune_steps:
         apply_level_masks(inner, _scheduled_tags(inner, [spec.densities[-1]], scope, structure, block_shape, L), L)
-    train_level(L - 1, (prune_epochs if structure != "bcr" else 0) + core_epochs,
-                list(model.named_parameters()), prune_steps)
+    train_level(
+        L - 1, (prune_epochs if structure != "bcr" else 0) + core_epochs, list(model.named_parameters()), prune_steps
+    )
     # Denser levels: only the masked weights (whose frozen part cannot move) and the level's BatchNorm rows.
     # A BatchNorm affine shared by the levels (prepared with per_level_affine=False) stays as the core left it.
-    bn_params = [(f"{n}.{p}", getattr(m, p)) for n, m in inner.named_modules()
-                 if isinstance(m, LevelBatchNorm) and m.per_level_affine for p in ("weight", "bias")]
+    bn_params = [
+        (f"{n}.{p}", getattr(m, p))
+        for n, m in inner.named_modules()
+        if isinstance(m, LevelBatchNorm) and m.per_level_affine
+        for p in ("weight", "bias")
+    ]
     for level in range(L - 2, -1, -1):
         with torch.no_grad():
             if fixed is not None:

@@ -25,20 +25,30 @@ def cubic_density(step: int, final: float, start: int, end: int, initial: float 
 
 
 @torch.no_grad()
-def grow_and_prune(weight: Tensor, grad: Tensor, tags: Tensor, level: int, fraction: float,
-                   frozen: Tensor | None = None, regrow_from: int | None = None) -> int:
+def grow_and_prune(
+    weight: Tensor,
+    grad: Tensor,
+    tags: Tensor,
+    level: int,
+    fraction: float,
+    frozen: Tensor | None = None,
+    regrow_from: int | None = None,
+) -> int:
     """One grow-and-prune step on ``level``'s own weights (tags == level), in place; returns how many moved.
 
     Drops the ``fraction`` of them with the smallest |weight| (their tag becomes the candidates' tag, so
-    with the default they stay in the denser levels) and regrows as many of the candidates with the largest |grad| (``grad``: the gradient of the
-    masked weight, dense). Candidates are the weights the denser level keeps but this level does not
-    (tag == level - 1; for level 0, the pruned ones, tag == -1), or those tagged ``regrow_from`` (-1 while
+    with the default they stay in the denser levels) and regrows as many of the candidates with the largest
+    |grad| (``grad``: the gradient of the masked weight, dense). Candidates are the weights the denser level
+    keeps but this level does not (tag == level - 1; for level 0, the pruned ones, tag == -1), or those tagged
+    ``regrow_from`` (-1 while
     denser levels are not assigned yet, as in core-first training). Regrown weights that were pruned start
     at zero; those taken from a denser level keep their value, which that level shares. Every level keeps
     its count, so densities and nesting hold. ``frozen`` weights neither drop nor regrow."""
     if weight.shape != tags.shape or grad.shape != tags.shape:
-        raise ValueError(f"grow_and_prune: weight {tuple(weight.shape)}, grad {tuple(grad.shape)} and tags "
-                         f"{tuple(tags.shape)} must have one shape")
+        raise ValueError(
+            f"grow_and_prune: weight {tuple(weight.shape)}, grad {tuple(grad.shape)} and tags "
+            f"{tuple(tags.shape)} must have one shape"
+        )
     if not weight.is_contiguous():
         raise ValueError("grow_and_prune: weight must be contiguous")
     if not 0.0 <= fraction <= 1.0:

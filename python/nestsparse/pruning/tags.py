@@ -15,8 +15,20 @@ from torch import Tensor, nn
 
 from ..formats.blocks import DEFAULT_BLOCK_SHAPE, blocked, check_block_shape, element_tags, grid, inside, matrix_shape
 
-__all__ = ["LevelSpec", "level_spec", "tags_from_scores", "magnitude_tags", "global_magnitude_tags", "bcr_tags",
-           "global_bcr_tags", "model_tags", "weight_tags", "masks_from_tags", "tags_from_masks", "prunable_layers"]
+__all__ = [
+    "LevelSpec",
+    "level_spec",
+    "tags_from_scores",
+    "magnitude_tags",
+    "global_magnitude_tags",
+    "bcr_tags",
+    "global_bcr_tags",
+    "model_tags",
+    "weight_tags",
+    "masks_from_tags",
+    "tags_from_masks",
+    "prunable_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,10 @@ class LevelSpec:
                 raise ValueError(f"LevelSpec: density of level {i} is {x}; densities must lie in (0, 1]")
         for i in range(1, len(d)):
             if not d[i] < d[i - 1]:
-                raise ValueError(f"LevelSpec: densities must be strictly decreasing (level 0 densest), "
-                                 f"but level {i} has {d[i]} >= level {i - 1}'s {d[i - 1]}")
+                raise ValueError(
+                    f"LevelSpec: densities must be strictly decreasing (level 0 densest), "
+                    f"but level {i} has {d[i]} >= level {i - 1}'s {d[i - 1]}"
+                )
         object.__setattr__(self, "densities", d)
 
     @property
@@ -78,7 +92,7 @@ def global_magnitude_tags(weights: Mapping[str, Tensor], densities: LevelSpec | 
     out, start = {}, 0
     for k in names:
         n = weights[k].numel()
-        out[k] = tags[start:start + n].reshape(weights[k].shape).to(weights[k].device)
+        out[k] = tags[start : start + n].reshape(weights[k].shape).to(weights[k].device)
         start += n
     return out
 
@@ -156,14 +170,15 @@ def _bcr_tags(mats: Sequence[Tensor], spec: LevelSpec, block_shape: tuple[int, i
         row_tags[cand_r], col_tags[cand_c] = lvl, lvl
     out, start = [], 0
     for m, (MB, KB) in zip(mats, grids):
-        rt, ct = row_tags[start:start + MB * KB], col_tags[start:start + MB * KB]
+        rt, ct = row_tags[start : start + MB * KB], col_tags[start : start + MB * KB]
         out.append(element_tags(rt.reshape(MB, KB, bm), ct.reshape(MB, KB, bk), *m.shape))
         start += MB * KB
     return out
 
 
-def bcr_tags(weight: Tensor, densities: LevelSpec | Sequence[float],
-             block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> Tensor:
+def bcr_tags(
+    weight: Tensor, densities: LevelSpec | Sequence[float], block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE
+) -> Tensor:
     """Nested block row/column (BCR) tags of one layer, ready for NestedBCR.from_dense (weight-shaped int8;
     a conv weight is seen as (Cout, Cin/g*kh*kw)).
 
@@ -179,8 +194,11 @@ def bcr_tags(weight: Tensor, densities: LevelSpec | Sequence[float],
     return _bcr_tags([weight.detach().reshape(M, K)], spec, bs)[0].reshape(weight.shape)
 
 
-def global_bcr_tags(weights: Mapping[str, Tensor], densities: LevelSpec | Sequence[float],
-                    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> dict[str, Tensor]:
+def global_bcr_tags(
+    weights: Mapping[str, Tensor],
+    densities: LevelSpec | Sequence[float],
+    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+) -> dict[str, Tensor]:
     """Nested BCR tags (see bcr_tags) with one budget across all layers: each level keeps d_l of all weights
     together, the rows and columns of every layer ranked against each other. So that layers of different
     scales compete fairly, each layer's scores are divided by the RMS of its weights."""
@@ -198,15 +216,28 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.
     """The nn.Linear and nn.Conv2d modules of ``model`` by qualified name, without those in ``skip``."""
     skip = set(skip)
     # nn.MultiheadAttention reads its out_proj.weight directly, so its projection must stay an nn.Linear.
-    inside_mha = {f"{name}.{child}" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-                  for child, _ in m.named_modules() if child}
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skip and name not in inside_mha}
+    inside_mha = {
+        f"{name}.{child}"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child, _ in m.named_modules()
+        if child
+    }
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skip and name not in inside_mha
+    }
 
 
-def model_tags(model: nn.Module, densities: LevelSpec | Sequence[float], scope: str = "layer",
-               skip: Iterable[str] = (), structure: str = "unstructured",
-               block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> dict[str, Tensor]:
+def model_tags(
+    model: nn.Module,
+    densities: LevelSpec | Sequence[float],
+    scope: str = "layer",
+    skip: Iterable[str] = (),
+    structure: str = "unstructured",
+    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+) -> dict[str, Tensor]:
     """Nested tags for every Linear/Conv2d of ``model`` (minus ``skip``), per layer or with one global budget
     (``scope="global"``): magnitude tags (``structure="unstructured"``, for NestedCSR) or block row/column
     tags (``structure="bcr"``, for NestedBCR with ``block_shape``). Keys are module names, ready for
@@ -215,9 +246,13 @@ def model_tags(model: nn.Module, densities: LevelSpec | Sequence[float], scope: 
     return weight_tags(weights, densities, scope, structure, block_shape)
 
 
-def weight_tags(weights: Mapping[str, Tensor], densities: LevelSpec | Sequence[float], scope: str = "layer",
-                structure: str = "unstructured",
-                block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE) -> dict[str, Tensor]:
+def weight_tags(
+    weights: Mapping[str, Tensor],
+    densities: LevelSpec | Sequence[float],
+    scope: str = "layer",
+    structure: str = "unstructured",
+    block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+) -> dict[str, Tensor]:
     """model_tags on named weight tensors (scores are their magnitudes)."""
     if structure not in ("unstructured", "bcr"):
         raise ValueError(f"model_tags: structure must be 'unstructured' or 'bcr', got {structure!r}")
@@ -247,7 +282,8 @@ def tags_from_masks(masks: Sequence[Tensor]) -> Tensor:
     for lvl, m in enumerate(masks):
         m = m.to(torch.bool)
         if lvl and (m & ~masks[lvl - 1].to(torch.bool)).any():
-            raise ValueError(f"tags_from_masks: level {lvl} keeps weights that level {lvl - 1} prunes; "
-                             "levels must be nested")
+            raise ValueError(
+                f"tags_from_masks: level {lvl} keeps weights that level {lvl - 1} prunes; levels must be nested"
+            )
         tags[m] = lvl
     return tags

@@ -15,6 +15,21 @@ from .qos import QosResult, checkpoint_cost, deadline_from, parse_deadline, plot
 from .stages import auto_stages, check_stages
 from .timing import median_time
 
-__all__ = ["auto_stages", "check_stages", "LatencyProfile", "ProfileError", "PROFILE_FORMAT", "ReroutingExecutor",
-           "Inference", "POLICIES", "QosResult", "run_qos", "parse_deadline", "deadline_from", "qos_table",
-           "plot_latency_cdf", "checkpoint_cost", "median_time"]
+__all__ = [
+    "auto_stages",
+    "check_stages",
+    "LatencyProfile",
+    "ProfileError",
+    "PROFILE_FORMAT",
+    "ReroutingExecutor",
+    "Inference",
+    "POLICIES",
+    "QosResult",
+    "run_qos",
+    "parse_deadline",
+    "deadline_from",
+    "qos_table",
+    "plot_latency_cdf",
+    "checkpoint_cost",
+    "median_time",
+]

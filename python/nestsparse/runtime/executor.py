@@ -32,7 +32,6 @@ before the start (the densest whose profiled latency, scaled by the last inferen
 rerouting at checkpoints, starting from level 0."""
 
 
-
 @dataclass
 class Inference:
     """One executed inference: its output, latency (s), whether it met the deadline, the level each stage ran
@@ -54,8 +53,21 @@ class Inference:
 
 
 class _Run:
-    __slots__ = ("policy", "start", "last", "k", "level", "levels", "budget", "expected", "switches", "overhead",
-                 "segments", "deadline", "seen")
+    __slots__ = (
+        "policy",
+        "start",
+        "last",
+        "k",
+        "level",
+        "levels",
+        "budget",
+        "expected",
+        "switches",
+        "overhead",
+        "segments",
+        "deadline",
+        "seen",
+    )
 
 
 class ReroutingExecutor:
@@ -74,9 +86,18 @@ class ReroutingExecutor:
     Use as a context manager, or call ``close()``, to remove the checkpoint hooks from the model. After an
     inference the modules keep the levels it ended with; ``nestsparse.set_level`` resets them."""
 
-    def __init__(self, model: nn.Module, stages="block", profile: LatencyProfile | None = None, *,
-                 margin: float = 0.0, refresh: float = 0.0, clock: Callable[[], float] = time.perf_counter,
-                 interference: Callable[[float, float], None] | None = None, synchronize: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        stages="block",
+        profile: LatencyProfile | None = None,
+        *,
+        margin: float = 0.0,
+        refresh: float = 0.0,
+        clock: Callable[[], float] = time.perf_counter,
+        interference: Callable[[float, float], None] | None = None,
+        synchronize: bool | None = None,
+    ):
         if not 0 <= margin < 1:
             raise ValueError(f"ReroutingExecutor: margin must be in [0, 1), got {margin}")
         if not 0 <= refresh <= 1:
@@ -85,7 +106,9 @@ class ReroutingExecutor:
         self.stages = check_stages(model, stages)
         counts = {m.num_levels for m in level_aware_modules(model).values()}
         if len(counts) > 1:
-            raise ValueError(f"ReroutingExecutor: level-aware modules disagree on the number of levels: {sorted(counts)}")
+            raise ValueError(
+                f"ReroutingExecutor: level-aware modules disagree on the number of levels: {sorted(counts)}"
+            )
         self.num_levels = counts.pop()
         self.margin, self.refresh, self.clock, self.interference = margin, refresh, clock, interference
         if synchronize is None:
@@ -93,8 +116,9 @@ class ReroutingExecutor:
             synchronize = p is not None and p.device.type == "cuda"
         self._sync = torch.cuda.synchronize if synchronize else None
         modules = dict(model.named_modules())
-        self._owned = {s[0]: [m for name in s for m in modules[name].modules() if isinstance(m, LevelAware)]
-                       for s in self.stages}
+        self._owned = {
+            s[0]: [m for name in s for m in modules[name].modules() if isinstance(m, LevelAware)] for s in self.stages
+        }
         # The execution order of the stages is learnt from the first inference (or taken from a profile).
         self._order_known = False
         self._set_order([s[0] for s in self.stages])
@@ -122,8 +146,10 @@ class ReroutingExecutor:
         if not isinstance(profile, LatencyProfile):
             raise TypeError(f"set_profile: expected a LatencyProfile, got {type(profile).__name__}")
         if sorted(profile.stages) != sorted(self._owned):
-            raise ProfileError(f"latency profile is for stages {profile.stages[:4]}... ({profile.num_stages}); "
-                               f"this executor has {self.order[:4]}... ({len(self.order)})")
+            raise ProfileError(
+                f"latency profile is for stages {profile.stages[:4]}... ({profile.num_stages}); "
+                f"this executor has {self.order[:4]}... ({len(self.order)})"
+            )
         if profile.num_levels != self.num_levels:
             raise ProfileError(f"latency profile has {profile.num_levels} levels, the model {self.num_levels}")
         self.profile = profile
@@ -140,6 +166,7 @@ class ReroutingExecutor:
             run = self._run
             if run is not None:
                 self._checkpoint(run, name)
+
         return pre_hook
 
     def _now(self) -> float:
@@ -151,13 +178,16 @@ class ReroutingExecutor:
         k = run.k
         if not self._order_known:  # static policies only: record the order
             if name in run.seen:
-                raise RuntimeError(f"ReroutingExecutor: stage {name!r} ran twice in one forward; stages must each "
-                                   "run once per forward")
+                raise RuntimeError(
+                    f"ReroutingExecutor: stage {name!r} ran twice in one forward; stages must each run once per forward"
+                )
             run.seen.append(name)
         elif k >= len(self.order) or self.order[k] != name:
             expected = self.order[k] if k < len(self.order) else "(none: all stages ran)"
-            raise RuntimeError(f"ReroutingExecutor: stage {name!r} reached out of order (expected {expected!r}); "
-                               "stages must each run once per forward, in the profile's order")
+            raise RuntimeError(
+                f"ReroutingExecutor: stage {name!r} reached out of order (expected {expected!r}); "
+                "stages must each run once per forward, in the profile's order"
+            )
         now = self._now()
         if self.interference is not None:
             self.interference(run.last, now)
@@ -219,8 +249,12 @@ class ReroutingExecutor:
 
     def __call__(self, *args, deadline: float | None = None, policy: str = "reroute", **kwargs) -> Inference:
         """Runs ``model(*args, **kwargs)`` once under ``policy``; ``deadline`` in seconds."""
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0
-                                     or not math.isfinite(deadline)):
+        if deadline is not None and (
+            isinstance(deadline, bool)
+            or not isinstance(deadline, (int, float))
+            or not deadline > 0
+            or not math.isfinite(deadline)
+        ):
             raise ValueError(f"deadline must be a positive number of seconds, got {deadline!r}")
         if self._run is not None:
             raise RuntimeError("ReroutingExecutor: already running an inference (not re-entrant)")
@@ -247,9 +281,11 @@ class ReroutingExecutor:
         finally:
             self._run = None
         if run.k != len(self.order):
-            missing = [n for n in self.order if n not in run.seen] if not self._order_known else self.order[run.k:]
-            raise RuntimeError(f"ReroutingExecutor: stage {missing[0]!r} never ran; stages must be modules "
-                               "called by the model's forward, each once")
+            missing = [n for n in self.order if n not in run.seen] if not self._order_known else self.order[run.k :]
+            raise RuntimeError(
+                f"ReroutingExecutor: stage {missing[0]!r} never ran; stages must be modules "
+                "called by the model's forward, each once"
+            )
         if not self._order_known:
             self._set_order(run.seen)
             self._order_known = True
@@ -264,11 +300,20 @@ class ReroutingExecutor:
                 self.slowdown = latency / expected
             if self.refresh > 0:
                 self.profile.observe(run.segments, seg_levels, self.refresh)
-        return Inference(out, latency, deadline, deadline is None or latency <= deadline, tuple(run.levels),
-                         run.switches, run.overhead, run.segments)
+        return Inference(
+            out,
+            latency,
+            deadline,
+            deadline is None or latency <= deadline,
+            tuple(run.levels),
+            run.switches,
+            run.overhead,
+            run.segments,
+        )
 
-    def measure_profile(self, *args, warmup: int = 3, repeats: int = 30, gap: float = 0.0, progress: bool = True,
-                        **kwargs) -> LatencyProfile:
+    def measure_profile(
+        self, *args, warmup: int = 3, repeats: int = 30, gap: float = 0.0, progress: bool = True, **kwargs
+    ) -> LatencyProfile:
         """Measures every segment at every level (levels interleaved run by run, so drift hits all alike),
         learns the execution order of the stages, and sets and returns the profile.
 
@@ -276,12 +321,13 @@ class ReroutingExecutor:
         inference that follows even 1 ms of idleness (periodic arrivals) runs about 10% slower, with a fatter
         tail, than back-to-back ones."""
         if warmup < 0 or repeats < 1 or not gap >= 0:
-            raise ValueError(f"measure_profile: warmup must be >= 0, repeats >= 1 and gap >= 0, got {warmup}, "
-                             f"{repeats}, {gap}")
+            raise ValueError(
+                f"measure_profile: warmup must be >= 0, repeats >= 1 and gap >= 0, got {warmup}, {repeats}, {gap}"
+            )
         saved = self.profile, self._order_known
         self.profile, self._order_known = None, False
         try:
-            self(*args, policy="static:0", **kwargs)   # learns the execution order
+            self(*args, policy="static:0", **kwargs)  # learns the execution order
         except Exception:
             self.profile, self._order_known = saved
             raise
@@ -302,10 +348,15 @@ class ReroutingExecutor:
         times = [[statistics.median(c) for c in row] for row in samples]
         spread = [[float(np.percentile(c, 90) - np.percentile(c, 10)) for c in row] for row in samples]
         p = next(self.model.parameters(), None)
-        info = {"device": str(p.device) if p is not None else "cpu", "threads": torch.get_num_threads(),
-                "torch": torch.__version__, "machine": platform.machine(), "repeats": repeats, "gap": gap,
-                "input_shapes": [list(a.shape) for a in args if isinstance(a, Tensor)]}
+        info = {
+            "device": str(p.device) if p is not None else "cpu",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "repeats": repeats,
+            "gap": gap,
+            "input_shapes": [list(a.shape) for a in args if isinstance(a, Tensor)],
+        }
         profile = LatencyProfile(order, times, spread, [sorted(t) for t in totals], info)
         self.set_profile(profile)
         return profile
-

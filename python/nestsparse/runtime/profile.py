@@ -118,17 +118,27 @@ class LatencyProfile:
         self.suffix = self._suffix_sums()
 
     def to_json(self) -> dict:
-        return {"format": PROFILE_FORMAT, "stages": self.stages, "times": self.times, "spread": self.spread,
-                "totals": self.totals, "info": self.info}
+        return {
+            "format": PROFILE_FORMAT,
+            "stages": self.stages,
+            "times": self.times,
+            "spread": self.spread,
+            "totals": self.totals,
+            "info": self.info,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> LatencyProfile:
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             raise ProfileError(f"latency profile: not a {PROFILE_FORMAT} document")
         try:
-            return cls([str(s) if isinstance(s, str) else s for s in data["stages"]],
-                       [list(r) for r in data["times"]], [list(r) for r in data["spread"]],
-                       [sorted(r) for r in data["totals"]], dict(data.get("info", {})))
+            return cls(
+                [str(s) if isinstance(s, str) else s for s in data["stages"]],
+                [list(r) for r in data["times"]],
+                [list(r) for r in data["spread"]],
+                [sorted(r) for r in data["totals"]],
+                dict(data.get("info", {})),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ProfileError):
                 raise
@@ -151,7 +161,8 @@ class LatencyProfile:
         """One line per level: median total, p95, and the sparsest/densest ratio."""
         lines = []
         for lvl in range(self.num_levels):
-            lines.append(f"level {lvl}: median {1e3 * self.percentile(lvl, 50):.2f} ms, p95 "
-                         f"{1e3 * self.percentile(lvl, 95):.2f} ms, sum of segment medians {1e3 * self.total(lvl):.2f} ms")
+            lines.append(
+                f"level {lvl}: median {1e3 * self.percentile(lvl, 50):.2f} ms, p95 "
+                f"{1e3 * self.percentile(lvl, 95):.2f} ms, sum of segment medians {1e3 * self.total(lvl):.2f} ms"
+            )
         return "\n".join(lines)
-

@@ -18,8 +18,15 @@ from .executor import POLICIES, ReroutingExecutor
 from .profile import LatencyProfile
 from .timing import median_time
 
-__all__ = ["QosResult", "run_qos", "parse_deadline", "deadline_from", "qos_table", "plot_latency_cdf",
-           "checkpoint_cost"]
+__all__ = [
+    "QosResult",
+    "run_qos",
+    "parse_deadline",
+    "deadline_from",
+    "qos_table",
+    "plot_latency_cdf",
+    "checkpoint_cost",
+]
 
 
 @dataclass
@@ -82,8 +89,10 @@ def parse_deadline(spec: str | float) -> tuple[str, float]:
             return "percentile", value
         value = float(text[:-2] if text.endswith("ms") else text)
     except ValueError:
-        raise ValueError(f"deadline {spec!r}: give milliseconds (e.g. 40 or 40ms) or a percentile in (0, 100] of "
-                         "the densest level's unloaded latency (e.g. p95)") from None
+        raise ValueError(
+            f"deadline {spec!r}: give milliseconds (e.g. 40 or 40ms) or a percentile in (0, 100] of "
+            "the densest level's unloaded latency (e.g. p95)"
+        ) from None
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"deadline must be positive, got {spec!r}")
     return "ms", value
@@ -104,10 +113,19 @@ def _wait_until(t: float) -> None:
         time.sleep(min(left, 0.002) if left > 0.003 else 0)
 
 
-def run_qos(executor: ReroutingExecutor, inputs: Callable[[int], tuple], n: int, deadline: float, *,
-            policies: Iterable[str] = POLICIES, scenario=None, period: float | None = None,
-            score: Callable[[int, object], float] | None = None, warmup: int = 3,
-            progress: bool = True) -> dict[str, QosResult]:
+def run_qos(
+    executor: ReroutingExecutor,
+    inputs: Callable[[int], tuple],
+    n: int,
+    deadline: float,
+    *,
+    policies: Iterable[str] = POLICIES,
+    scenario=None,
+    period: float | None = None,
+    score: Callable[[int, object], float] | None = None,
+    warmup: int = 3,
+    progress: bool = True,
+) -> dict[str, QosResult]:
     """Runs ``n`` inferences per policy; inference i gets ``inputs(i)`` (a tuple of arguments) and is scored
     by ``score(i, output)`` (share correct, in [0, 1]) if given.
 
@@ -136,8 +154,9 @@ def run_qos(executor: ReroutingExecutor, inputs: Callable[[int], tuple], n: int,
             scenario.start(executor)
         try:
             t0 = time.perf_counter()
-            for i in tqdm(range(n), desc=f"{policy} ({getattr(scenario, 'name', 'no load')})", unit="inf",
-                          disable=not progress):
+            for i in tqdm(
+                range(n), desc=f"{policy} ({getattr(scenario, 'name', 'no load')})", unit="inf", disable=not progress
+            ):
                 _wait_until(t0 + i * period)
                 inf = executor(*inputs(i), deadline=deadline, policy=policy)
                 lat.append(inf.latency)
@@ -149,26 +168,39 @@ def run_qos(executor: ReroutingExecutor, inputs: Callable[[int], tuple], n: int,
         finally:
             if scenario is not None:
                 scenario.stop()
-        results[policy] = QosResult(policy, deadline, np.array(lat), np.array(met, dtype=bool), np.array(lev),
-                                    np.array(sc) if score is not None else None, np.array(ovh),
-                                    executor.num_levels)
+        results[policy] = QosResult(
+            policy,
+            deadline,
+            np.array(lat),
+            np.array(met, dtype=bool),
+            np.array(lev),
+            np.array(sc) if score is not None else None,
+            np.array(ovh),
+            executor.num_levels,
+        )
     return results
 
 
 def qos_table(results: dict[str, QosResult]) -> str:
     """A markdown table: one row per policy."""
     any_r = next(iter(results.values()))
-    lines = [f"deadline {1e3 * any_r.deadline:.2f} ms, {any_r.n} inferences per policy", "",
-             "| policy | deadline met | nines | p50 ms | p99 ms | p99.9 ms | accuracy | effective accuracy | "
-             "levels used (share of stages) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"deadline {1e3 * any_r.deadline:.2f} ms, {any_r.n} inferences per policy",
+        "",
+        "| policy | deadline met | nines | p50 ms | p99 ms | p99.9 ms | accuracy | effective accuracy | "
+        "levels used (share of stages) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in results.values():
         nines = f"{r.nines:.2f}" if r.met_rate < 1 else f">= {r.nines:.2f}"
         acc = "n/a" if r.accuracy is None else f"{100 * r.accuracy:.2f}%"
         eff = "n/a" if r.effective_accuracy is None else f"{100 * r.effective_accuracy:.2f}%"
         hist = " / ".join(f"L{lvl} {100 * h:.1f}%" for lvl, h in enumerate(r.level_histogram()))
-        lines.append(f"| {r.policy} | {100 * r.met_rate:.2f}% | {nines} | {1e3 * r.latency_percentile(50):.2f} | "
-                     f"{1e3 * r.latency_percentile(99):.2f} | {1e3 * r.latency_percentile(99.9):.2f} | {acc} | {eff} | "
-                     f"{hist} |")
+        lines.append(
+            f"| {r.policy} | {100 * r.met_rate:.2f}% | {nines} | {1e3 * r.latency_percentile(50):.2f} | "
+            f"{1e3 * r.latency_percentile(99):.2f} | {1e3 * r.latency_percentile(99.9):.2f} | {acc} | {eff} | "
+            f"{hist} |"
+        )
     return "\n".join(lines)
 
 
@@ -176,6 +208,7 @@ def plot_latency_cdf(results: dict[str, QosResult], path: str | os.PathLike, tit
     """Latency CDF per policy (left) and its tail, 1 - CDF on a log scale (right), with the deadline."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
@@ -218,7 +251,12 @@ def checkpoint_cost(executor: ReroutingExecutor, results: dict[str, QosResult], 
     decision = float(reroute.overhead.mean()) / stages if reroute is not None else math.nan
     per_checkpoint = decision + dispatch
     densest = executor.profile.percentile(0, 50)
-    return {"checkpoints": stages, "decision_us": 1e6 * decision, "dispatch_us": 1e6 * dispatch,
-            "per_checkpoint_us": 1e6 * per_checkpoint, "per_inference_us": 1e6 * per_checkpoint * stages,
-            "per_checkpoint_pct": 100 * per_checkpoint / densest,
-            "per_inference_pct": 100 * per_checkpoint * stages / densest}
+    return {
+        "checkpoints": stages,
+        "decision_us": 1e6 * decision,
+        "dispatch_us": 1e6 * dispatch,
+        "per_checkpoint_us": 1e6 * per_checkpoint,
+        "per_inference_us": 1e6 * per_checkpoint * stages,
+        "per_checkpoint_pct": 100 * per_checkpoint / densest,
+        "per_inference_pct": 100 * per_checkpoint * stages / densest,
+    }

@@ -98,9 +98,10 @@ def check_stages(model: nn.Module, stages) -> list[tuple[str, ...]]:
         raise ValueError("stages: two stages start at the same module")
     missing = [n for n in list(level_aware_modules(model)) if n not in owner]
     if missing:
-        raise ValueError(f"stages do not cover the model: level-aware module {missing[0]!r} "
-                         f"({type(modules[missing[0]]).__name__}) is in no stage"
-                         + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
-                         + "; add it to a stage, e.g. grouped with the layer before it")
+        raise ValueError(
+            f"stages do not cover the model: level-aware module {missing[0]!r} "
+            f"({type(modules[missing[0]]).__name__}) is in no stage"
+            + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; add it to a stage, e.g. grouped with the layer before it"
+        )
     return stages
-

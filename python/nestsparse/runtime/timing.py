@@ -10,8 +10,9 @@ from torch.utils.benchmark import Timer
 __all__ = ["median_time"]
 
 
-def median_time(fn: Callable[[], object], *, min_run_time: float = 0.2, warmup: int = 2,
-                threads: int | None = None) -> float:
+def median_time(
+    fn: Callable[[], object], *, min_run_time: float = 0.2, warmup: int = 2, threads: int | None = None
+) -> float:
     """Median seconds per call of ``fn()``: ``warmup`` calls, then ``Timer.blocked_autorange`` for at least
     ``min_run_time`` seconds. ``threads``: torch threads during the measurement (default: the current count;
     Timer's own default is one thread, which would hide every multi-threaded kernel)."""

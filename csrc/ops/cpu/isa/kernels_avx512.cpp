@@ -49,14 +49,15 @@ inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 #include "kernels_impl.inc"
 #include "kernels_nbcr.inc"
 
-inline __m512i load_cols(const int16_t* p, __mmask16 m) { return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512i load_cols(const int16_t* p, __mmask16 m) {
+  return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p));
+}
 inline __m512i load_cols(const int32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
 inline __m512 load_vals(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_vals(const bf16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 inline __m512 load_vals(const f16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-
 
 // Sixteen non-zeros at a time: load their columns, check them against K with an unsigned compare (a negative
 // index is huge unsigned), gather x at the valid lanes only, FMA. The weight row is read once for NB inputs.
@@ -92,7 +93,8 @@ static int64_t spmv_rows(const SparseRows& w, const Epilogue& ep, const SpmvBatc
       continue;
     }
     const float bias = ep.bias ? ep.bias[r] : 0.f;
-    for (int b = 0; b < NB; ++b) s.out[b * s.ldo + r] = activate<ApproxMath>(ep.act, _mm512_reduce_add_ps(acc[b]) + bias);
+    for (int b = 0; b < NB; ++b)
+      s.out[b * s.ldo + r] = activate<ApproxMath>(ep.act, _mm512_reduce_add_ps(acc[b]) + bias);
   }
   return bad;
 }

@@ -94,7 +94,6 @@ inline float half_to_float(uint16_t h) {
 #include "kernels_impl.inc"
 #include "kernels_nbcr.inc"
 
-
 template <typename VT, typename IT, int NB>
 static int64_t spmv_rows(const SparseRows& w, const Epilogue& ep, const SpmvBatch& s, int64_t r0, int64_t r1) {
   return spmv_rows_scalar<VT, IT, NB>(w, ep, s, r0, r1);

@@ -30,8 +30,23 @@ from .gnmt import GNMT, LSTM, gnmt
 from .pointnet import PointNet2, pointnet2
 from .resnet import ResNet, resnet50, resnet_small
 
-__all__ = ["MODELS", "build", "dense_layers", "resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn",
-           "ResNet", "PointNet2", "GNMT", "LSTM", "GAT", "GATConv"]
+__all__ = [
+    "MODELS",
+    "build",
+    "dense_layers",
+    "resnet50",
+    "resnet_small",
+    "pointnet2",
+    "gnmt",
+    "gat",
+    "digits_cnn",
+    "ResNet",
+    "PointNet2",
+    "GNMT",
+    "LSTM",
+    "GAT",
+    "GATConv",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
@@ -42,9 +57,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
 }
 
-_DENSE = {"resnet50": _resnet.dense_layers, "resnet_small": _resnet.dense_layers,
-          "pointnet2": _pointnet.dense_layers, "gnmt": _gnmt.dense_layers, "gat": _gat.dense_layers,
-          "digits_cnn": _cnn.dense_layers}
+_DENSE = {
+    "resnet50": _resnet.dense_layers,
+    "resnet_small": _resnet.dense_layers,
+    "pointnet2": _pointnet.dense_layers,
+    "gnmt": _gnmt.dense_layers,
+    "gat": _gat.dense_layers,
+    "digits_cnn": _cnn.dense_layers,
+}
 
 for _name, _builder in MODELS.items():
     register_architecture(_name, _builder)
@@ -61,6 +81,8 @@ def dense_layers(model: nn.Module) -> list[str]:
     """Names of the modules of ``model`` (built by this package) usually left dense when pruning."""
     arch = getattr(model, "arch", None)
     if not isinstance(arch, dict) or arch.get("name") not in _DENSE:
-        raise ValueError("dense_layers: the model has no arch record of a known model "
-                         f"(expected model.arch = {{'name': one of {sorted(MODELS)}, 'kwargs': ...}})")
+        raise ValueError(
+            "dense_layers: the model has no arch record of a known model "
+            f"(expected model.arch = {{'name': one of {sorted(MODELS)}, 'kwargs': ...}})"
+        )
     return _DENSE[arch["name"]](model)

@@ -23,8 +23,15 @@ class GATConv(nn.Module):
     (``adj[i, j]``, which should include i itself); out_i = sum_j alpha_ij h_j (+ bias), heads concatenated or
     averaged. Dropout on the input and on the attention coefficients in training."""
 
-    def __init__(self, in_features: int, out_features: int, heads: int = 1, concat: bool = True,
-                 dropout: float = 0.0, negative_slope: float = 0.2):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        heads: int = 1,
+        concat: bool = True,
+        dropout: float = 0.0,
+        negative_slope: float = 0.2,
+    ):
         super().__init__()
         self.heads, self.out_features, self.concat = heads, out_features, concat
         self.negative_slope = negative_slope
@@ -41,13 +48,13 @@ class GATConv(nn.Module):
     def forward(self, x: Tensor, adj: Tensor) -> Tensor:
         """x (N, in_features), adj (N, N) bool with adj[i, j] = j is a neighbour of i -> (N, heads*out) or (N, out)."""
         N = x.shape[0]
-        h = self.lin(self.dropout(x)).reshape(N, self.heads, self.out_features)          # (N, H, F)
-        src = (h * self.att_src).sum(-1)                                                 # (N, H)
+        h = self.lin(self.dropout(x)).reshape(N, self.heads, self.out_features)  # (N, H, F)
+        src = (h * self.att_src).sum(-1)  # (N, H)
         dst = (h * self.att_dst).sum(-1)
         e = F.leaky_relu(dst.T.unsqueeze(2) + src.T.unsqueeze(1), self.negative_slope)  # (H, N_i, N_j)
         e = e.masked_fill(~adj.unsqueeze(0), float("-inf"))
         alpha = self.attn_dropout(torch.softmax(e, -1).nan_to_num(0.0))  # a node without neighbours gets zeros
-        out = (alpha @ h.transpose(0, 1)).transpose(0, 1)                                # (N, H, F)
+        out = (alpha @ h.transpose(0, 1)).transpose(0, 1)  # (N, H, F)
         out = out.reshape(N, -1) if self.concat else out.mean(1)
         return out + self.bias
 
@@ -72,6 +79,14 @@ class GAT(nn.Module):
 def gat(in_features: int = 32, num_classes: int = 5, hidden: int = 8, heads: int = 8, dropout: float = 0.6) -> GAT:
     """A two-layer GAT (Cora-style sizes by default) for ``nestsparse.data.sbm_graph``."""
     model = GAT(in_features, num_classes, hidden, heads, dropout)
-    model.arch = {"name": "gat", "kwargs": {"in_features": in_features, "num_classes": num_classes, "hidden": hidden,
-                                            "heads": heads, "dropout": dropout}}
+    model.arch = {
+        "name": "gat",
+        "kwargs": {
+            "in_features": in_features,
+            "num_classes": num_classes,
+            "hidden": hidden,
+            "heads": heads,
+            "dropout": dropout,
+        },
+    }
     return model

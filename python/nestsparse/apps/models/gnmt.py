@@ -35,14 +35,15 @@ class LSTM(nn.Module):
         self.input_size, self.hidden_size = input_size, hidden_size
         self.ih = nn.Linear(input_size, 4 * hidden_size)
         self.hh = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
-        bound = hidden_size ** -0.5
+        bound = hidden_size**-0.5
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
         with torch.no_grad():  # forget gate bias 1: remember by default
-            self.ih.bias[hidden_size:2 * hidden_size] = 1.0
+            self.ih.bias[hidden_size : 2 * hidden_size] = 1.0
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None,
-                reverse: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(
+        self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None, reverse: bool = False
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, T, input_size) -> outputs (B, T, hidden), final (h, c). ``mask`` (B, T) bool marks real
         steps: at a masked step the state is kept and the output is zero (so a reversed pass over
         right-padded sequences starts at each sequence's last real token). ``reverse`` runs from T-1 to 0."""
@@ -53,7 +54,7 @@ class LSTM(nn.Module):
         h, c = state
         gates_x = self.ih(x)
         outs: list[Tensor] = [x.new_empty(0)] * T
-        for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        for t in range(T - 1, -1, -1) if reverse else range(T):
             i, f, g, o = (gates_x[:, t] + self.hh(h)).chunk(4, -1)
             c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h_new = torch.sigmoid(o) * torch.tanh(c_new)
@@ -166,10 +167,20 @@ class GNMT(nn.Module):
         return torch.cat(out, 1) if out else torch.zeros(B, 0, dtype=torch.int64, device=src.device)
 
 
-def gnmt(vocab: int = 20, embed: int = 64, hidden: int = 128, enc_layers: int = 2, dec_layers: int = 2,
-         dropout: float = 0.1) -> GNMT:
+def gnmt(
+    vocab: int = 20, embed: int = 64, hidden: int = 128, enc_layers: int = 2, dec_layers: int = 2, dropout: float = 0.1
+) -> GNMT:
     """A GNMT-style LSTM encoder-decoder with attention (defaults sized for ``nestsparse.data.seq2seq``)."""
     model = GNMT(vocab, embed, hidden, enc_layers, dec_layers, dropout)
-    model.arch = {"name": "gnmt", "kwargs": {"vocab": vocab, "embed": embed, "hidden": hidden,
-                                             "enc_layers": enc_layers, "dec_layers": dec_layers, "dropout": dropout}}
+    model.arch = {
+        "name": "gnmt",
+        "kwargs": {
+            "vocab": vocab,
+            "embed": embed,
+            "hidden": hidden,
+            "enc_layers": enc_layers,
+            "dec_layers": dec_layers,
+            "dropout": dropout,
+        },
+    }
     return model

@@ -14,8 +14,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["pointnet2", "PointNet2", "SetAbstraction", "SharedMLP", "farthest_point_sample", "knn",
-           "DENSE_LAYERS", "dense_layers"]
+__all__ = [
+    "pointnet2",
+    "PointNet2",
+    "SetAbstraction",
+    "SharedMLP",
+    "farthest_point_sample",
+    "knn",
+    "DENSE_LAYERS",
+    "dense_layers",
+]
 
 DENSE_LAYERS = ("sa1.mlp.linears.0", "fc")
 """Layers usually left dense: the first point-wise layer (3 inputs, few weights) and the classifier output."""
@@ -91,9 +99,9 @@ class SetAbstraction(nn.Module):
 
     def forward(self, xyz: Tensor, feats: Tensor | None) -> tuple[Tensor, Tensor]:
         centres_idx = farthest_point_sample(xyz, self.npoint)
-        centres = _gather(xyz, centres_idx)                       # (B, S, 3)
-        group_idx = knn(centres, xyz, self.k)                     # (B, S, k)
-        rel = _gather(xyz, group_idx) - centres.unsqueeze(2)      # (B, S, k, 3)
+        centres = _gather(xyz, centres_idx)  # (B, S, 3)
+        group_idx = knn(centres, xyz, self.k)  # (B, S, k)
+        rel = _gather(xyz, group_idx) - centres.unsqueeze(2)  # (B, S, k, 3)
         x = rel if feats is None else torch.cat([rel, _gather(feats, group_idx)], -1)
         return centres, self.mlp(x).amax(2)
 
@@ -105,14 +113,25 @@ class PointNet2(nn.Module):
     Normally left dense when pruning: ``sa1.mlp.linears.0`` (first point-wise layer, 3 inputs) and ``fc``
     (classifier output); see ``DENSE_LAYERS``."""
 
-    def __init__(self, num_classes: int, sa1: tuple[int, int, Sequence[int]], sa2: tuple[int, int, Sequence[int]],
-                 global_mlp: Sequence[int], hidden: int, dropout: float):
+    def __init__(
+        self,
+        num_classes: int,
+        sa1: tuple[int, int, Sequence[int]],
+        sa2: tuple[int, int, Sequence[int]],
+        global_mlp: Sequence[int],
+        hidden: int,
+        dropout: float,
+    ):
         super().__init__()
         self.sa1 = SetAbstraction(sa1[0], sa1[1], 0, sa1[2])
         self.sa2 = SetAbstraction(sa2[0], sa2[1], self.sa1.mlp.out_features, sa2[2])
         self.glob = SharedMLP(self.sa2.mlp.out_features + 3, global_mlp)
-        self.head = nn.Sequential(nn.Linear(self.glob.out_features, hidden, bias=False), nn.BatchNorm1d(hidden),
-                                  nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Sequential(
+            nn.Linear(self.glob.out_features, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+        )
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, xyz: Tensor) -> Tensor:
@@ -124,16 +143,37 @@ class PointNet2(nn.Module):
         return self.fc(self.head(g))
 
 
-def pointnet2(num_classes: int = 8, sa1_points: int = 64, sa1_k: int = 16, sa1_mlp: Sequence[int] = (32, 32, 64),
-              sa2_points: int = 16, sa2_k: int = 16, sa2_mlp: Sequence[int] = (64, 64, 128),
-              global_mlp: Sequence[int] = (128, 256), hidden: int = 128, dropout: float = 0.4) -> PointNet2:
+def pointnet2(
+    num_classes: int = 8,
+    sa1_points: int = 64,
+    sa1_k: int = 16,
+    sa1_mlp: Sequence[int] = (32, 32, 64),
+    sa2_points: int = 16,
+    sa2_k: int = 16,
+    sa2_mlp: Sequence[int] = (64, 64, 128),
+    global_mlp: Sequence[int] = (128, 256),
+    hidden: int = 128,
+    dropout: float = 0.4,
+) -> PointNet2:
     """A small PointNet++ SSG for ~128-point clouds: ``sa1_points`` centres with ``sa1_k`` neighbours, then
     ``sa2_points`` with ``sa2_k``, each with its shared MLP widths; the global MLP; a hidden classifier layer."""
     sa1_mlp, sa2_mlp, global_mlp = [int(w) for w in sa1_mlp], [int(w) for w in sa2_mlp], [int(w) for w in global_mlp]
-    model = PointNet2(num_classes, (sa1_points, sa1_k, sa1_mlp), (sa2_points, sa2_k, sa2_mlp), global_mlp, hidden,
-                      dropout)
-    model.arch = {"name": "pointnet2", "kwargs": {
-        "num_classes": num_classes, "sa1_points": sa1_points, "sa1_k": sa1_k, "sa1_mlp": sa1_mlp,
-        "sa2_points": sa2_points, "sa2_k": sa2_k, "sa2_mlp": sa2_mlp, "global_mlp": global_mlp, "hidden": hidden,
-        "dropout": dropout}}
+    model = PointNet2(
+        num_classes, (sa1_points, sa1_k, sa1_mlp), (sa2_points, sa2_k, sa2_mlp), global_mlp, hidden, dropout
+    )
+    model.arch = {
+        "name": "pointnet2",
+        "kwargs": {
+            "num_classes": num_classes,
+            "sa1_points": sa1_points,
+            "sa1_k": sa1_k,
+            "sa1_mlp": sa1_mlp,
+            "sa2_points": sa2_points,
+            "sa2_k": sa2_k,
+            "sa2_mlp": sa2_mlp,
+            "global_mlp": global_mlp,
+            "hidden": hidden,
+            "dropout": dropout,
+        },
+    }
     return model

@@ -81,8 +81,16 @@ class ResNet(nn.Module):
     Normally left dense when pruning: ``conv1`` (the stem: few weights, every pixel goes through it) and
     ``fc`` (the classifier); see ``DENSE_LAYERS``."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], blocks: Sequence[int], widths: Sequence[int],
-                 num_classes: int, in_channels: int = 3, stem_width: int = 64, imagenet_stem: bool = True):
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        blocks: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int,
+        in_channels: int = 3,
+        stem_width: int = 64,
+        imagenet_stem: bool = True,
+    ):
         super().__init__()
         if imagenet_stem:
             self.conv1 = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
@@ -124,14 +132,24 @@ def resnet50(num_classes: int = 1000) -> ResNet:
     return model
 
 
-def resnet_small(num_classes: int = 10, in_channels: int = 1, width: int = 16,
-                 blocks: Sequence[int] = (2, 2, 2)) -> ResNet:
+def resnet_small(
+    num_classes: int = 10, in_channels: int = 1, width: int = 16, blocks: Sequence[int] = (2, 2, 2)
+) -> ResNet:
     """A BasicBlock ResNet for tiny images such as the 8x8 digits: 3x3 stem at stride 1 without max pool, then
     one stage per entry of ``blocks`` at widths width, 2*width, 4*width, ... (stride 1, then 2 for each later
     stage), global average pool and fc."""
     blocks = [int(b) for b in blocks]
-    model = ResNet(BasicBlock, blocks, [width * 2 ** i for i in range(len(blocks))], num_classes,
-                   in_channels=in_channels, stem_width=width, imagenet_stem=False)
-    model.arch = {"name": "resnet_small", "kwargs": {"num_classes": num_classes, "in_channels": in_channels,
-                                                     "width": width, "blocks": blocks}}
+    model = ResNet(
+        BasicBlock,
+        blocks,
+        [width * 2**i for i in range(len(blocks))],
+        num_classes,
+        in_channels=in_channels,
+        stem_width=width,
+        imagenet_stem=False,
+    )
+    model.arch = {
+        "name": "resnet_small",
+        "kwargs": {"num_classes": num_classes, "in_channels": in_channels, "width": width, "blocks": blocks},
+    }
     return model

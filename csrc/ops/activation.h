@@ -45,14 +45,56 @@ constexpr int kNumActivations = sizeof(kActivationNames) / sizeof(kActivationNam
 
 namespace {
 
-// erf as the float64 paths, autograd and the references compute it. A kernel that needs another (the ISA files'
-// vectorisable polynomial, CUDA's device erf) passes its own Math with a static erf.
+// The functions an activation's formula may use (Math::erf, Math::exp, Math::tanh), in three flavours:
+// ExactMath for the float64 paths (and the float32 loops outside the ISA kernels), FastMath for the ISA kernels'
+// float32 epilogues, DeviceMath for CUDA. A formula written with them runs everywhere.
 struct ExactMath {
   template <typename T>
   static T erf(T x) {
     return std::erf(x);
   }
+  template <typename T>
+  static T exp(T x) {
+    return std::exp(x);
+  }
+  template <typename T>
+  static T tanh(T x) {
+    return std::tanh(x);
+  }
 };
+
+// erf by Abramowitz & Stegun 7.1.28 (|error| < 3e-7): only arithmetic, so an epilogue loop over it vectorises.
+inline float erf_approx(float x) {
+  const float ax = x < 0.f ? -x : x;
+  float t = 1.f + ax * (0.0705230784f +
+                        ax * (0.0422820123f +
+                              ax * (0.0092705272f + ax * (0.0001520143f + ax * (0.0002765672f + ax * 0.0000430638f)))));
+  t = t * t;
+  t = t * t;
+  t = t * t;
+  t = t * t;
+  const float e = 1.f - 1.f / t;
+  return x < 0.f ? -e : e;
+}
+
+// The ISA kernels' float32 math: no std:: inline function (an ISA file must not compile one, see kernel_api.h);
+// exp and tanh are the C library's.
+struct FastMath {
+  static float erf(float x) { return erf_approx(x); }
+  static float exp(float x) { return __builtin_expf(x); }
+  static float tanh(float x) { return __builtin_tanhf(x); }
+};
+
+#if defined(__CUDACC__)
+struct DeviceMath {
+  __device__ static float erf(float x) { return ::erff(x); }
+  __device__ static double erf(double x) { return ::erf(x); }
+  __device__ static float exp(float x) { return ::expf(x); }
+  __device__ static double exp(double x) { return ::exp(x); }
+  __device__ static float tanh(float x) { return ::tanhf(x); }
+  __device__ static double tanh(double x) { return ::tanh(x); }
+};
+#endif
 
 // act(z). Comparisons are written so that NaN passes through, as torch.relu, relu6 and gelu do.
 template <typename Math, typename T>

@@ -40,12 +40,6 @@ constexpr int kMaxGridY = 65535;
 // flags[0]: rows whose slice is outside [0, nnz] or reversed; flags[1]: column indices outside [0, K).
 enum Flag : int { kBadRow = 0, kBadCol = 1 };
 
-// The device erf for activate() (ops/activation.h).
-struct CudaMath {
-  __device__ static float erf(float x) { return ::erff(x); }
-  __device__ static double erf(double x) { return ::erf(x); }
-};
-
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll
@@ -102,7 +96,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     if (lane == 0) {
 #pragma unroll
       for (int i = 0; i < kBatchBlock; ++i) {
-        if (i < nb) y[(n0 + i) * M + r] = static_cast<scalar_t>(activate<CudaMath>(act, acc[i] + b));
+        if (i < nb) y[(n0 + i) * M + r] = static_cast<scalar_t>(activate<DeviceMath>(act, acc[i] + b));
       }
     }
   }

@@ -93,8 +93,7 @@ static int64_t spmv_rows(const SparseRows& w, const Epilogue& ep, const SpmvBatc
       continue;
     }
     const float bias = ep.bias ? ep.bias[r] : 0.f;
-    for (int b = 0; b < NB; ++b)
-      s.out[b * s.ldo + r] = activate<ApproxMath>(ep.act, _mm512_reduce_add_ps(acc[b]) + bias);
+    for (int b = 0; b < NB; ++b) s.out[b * s.ldo + r] = activate<FastMath>(ep.act, _mm512_reduce_add_ps(acc[b]) + bias);
   }
   return bad;
 }

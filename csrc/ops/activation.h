@@ -2,12 +2,13 @@
 // instruction set, the CUDA kernels, the argument parser and autograd. Adding an activation on the C++ side
 // touches this file only:
 //   1. a row of NESTSPARSE_ACTIVATIONS (enum name, name in the op schemas);
-//   2. its formula in activate();
+//   2. its formula in activate(), with the functions of a Math (erf, exp, tanh);
 //   3. its derivative in grad_through_activation().
-// The Python side names the torch module it stands for in python/nestsparse/activations.py.
+// A missing formula or derivative does not build (-Werror=switch). The Python side names the torch module it
+// stands for in python/nestsparse/activations.py.
 //
-// Nothing here has external linkage and nothing here needs another header: the ISA kernel files include it,
-// and an inline function with external linkage compiled there for AVX-512 could be the copy the linker keeps
+// Nothing here has external linkage and nothing here needs a header beyond <cmath>: the ISA kernel files include
+// it, and an inline function with external linkage compiled there for AVX-512 could be the copy the linker keeps
 // for every caller (see ops/cpu/isa/kernel_api.h).
 #pragma once
 

@@ -453,9 +453,9 @@ def test_backward_ops_check_their_arguments(fmt, w):
         raw(fmt, w, "linear_backward", level=3, grad_z=torch.randn(3, M), x=x)
     xc = torch.randn(2, 3, 7, 6)
     geometry = dict(kernel_size=[3, 3], stride=[2, 2], padding=[1, 1], dilation=[1, 1], groups=1)
-    with pytest.raises(RuntimeError, match=rf"{conv}: grad_z must have shape \(2, 21, 4, 3\), got \[2, 21, 3, 3\]"):
+    with pytest.raises(RuntimeError, match=rf"{conv}: grad_z must have shape \[2, 21, 4, 3\], got \[2, 21, 3, 3\]"):
         raw(fmt, w, "conv2d_backward", grad_z=torch.randn(2, M, 3, 3), x=xc, **geometry)
-    with pytest.raises(RuntimeError, match=rf"{conv}: grad_z must have shape \(2, 21, 4, 3\), got \[2, 25, 4, 3\]"):
+    with pytest.raises(RuntimeError, match=rf"{conv}: grad_z must have shape \[2, 21, 4, 3\], got \[2, 25, 4, 3\]"):
         raw(fmt, w, "conv2d_backward", grad_z=torch.randn(2, 25, 4, 3), x=xc, **geometry)
     with pytest.raises(RuntimeError, match=rf"{conv}: level -1 is out of range"):
         raw(fmt, w, "conv2d_backward", level=-1, grad_z=torch.randn(2, M, 4, 3), x=xc, **geometry)

@@ -1,4 +1,4 @@
-"""nestsparse.data: shapes, dtypes, determinism and the layout each generator promises."""
+"""nestsparse.apps.data: shapes, dtypes, determinism and the layout each generator promises."""
 
 import pytest
 import torch

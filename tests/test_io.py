@@ -4,6 +4,8 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -266,6 +268,21 @@ def test_model_with_arch_loads_without_skeleton(tmp_path, no_pickle):
     assert_same_state(model, loaded)
     assert all(m.level == 1 for m in loaded.modules() if isinstance(m, nestsparse.nn.LevelAware))
     assert_same_outputs(model, loaded)
+    # In a fresh process that never imported the zoo: load finds it through the installed entry point.
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x).flatten().tolist()
+    script = (
+        "import sys, torch, nestsparse\n"
+        "assert 'nestsparse.apps.models' not in sys.modules\n"
+        f"m = nestsparse.load({str(path)!r}).eval()\n"
+        "x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))\n"
+        "with torch.no_grad():\n"
+        f"    assert m(x).flatten().tolist() == {expected!r}\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 
 # ---- refusals ----------------------------------------------------------------------------------------------

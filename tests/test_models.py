@@ -1,4 +1,4 @@
-"""nestsparse.models: shapes, the arch record, the dense-layer lists, the module conventions, and that every
+"""nestsparse.apps.models: shapes, the arch record, the dense-layer lists, the module conventions, and that every
 model converts to nested sparse modules with each level equal to the masked dense model."""
 
 import copy

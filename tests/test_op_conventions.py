@@ -308,3 +308,30 @@ def test_float32_gradients_of_the_module_match_dense_autograd(fmt):
     torch.relu(xd @ dense.T).square().sum().backward()
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer.values.grad.double(), expected_value_grad(w, 1, dense.grad), rtol=1e-4, atol=1e-3)
+
+
+def test_compiled_autograd(fmt):
+    """The backward through compiled autograd (which traces the saved state) gives the eager gradients."""
+    from torch._dynamo import compiled_autograd
+
+    wl = linear_weight(fmt, M=20, K=30, L=2, block_shape=(8, 8), seed=5)
+    wc = conv_weight(fmt, cout=8, cin=4, groups=2, block_shape=(3, 5), seed=5)
+    values = wl.values.clone().requires_grad_(True)
+    x = torch.randn(3, 30, requires_grad=True)
+    img = torch.randn(2, 4, 9, 9, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+
+    def loss():
+        y = op(wl, "linear")(x, *weight_args(wl, values), 1, *op_args(wl), None, "gelu")
+        z = op(wc, "conv2d")(img, *weight_args(wc), 1, *op_args(wc), [3, 3], bias, [2, 2], [1, 1], [1, 1], 2, "relu")
+        return y.square().sum() + z.square().sum()
+
+    loss().backward()
+    eager = [t.grad.clone() for t in (x, values, img, bias)]
+    for t in (x, values, img, bias):
+        t.grad = None
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss().backward()
+    for t, g in zip((x, values, img, bias), eager):
+        torch.testing.assert_close(t.grad, g)

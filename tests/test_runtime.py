@@ -1,4 +1,4 @@
-"""nestsparse.runtime (stages, latency profiles, the rerouting executor, QoS), nestsparse.scenarios and the
+"""nestsparse.runtime (stages, latency profiles, the rerouting executor, QoS), nestsparse.apps.scenarios and the
 ``qos`` command.
 
 Nothing here asserts on real time: the executor's decisions are checked against a fake clock driven by

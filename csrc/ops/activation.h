@@ -7,9 +7,9 @@
 // A missing formula or derivative does not build (-Werror=switch). The Python side names the torch module it
 // stands for in python/nestsparse/activations.py.
 //
-// Nothing here has external linkage and nothing here needs a header beyond <cmath>: the ISA kernel files include
-// it, and an inline function with external linkage compiled there for AVX-512 could be the copy the linker keeps
-// for every caller (see ops/cpu/isa/kernel_api.h).
+// No function here has external linkage and nothing here needs a header beyond <cmath>: the ISA kernel files
+// include it, and an inline function with external linkage compiled there for AVX-512 could be the copy the linker
+// keeps for every caller (see ops/cpu/isa/kernel_api.h).
 #pragma once
 
 #include <cmath>
@@ -37,12 +37,12 @@ enum class Act : int32_t {
 };
 
 // The schema names, indexed by Act.
-constexpr const char* kActivationNames[] = {
+inline constexpr const char* kActivationNames[] = {
 #define NESTSPARSE_ACT_NAME(e, name) name,
     NESTSPARSE_ACTIVATIONS(NESTSPARSE_ACT_NAME)
 #undef NESTSPARSE_ACT_NAME
 };
-constexpr int kNumActivations = sizeof(kActivationNames) / sizeof(kActivationNames[0]);
+inline constexpr int kNumActivations = sizeof(kActivationNames) / sizeof(kActivationNames[0]);
 
 namespace {
 
@@ -50,18 +50,14 @@ namespace {
 // ExactMath for the float64 paths (and the float32 loops outside the ISA kernels), FastMath for the ISA kernels'
 // float32 epilogues, DeviceMath for CUDA. A formula written with them runs everywhere.
 struct ExactMath {
-  template <typename T>
-  static T erf(T x) {
-    return std::erf(x);
-  }
-  template <typename T>
-  static T exp(T x) {
-    return std::exp(x);
-  }
-  template <typename T>
-  static T tanh(T x) {
-    return std::tanh(x);
-  }
+  // The compiler's builtins rather than std::'s inline overloads: nothing with external linkage, even if an ISA
+  // file used it.
+  static float erf(float x) { return __builtin_erff(x); }
+  static double erf(double x) { return __builtin_erf(x); }
+  static float exp(float x) { return __builtin_expf(x); }
+  static double exp(double x) { return __builtin_exp(x); }
+  static float tanh(float x) { return __builtin_tanhf(x); }
+  static double tanh(double x) { return __builtin_tanh(x); }
 };
 
 // erf by Abramowitz & Stegun 7.1.28 (|error| < 3e-7): only arithmetic, so an epilogue loop over it vectorises.

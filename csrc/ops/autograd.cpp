@@ -15,7 +15,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <utility>
+#include <array>
+#include <vector>
 
 #include "ops/conv2d.h"
 #include "ops/linear.h"
@@ -41,11 +42,25 @@ struct BackwardOf<Conv2d<F>> {
   using type = Conv2dBackward<F>;
 };
 
-// The part of a call that is not a tensor (level, geometry, activation...), kept between forward and backward.
-template <typename Call>
-struct SavedCall : torch::CustomClassHolder {
-  explicit SavedCall(Call c) : call(std::move(c)) {}
-  Call call;
+// A call's attributes (level, activation, geometry...) into the context's saved data by name, and back: plain
+// ints and int lists, as every autograd feature (compiled autograd included) can read them.
+struct SaveAttribute {
+  AutogradContext* ctx;
+  void operator()(const char* name, int64_t v) const { ctx->saved_data[name] = v; }
+  void operator()(const char* name, Act v) const { ctx->saved_data[name] = static_cast<int64_t>(v); }
+  void operator()(const char* name, const std::array<int64_t, 2>& v) const {
+    ctx->saved_data[name] = std::vector<int64_t>(v.begin(), v.end());
+  }
+};
+
+struct LoadAttribute {
+  AutogradContext* ctx;
+  void operator()(const char* name, int64_t& v) const { v = ctx->saved_data[name].toInt(); }
+  void operator()(const char* name, Act& v) const { v = static_cast<Act>(ctx->saved_data[name].toInt()); }
+  void operator()(const char* name, std::array<int64_t, 2>& v) const {
+    const std::vector<int64_t> list = ctx->saved_data[name].toIntVector();
+    v = {list.at(0), list.at(1)};
+  }
 };
 
 // grad_z summed over every dimension but the channel (`dim`). A 1-D (unbatched) linear input has nothing to sum.
@@ -71,23 +86,22 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
       at::AutoDispatchBelowADInplaceOrView guard;
       out = dispatch<Op>(call);
     }
-    // Tensors are saved through save_for_backward (version checks, no reference cycle through the output); the
-    // rest of the call is kept with its tensors taken out.
+    // Tensors are saved through save_for_backward (version checks, no reference cycle through the output), the
+    // rest of the call by name.
     std::vector<at::Tensor> saved{out, bias.value_or(at::Tensor())};
-    call.bias.reset();
-    call.plan.reset();
-    call.for_each_tensor([&](at::Tensor& t) { saved.push_back(std::exchange(t, at::Tensor())); });
+    call.for_each_tensor([&](at::Tensor& t) { saved.push_back(t); });
     ctx->save_for_backward(saved);
-    ctx->saved_data["call"] = c10::IValue::make_capsule(c10::make_intrusive<SavedCall<Call>>(std::move(call)));
+    call.for_each_attribute(SaveAttribute{ctx});
     return out;
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto s = ctx->get_saved_variables();
-    Call call = static_cast<SavedCall<Call>*>(ctx->saved_data["call"].toCapsule().get())->call;
     const at::Tensor &out = s[0], &bias = s[1];
+    Call call{};
     size_t i = 2;
     call.for_each_tensor([&](at::Tensor& t) { t = s[i++]; });
+    call.for_each_attribute(LoadAttribute{ctx});
     if (bias.defined()) call.bias = bias;
     const at::Tensor gz = grad_through_activation(call.activation, grads[0], out, [&] {
                             Call z = call;

@@ -12,11 +12,11 @@ std::atomic<bool> g_poison{false};
 }
 
 Act parse_activation(const char* op, std::string_view name) {
-  std::string known;
   for (int i = 0; i < kNumActivations; ++i) {
     if (name == kActivationNames[i]) return static_cast<Act>(i);
-    known += std::string(i ? ", " : "") + kActivationNames[i];
   }
+  std::string known;
+  for (int i = 0; i < kNumActivations; ++i) known += std::string(i ? ", " : "") + kActivationNames[i];
   TORCH_CHECK(false, op, ": unknown activation '", std::string(name), "'; expected one of ", known);
 }
 
@@ -37,6 +37,21 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at:
   if (!bias.has_value()) return;
   check_dense_input(op, "bias", *bias, values);
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == M, op, ": bias must have shape (", M, ",), got ", bias->sizes());
+}
+
+void check_linear_input(const char* op, const at::Tensor& x, const at::Tensor& values) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., K), got a 0-d tensor");
+  check_dense_input(op, "x", x, values);
+}
+
+std::vector<int64_t> linear_output_sizes(const at::Tensor& x, int64_t M) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = M;
+  return sizes;
+}
+
+void check_grad_z(const char* op, const at::Tensor& grad_z, at::IntArrayRef expected) {
+  TORCH_CHECK(grad_z.sizes() == expected, op, ": grad_z must have shape ", expected, ", got ", grad_z.sizes());
 }
 
 int64_t batch_rows(const at::Tensor& x) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "ops/activation.h"
 
@@ -21,6 +22,15 @@ std::array<int64_t, 2> int_pair(const char* op, const char* what, at::IntArrayRe
 
 // The dense operand `name` must be on the weight's device, of the values' dtype, and contiguous.
 void check_dense_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& values);
+
+// The input of a linear product: a dense operand of shape (..., K), at least 1-D.
+void check_linear_input(const char* op, const at::Tensor& x, const at::Tensor& values);
+
+// The output of a linear product of x (..., K) by a weight of M rows: (..., M).
+std::vector<int64_t> linear_output_sizes(const at::Tensor& x, int64_t M);
+
+// A backward op's grad_z must have the shape of the forward's output.
+void check_grad_z(const char* op, const at::Tensor& grad_z, at::IntArrayRef expected);
 
 // An optional bias must be a dense operand of shape (M,).
 void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& values, int64_t M);

@@ -51,6 +51,12 @@ struct Conv2d<F, Params<W...>> {
 
   struct Call : ProductCall<F> {
     ConvGeometry geometry;
+    template <typename Fn>
+    void for_each_attribute(Fn&& f) {
+      ProductCall<F>::for_each_attribute(f);
+      f("kernel_size", geometry.kernel_size), f("stride", geometry.stride), f("padding", geometry.padding);
+      f("dilation", geometry.dilation), f("groups", geometry.groups);
+    }
   };
 
   static const char* name() { return format_op_name<Conv2d>(F::name, "_conv2d"); }

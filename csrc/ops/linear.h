@@ -29,6 +29,11 @@ struct ProductCall {
   void for_each_tensor(Fn&& f) {
     f(x), w.for_each_tensor(f);
   }
+  // Everything but the tensors (and the plan), by name.
+  template <typename Fn>
+  void for_each_attribute(Fn&& f) {
+    f("activation", activation), w.for_each_attribute(f);
+  }
 };
 
 // y = act(x @ W_level^T + bias): x (..., K) -> y (..., M). `plan` is an optional int32 (L, P+1) partition from

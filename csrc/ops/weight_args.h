@@ -1,7 +1,7 @@
 // How each format's weight appears among an op's arguments: the schema text, the C++ parameters (spliced into
-// every product's signature, see ops/op.h), the arguments by name, and the check that turns them into a level
-// the kernels read (formats/<format>.h). A third format adds one struct here; every product op then has it
-// (after its entry in for_each_format).
+// every product's signature, see ops/op.h), the arguments by name (its tensors and its other attributes, which
+// autograd saves by name), and the check that turns them into a level the kernels read (formats/<format>.h). A third
+// format adds one struct here; every product op then has it (after its entry in for_each_format).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -31,6 +31,10 @@ struct Ncsr {
     void for_each_tensor(F&& f) {
       f(values), f(col_idx), f(row_ptr), f(row_end);
     }
+    template <typename F>
+    void for_each_attribute(F&& f) {
+      f("level", level);
+    }
   };
 
   static Args unpack(const char*, const at::Tensor& values, const at::Tensor& col_idx, const at::Tensor& row_ptr,
@@ -59,6 +63,10 @@ struct Nbcr {
     template <typename F>
     void for_each_tensor(F&& f) {
       f(values), f(indices), f(block_ptr), f(blocks), f(counts);
+    }
+    template <typename F>
+    void for_each_attribute(F&& f) {
+      f("level", level), f("rows", rows), f("block_shape", block_shape);
     }
   };
 

@@ -43,6 +43,7 @@ every index array is checked by its format's ``validate()`` before a kernel sees
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -88,6 +89,9 @@ class CheckpointError(ValueError):
 
 # Builders of the architectures load() can rebuild without model=, by the name recorded in model.arch.
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+# Installed packages name the modules that register architectures under this entry-point group (nestsparse's own
+# model zoo among them, see pyproject.toml); load() imports them when it meets a name nothing registered yet.
+ARCHITECTURE_ENTRY_POINTS = "nestsparse.architectures"
 
 
 def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
@@ -96,6 +100,15 @@ def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
     if not isinstance(name, str) or not callable(builder):
         raise TypeError(f"register_architecture: expected a name and a callable, got {name!r}, {builder!r}")
     _ARCHITECTURES[name] = builder
+
+
+def _architecture(name: str) -> Callable[..., nn.Module] | None:
+    """The builder registered for ``name``, after importing the installed packages' architecture modules if
+    none is yet. The modules come from the packages' metadata, never from the file being loaded."""
+    if name not in _ARCHITECTURES:
+        for entry in importlib.metadata.entry_points(group=ARCHITECTURE_ENTRY_POINTS):
+            entry.load()
+    return _ARCHITECTURES.get(name)
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
@@ -315,11 +328,18 @@ def _skeleton_from_arch(path: str, arch: Any) -> nn.Module:
         or not isinstance(arch.get("kwargs", {}), dict)
     ):
         raise CheckpointError(f"{path}: malformed arch {arch!r}; expected {{'name': str, 'kwargs': dict}}")
-    builder = _ARCHITECTURES.get(arch["name"])
+    try:
+        builder = _architecture(arch["name"])
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: looking up arch {arch['name']!r}, an installed module that registers "
+            f"architectures ({ARCHITECTURE_ENTRY_POINTS} entry point) failed to import: {e}"
+        ) from e
     if builder is None:
         raise CheckpointError(
             f"{path}: unknown arch {arch['name']!r} (registered: {sorted(_ARCHITECTURES)}); "
-            "import the module that registers it (the model zoo: import nestsparse.apps.models) "
+            "import the module that registers it (the model zoo, nestsparse.apps.models, registers itself when "
+            "nestsparse is installed) "
             "or pass the dense model as load(path, model=...)"
         )
     try:

@@ -153,6 +153,7 @@ def _chunks(num_chunks: int | None) -> int:
 # is the number of levels.
 _WEIGHT_ROWS = {"ncsr": lambda a: a["row_ptr"].shape[0] - 1, "nbcr": lambda a: a["rows"]}
 _LEVEL_TABLE = {"ncsr": "row_end", "nbcr": "counts"}
+_LEVEL_TABLE_DIMS = {"row_end": 2, "counts": 3}  # (L, M) and (L, B, 2)
 _PLAN_INPUT = {"ncsr": "row_ptr", "nbcr": "block_ptr"}
 
 
@@ -179,7 +180,8 @@ def _fake_product(fmt: str, kind: str):
         x, values, level, bias = a["x"], a["values"], a["level"], a.get("bias")
         rows, table = _WEIGHT_ROWS[fmt](a), a[_LEVEL_TABLE[fmt]]
         torch._check(x.dtype == values.dtype, lambda: f"{op}: x is {x.dtype} but values are {values.dtype}")
-        torch._check(table.dim() >= 1, lambda: f"{op}: {_LEVEL_TABLE[fmt]} has no level dimension")
+        dims = _LEVEL_TABLE_DIMS[_LEVEL_TABLE[fmt]]
+        torch._check(table.dim() == dims, lambda: f"{op}: {_LEVEL_TABLE[fmt]} must have {dims} dimensions")
         torch._check(0 <= level < table.shape[0], lambda: f"{op}: level {level} out of range")
         if bias is not None:
             torch._check(bias.shape == (rows,), lambda: f"{op}: bias shape {bias.shape}")

@@ -108,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(const typename Conv2dBackward
   check_dense_input(op, "x", c.x, c.w.values);
   const typename F::Level w = F::check(op, c.w, c.x.device());
   const ConvShape s = conv_shape(op, c.x, w.rows, c.geometry);
-  TORCH_CHECK(c.grad_z.sizes() == at::IntArrayRef({s.Nb, s.M, s.OH, s.OW}), op, ": grad_z must have shape (", s.Nb,
-              ", ", s.M, ", ", s.OH, ", ", s.OW, "), got ", c.grad_z.sizes());
+  check_grad_z(op, c.grad_z, {s.Nb, s.M, s.OH, s.OW});
   return w.values.scalar_type() == at::kDouble ? conv_backward_typed<F, double>(op, w, s, c.grad_z, c.x)
                                                : conv_backward_typed<F, float>(op, w, s, c.grad_z, c.x);
 }

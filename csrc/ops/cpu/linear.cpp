@@ -58,15 +58,12 @@ template <typename F>
 at::Tensor linear(const typename Linear<F>::Call& c) {
   const char* op = Linear<F>::name();
   const at::Tensor& x = c.x;
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., K), got a 0-d tensor");
-  check_dense_input(op, "x", x, c.w.values);
+  check_linear_input(op, x, c.w.values);
   const typename F::Level w = F::check(op, c.w, x.device());
   check_bias(op, c.bias, c.w.values, w.rows);
   const int64_t K = x.size(-1), N = batch_rows(x), M = w.rows;
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = M;
   const at::ScalarType ct = compute_type(w.values);
-  at::Tensor out = new_output(out_sizes, x.options().dtype(ct));
+  at::Tensor out = new_output(linear_output_sizes(x, M), x.options().dtype(ct));
   if (N == 0 || M == 0) return out.to(x.scalar_type());
   const std::vector<int32_t> chunks = CpuFormat<F>::chunks(op, w, c.plan);
   const at::Tensor xc = x.to(ct).contiguous();
@@ -109,13 +106,9 @@ template <typename F>
 std::tuple<at::Tensor, at::Tensor> linear_backward(const typename LinearBackward<F>::Call& c) {
   const char* op = LinearBackward<F>::name();
   const at::Tensor& x = c.x;
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., K)");
-  check_dense_input(op, "x", x, c.w.values);
+  check_linear_input(op, x, c.w.values);
   const typename F::Level w = F::check(op, c.w, x.device());
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = w.rows;
-  TORCH_CHECK(c.grad_z.sizes() == at::IntArrayRef(out_sizes), op, ": grad_z must have shape ",
-              at::IntArrayRef(out_sizes), ", got ", c.grad_z.sizes());
+  check_grad_z(op, c.grad_z, linear_output_sizes(x, w.rows));
   const int64_t K = x.size(-1), N = batch_rows(x);
   return w.values.scalar_type() == at::kDouble ? linear_backward_typed<F, double>(op, w, c.grad_z, x, N, K)
                                                : linear_backward_typed<F, float>(op, w, c.grad_z, x, N, K);

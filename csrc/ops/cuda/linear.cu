@@ -123,14 +123,11 @@ at::Tensor linear(const Linear<Ncsr>::Call& c) {
   const at::Tensor& x = c.x;
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., K), got a 0-d tensor");
-  check_dense_input(op, "x", x, c.w.values);
+  check_linear_input(op, x, c.w.values);
   const NcsrLevel w = Ncsr::check(op, c.w, x.device());
   check_bias(op, c.bias, c.w.values, w.rows);
   const int64_t K = x.size(-1), N = batch_rows(x), M = w.rows;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = M;
-  at::Tensor y = new_output(out_shape, x.options());
+  at::Tensor y = new_output(linear_output_sizes(x, M), x.options());
   if (N == 0 || M == 0) return y;
 
   at::Tensor flags = at::zeros({2}, x.options().dtype(at::kInt));

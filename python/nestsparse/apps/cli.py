@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads per inference (default 1; 0 = torch's default). Under the fluctuating "
         "scenario, inferences with as many threads as cores stall at every barrier (see "
-        "nestsparse.scenarios)",
+        "nestsparse.apps.scenarios)",
     )
     qos.add_argument("--plot", metavar="PNG", help="write the latency CDF of every policy")
     args = parser.parse_args(argv)

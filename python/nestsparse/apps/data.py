@@ -1,4 +1,4 @@
-"""Seeded datasets that need no download, one per model family of nestsparse.models.
+"""Seeded datasets that need no download, one per model family of nestsparse.apps.models.
 
 Every generator takes a ``seed`` and draws from its own ``torch.Generator`` (never the global RNG), so the
 same arguments give bit-identical tensors on every call and every machine.

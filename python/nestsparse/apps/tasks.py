@@ -1,4 +1,4 @@
-"""The model zoo's training tasks on data that needs no download (nestsparse.data), as nestsparse.pruning
+"""The model zoo's training tasks on data that needs no download (nestsparse.apps.data), as nestsparse.pruning
 Tasks: what batches to train on, the logits, the loss and the test score of each family.
 
 | family | data | model | score |

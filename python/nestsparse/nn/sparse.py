@@ -38,13 +38,16 @@ class NestedSparseModule(LevelAware, nn.Module):
         self.weight_shape = tuple(weight.weight_shape)
         self.densities = tuple(weight.densities)
         self.options = weight.options()
-        for name, value in self.options.items():
-            setattr(self, name, value)
         self._op_args = weight.op_args()
         self.activation = activation
         self.level = 0
         self._plan: Tensor | None = None
         self._plan_key: tuple | None = None
+
+    @property
+    def block_shape(self) -> tuple[int, int] | None:
+        """The block shape of a nested BCR weight (None for a format without blocks)."""
+        return self.options.get("block_shape")
 
     def index_tensors(self) -> tuple[Tensor, ...]:
         """The format's index buffers, in the order its ops take them."""

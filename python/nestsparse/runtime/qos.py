@@ -130,7 +130,7 @@ def run_qos(
     by ``score(i, output)`` (share correct, in [0, 1]) if given.
 
     Inferences arrive periodically: inference i starts at i x ``period`` (default 1.25 x deadline) after the
-    policy's start, or when the previous one ends if that is later. ``scenario`` (nestsparse.scenarios) is
+    policy's start, or when the previous one ends if that is later. ``scenario`` (nestsparse.apps.scenarios) is
     restarted for every policy, so each policy meets the same load at the same moments of its schedule."""
     if n < 1:
         raise ValueError(f"run_qos: n must be >= 1, got {n}")

@@ -77,7 +77,7 @@ class GAT(nn.Module):
 
 
 def gat(in_features: int = 32, num_classes: int = 5, hidden: int = 8, heads: int = 8, dropout: float = 0.6) -> GAT:
-    """A two-layer GAT (Cora-style sizes by default) for ``nestsparse.data.sbm_graph``."""
+    """A two-layer GAT (Cora-style sizes by default) for ``nestsparse.apps.data.sbm_graph``."""
     model = GAT(in_features, num_classes, hidden, heads, dropout)
     model.arch = {
         "name": "gat",

@@ -170,7 +170,7 @@ class GNMT(nn.Module):
 def gnmt(
     vocab: int = 20, embed: int = 64, hidden: int = 128, enc_layers: int = 2, dec_layers: int = 2, dropout: float = 0.1
 ) -> GNMT:
-    """A GNMT-style LSTM encoder-decoder with attention (defaults sized for ``nestsparse.data.seq2seq``)."""
+    """A GNMT-style LSTM encoder-decoder with attention (defaults sized for ``nestsparse.apps.data.seq2seq``)."""
     model = GNMT(vocab, embed, hidden, enc_layers, dec_layers, dropout)
     model.arch = {
         "name": "gnmt",

@@ -5,6 +5,7 @@ import torch
 
 import nestsparse
 from nestsparse import NestedCSR
+from nestsparse.activations import ACTIVATIONS
 from nestsparse.formats import FORMATS, NestedBCR
 
 ISAS = nestsparse._C.cpu_isas()
@@ -117,11 +118,6 @@ def nested_bcr(weight, tags, block_shape, num_levels):
     return NestedBCR.from_dense(weight, tags, block_shape, num_levels=num_levels).validate()
 
 
-def bcr_args(w):
-    """The tensors the nbcr ops take between x and the level: (values, indices, block_ptr, blocks, counts)."""
-    return w.values, w.indices, w.block_ptr, w.blocks, w.counts
-
-
 # ---- every format alike -------------------------------------------------------------------------------------
 
 
@@ -207,6 +203,12 @@ def fmt(request) -> FormatCase:
 def has_kernel(op: str, device: str) -> bool:
     """Whether torch.ops.nestsparse.<op> has a kernel for ``device`` ("cpu" or "cuda")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"nestsparse::{op}", device.upper())
+
+
+def activation_reference(name):
+    """The torch module an activation name stands for (identity for "none"): the float64 reference."""
+    a = ACTIVATIONS[name]
+    return (lambda z: z) if a is None else a.module()
 
 
 def value_mask(w, level):

@@ -7,12 +7,7 @@ import torch.nn.functional as F
 
 from nestsparse.activations import ACTIVATIONS
 
-from conftest import assert_close_to_reference
-
-
-def act_ref(name):
-    a = ACTIVATIONS[name]
-    return (lambda z: z) if a is None else a.module()
+from conftest import activation_reference, assert_close_to_reference
 
 
 def pair(v):
@@ -55,7 +50,7 @@ def test_every_level_matches_float64_conv2d(isa, fmt, case):
         for i, act in enumerate(ACTIVATIONS):
             b = bias if (i + level) % 2 == 0 else None
             pl = plan if (i // 2 + level) % 2 == 0 else None
-            ref = act_ref(act)(z if b is None else z + b.double().view(1, -1, 1, 1))
+            ref = activation_reference(act)(z if b is None else z + b.double().view(1, -1, 1, 1))
             out = w.conv2d(x, level, k, b, s, p, d, g, act, pl)
             assert out.shape == ref.shape and out.dtype == torch.float32
             assert_close_to_reference(out, ref, torch.float32)
@@ -86,7 +81,7 @@ def test_conv_dtypes(isa, fmt, dtype, geometry):
                 1,
                 g,
             )
-            assert_close_to_reference(out, act_ref(act)(ref), dtype)
+            assert_close_to_reference(out, activation_reference(act)(ref), dtype)
 
 
 @pytest.mark.parametrize("k", [1, 3])

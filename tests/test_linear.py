@@ -6,20 +6,14 @@ import torch
 
 from nestsparse.activations import ACTIVATIONS
 
-from conftest import DEVICES, assert_close_to_reference, has_kernel
-
-
-def act_ref(name):
-    """The torch module an activation stands for (identity for "none"), as the float64 reference."""
-    a = ACTIVATIONS[name]
-    return (lambda z: z) if a is None else a.module()
+from conftest import DEVICES, activation_reference, assert_close_to_reference, has_kernel
 
 
 def reference(x, w, level, bias, activation):
     z = x.double() @ w.to_dense(level).double().T
     if bias is not None:
         z = z + bias.double()
-    return act_ref(activation)(z)
+    return activation_reference(activation)(z)
 
 
 # (batch, M, K, NBCR block shape). Batch <= 4 takes the small-batch kernel, > 4 the panel kernel with tile width 16

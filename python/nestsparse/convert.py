@@ -34,8 +34,8 @@ def convert(
     layer gets the same number of levels: ``num_levels``, else ``len(densities)``, else the highest tag + 1
     over all layers (a layer may keep nothing at the sparsest levels under a global budget). With
     ``fuse_activations``, an activation that directly follows a converted layer inside an nn.Sequential
-    (ReLU, ReLU6, exact GELU) is folded into the kernel's epilogue and replaced by nn.Identity, so the
-    output is written once.
+    (a module of nestsparse.activations.ACTIVATIONS: ReLU, ReLU6, exact GELU) is folded into the kernel's
+    epilogue and replaced by nn.Identity, so the output is written once.
 
     ``format``: a name of nestsparse.formats.FORMATS -- "ncsr" (nested CSR, any tags), "nbcr" (nested BCR of
     ``block_shape``; the tags must be block row/column structured, e.g. from nestsparse.bcr_tags) -- or "auto",

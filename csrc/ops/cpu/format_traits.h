@@ -46,22 +46,7 @@ struct CpuFormat<Ncsr> {
 
 template <>
 struct CpuFormat<Nbcr> {
-  static SparseBlocks kernel_view(const NbcrLevel& w, int64_t K) {
-    return SparseBlocks{w.values.const_data_ptr(),
-                        value_kind(w.values),
-                        w.indices.const_data_ptr<int16_t>(),
-                        w.ptr(),
-                        w.meta(),
-                        w.level_counts(),
-                        w.base_counts(),
-                        w.values.numel(),
-                        w.indices.numel(),
-                        w.rows,
-                        K,
-                        w.bm,
-                        w.bk,
-                        (K + w.bk - 1) / w.bk};
-  }
+  static SparseBlocks kernel_view(const NbcrLevel& w, int64_t K) { return kernel_blocks(w, K); }
   static BlockTileFn tile_kernel(const KernelTable& k, int64_t tn) {
     return tn == 16 ? k.block16 : (tn == 32 ? k.block32 : k.block64);
   }

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "ops/cpu/common.h"
+
 namespace nestsparse::cpu {
 namespace {
 
@@ -11,7 +13,7 @@ template <typename F>
 int64_t for_each_entry(const BlocksView& w, int64_t br0, int64_t br1, F&& f) {
   int64_t bad = 0;
   for (int64_t i = br0; i < br1; ++i) {
-    const int64_t row_lim = std::min(w.bm, w.M - i * w.bm);
+    const int64_t row_lim = std::min(w.bm, w.rows - i * w.bm);
     for (int64_t b = w.block_ptr[i]; b < w.block_ptr[i + 1]; ++b) {
       const int64_t j = w.blocks[3 * b], vo = w.blocks[3 * b + 1], io = w.blocks[3 * b + 2];
       const int64_t r = w.counts[2 * b], c = w.counts[2 * b + 1], r0 = w.counts0[2 * b], c0 = w.counts0[2 * b + 1];
@@ -20,7 +22,7 @@ int64_t for_each_entry(const BlocksView& w, int64_t br0, int64_t br1, F&& f) {
                 io + r0 + c0 <= w.num_indices;
       const int16_t* rows = w.indices + (ok ? io : 0);
       const int16_t* cols = rows + (ok ? r0 : 0);
-      const int64_t col_lim = std::min(w.bk, w.K - j * w.bk);
+      const int64_t col_lim = std::min(w.bk, w.cols - j * w.bk);
       for (int64_t a = 0; ok && a < r; ++a) ok = rows[a] >= 0 && rows[a] < row_lim;
       for (int64_t q = 0; ok && q < c; ++q) ok = cols[q] >= 0 && cols[q] < col_lim;
       if (!ok) {
@@ -37,31 +39,34 @@ int64_t for_each_entry(const BlocksView& w, int64_t br0, int64_t br1, F&& f) {
 
 }  // namespace
 
-BlocksView loop_view(const NbcrLevel& w, int64_t K, int64_t group_rows) {
-  return BlocksView{w.indices.const_data_ptr<int16_t>(),
-                    w.ptr(),
-                    w.meta(),
-                    w.level_counts(),
-                    w.base_counts(),
-                    w.values.numel(),
-                    w.indices.numel(),
-                    w.rows,
-                    K,
-                    w.bm,
-                    w.bk,
-                    (K + w.bk - 1) / w.bk,
-                    group_rows};
+SparseBlocks kernel_blocks(const NbcrLevel& w, int64_t K) {
+  return SparseBlocks{w.values.const_data_ptr(),
+                      value_kind(w.values),
+                      w.indices.const_data_ptr<int16_t>(),
+                      w.ptr(),
+                      w.meta(),
+                      w.level_counts(),
+                      w.base_counts(),
+                      w.values.numel(),
+                      w.indices.numel(),
+                      w.rows,
+                      K,
+                      w.bm,
+                      w.bk,
+                      (K + w.bk - 1) / w.bk};
 }
+
+BlocksView loop_view(const NbcrLevel& w, int64_t K, int64_t group_rows) { return {kernel_blocks(w, K), group_rows}; }
 
 template <typename T>
 int64_t spmm_strided(const BlocksView& w, const T* v, const T* B, int64_t ldb_k, int64_t ldb_j, int64_t ncols,
                      const T* bias, Act act, T* out, int64_t ors, int64_t ocs, int64_t br0, int64_t br1) {
-  const int64_t r_first = br0 * w.bm, r_last = std::min(w.M, br1 * w.bm);
+  const int64_t r_first = br0 * w.bm, r_last = std::min(w.rows, br1 * w.bm);
   for (int64_t r = r_first; r < r_last; ++r) {
     for (int64_t j = 0; j < ncols; ++j) out[r * ors + j * ocs] = T(0);
   }
   const int64_t bad = for_each_entry(w, br0, br1, [&](int64_t r, int64_t k, int64_t p) {
-    const T* brow = B + ((r / w.group_rows) * w.K + k) * ldb_k;
+    const T* brow = B + ((r / w.group_rows) * w.cols + k) * ldb_k;
     T* o = out + r * ors;
     for (int64_t j = 0; j < ncols; ++j) o[j * ocs] += v[p] * brow[j * ldb_j];
   });
@@ -75,10 +80,10 @@ int64_t spmm_strided(const BlocksView& w, const T* v, const T* B, int64_t ldb_k,
 template <typename T>
 int64_t spmm_transposed(const BlocksView& w, const T* v, const T* A, int64_t lda, T* C, int64_t ldc, int64_t j0,
                         int64_t j1) {
-  const int64_t MB = (w.M + w.bm - 1) / w.bm;
+  const int64_t MB = (w.rows + w.bm - 1) / w.bm;
   return for_each_entry(w, 0, MB, [&](int64_t r, int64_t k, int64_t p) {
     const T* a = A + r * lda;
-    T* crow = C + ((r / w.group_rows) * w.K + k) * ldc;
+    T* crow = C + ((r / w.group_rows) * w.cols + k) * ldc;
     for (int64_t j = j0; j < j1; ++j) crow[j] += v[p] * a[j];
   });
 }
@@ -90,7 +95,7 @@ int64_t sddmm(const BlocksView& w, const T* A, int64_t lda, int64_t stride_a, co
     T acc = T(0);
     for (int64_t n = 0; n < nbatch; ++n) {
       const T* a = A + n * stride_a + r * lda;
-      const T* brow = B + n * stride_b + ((r / w.group_rows) * w.K + k) * ldb;
+      const T* brow = B + n * stride_b + ((r / w.group_rows) * w.cols + k) * ldb;
       for (int64_t j = 0; j < ncols; ++j) acc += a[j] * brow[j];
     }
     gv[p] = acc;

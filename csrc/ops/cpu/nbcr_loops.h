@@ -9,16 +9,15 @@
 
 #include "formats/nbcr.h"
 #include "ops/activation.h"
+#include "ops/cpu/isa/kernel_api.h"
 
 namespace nestsparse::cpu {
 
-struct BlocksView {
-  const int16_t* indices;
-  const int32_t* block_ptr;
-  const int32_t* blocks;
-  const int32_t* counts;   // the level's (B, 2)
-  const int32_t* counts0;  // level 0's (B, 2)
-  int64_t num_values, num_indices, M, K, bm, bk, block_cols, group_rows;
+// The kernels' view of one level (kernel_api.h) for a matrix of K columns; the loops' view adds the groups.
+SparseBlocks kernel_blocks(const NbcrLevel& w, int64_t K);
+
+struct BlocksView : SparseBlocks {
+  int64_t group_rows;
 };
 
 BlocksView loop_view(const NbcrLevel& w, int64_t K, int64_t group_rows);

@@ -67,12 +67,13 @@ class NestedSparseModule(LevelAware, nn.Module):
             **self.options,
         )
 
-    def plan(self) -> Tensor | None:
-        """The row (or block-row) partition for the CPU kernels, built once per weight and thread count."""
+    def plan(self, index: tuple[Tensor, ...] | None = None) -> Tensor | None:
+        """The row (or block-row) partition for the CPU kernels, built once per weight and thread count.
+        ``index``: the index tensors, when the caller has them already (forward)."""
         if self.values.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         # A buffer replaced, reloaded in place or moved invalidates the plan.
-        idx = self.index_tensors()
+        idx = self.index_tensors() if index is None else index
         key = (
             tuple(t.data_ptr() for t in idx),
             tuple(t._version for t in idx),
@@ -129,15 +130,16 @@ class NestedSparseLinear(NestedSparseModule):
             raise ValueError(
                 f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}"
             )
+        index = self.index_tensors()
         return self._format.linear_op(
             x.contiguous(),
             self.values,
-            *self.index_tensors(),
+            *index,
             lvl,
             *self._op_args,
             self.bias,
             self.activation,
-            self.plan(),
+            self.plan(index),
         )
 
     def extra_repr(self) -> str:
@@ -195,10 +197,11 @@ class NestedSparseConv2d(NestedSparseModule):
             raise ValueError(
                 f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
+        index = self.index_tensors()
         return self._format.conv2d_op(
             x.contiguous(),
             self.values,
-            *self.index_tensors(),
+            *index,
             lvl,
             *self._op_args,
             self.kernel_size,
@@ -208,7 +211,7 @@ class NestedSparseConv2d(NestedSparseModule):
             self.dilation,
             self.groups,
             self.activation,
-            self.plan(),
+            self.plan(index),
         )
 
     def extra_repr(self) -> str:

@@ -5,12 +5,14 @@
 // which would swamp small layers at batch 1 -- the latency case this library is for. For the same reason a call
 // that needs no gradient goes straight to the device kernel.
 //
-// z = x @ W_level^T (+ bias), y = act(z). grad_z = grad_y * act'(z) (ops/activation.h: relu and relu6 read the
-// saved output, gelu recomputes z). Then grad_x and grad_values come from the op's backward op (values outside the
-// level get zero) and grad_bias sums grad_z over every dimension but the channel.
+// z = scale * (x @ W_level^T) + bias + residual, y = act(z). grad_z = grad_y * act'(z) (ops/activation.h: relu
+// and relu6 read the saved output, gelu recomputes z). Then grad_x and grad_values come from the op's backward op
+// on scale * grad_z (values outside the level get zero), grad_bias sums grad_z over every dimension but the
+// channel and grad_residual is grad_z. The scale (a folded BatchNorm of an inference model) takes no gradient:
+// asking for one is an error.
 //
-// One Function serves every product: it takes (x, values, bias, the whole call), so the edges that can need a
-// gradient are x = 0, values = 1 and bias = 2.
+// One Function serves every product: it takes (x, values, bias, residual, the whole call), so the edges that can
+// need a gradient are x = 0, values = 1, bias = 2 and residual = 3.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -24,7 +26,7 @@
 namespace nestsparse {
 namespace {
 
-constexpr size_t kEdgeX = 0, kEdgeValues = 1, kEdgeBias = 2;
+constexpr size_t kEdgeX = 0, kEdgeValues = 1, kEdgeBias = 2, kEdgeResidual = 3;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
@@ -73,6 +75,14 @@ at::Tensor bias_grad(const at::Tensor& gz, int64_t dim) {
   return dims.empty() ? gz : gz.sum(dims);
 }
 
+// A per-channel (M,) tensor shaped to broadcast along dimension `dim` of a tensor of `ndim` dimensions.
+at::Tensor along_channel(const at::Tensor& t, int64_t ndim, int64_t dim) {
+  const int64_t channel = dim < 0 ? dim + ndim : dim;
+  std::vector<int64_t> shape(static_cast<size_t>(ndim - channel), 1);
+  shape[0] = t.size(0);
+  return t.view(shape);
+}
+
 template <typename Op>
 class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
  public:
@@ -80,7 +90,7 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
   using Backward = typename BackwardOf<Op>::type;
 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
-                            Call call) {
+                            const OptTensor& residual, Call call) {
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -88,7 +98,8 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
     }
     // Tensors are saved through save_for_backward (version checks, no reference cycle through the output), the
     // rest of the call by name.
-    std::vector<at::Tensor> saved{out, bias.value_or(at::Tensor())};
+    std::vector<at::Tensor> saved{out, bias.value_or(at::Tensor()), call.scale.value_or(at::Tensor()),
+                                  residual.value_or(at::Tensor())};
     call.for_each_tensor([&](at::Tensor& t) { saved.push_back(t); });
     ctx->save_for_backward(saved);
     call.for_each_attribute(SaveAttribute{ctx});
@@ -97,12 +108,14 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &out = s[0], &bias = s[1];
+    const at::Tensor &out = s[0], &bias = s[1], &scale = s[2], &residual = s[3];
     Call call{};
-    size_t i = 2;
+    size_t i = 4;
     call.for_each_tensor([&](at::Tensor& t) { t = s[i++]; });
     call.for_each_attribute(LoadAttribute{ctx});
     if (bias.defined()) call.bias = bias;
+    if (scale.defined()) call.scale = scale;
+    if (residual.defined()) call.residual = residual;
     const at::Tensor gz = grad_through_activation(call.activation, grads[0], out, [&] {
                             Call z = call;
                             z.activation = Act::None;
@@ -110,11 +123,13 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
                           }).contiguous();
     at::Tensor gx, gv, gb;
     if (ctx->needs_input_grad(kEdgeX) || ctx->needs_input_grad(kEdgeValues)) {
-      std::tie(gx, gv) = dispatch<Backward>(Backward::of(call, gz));
+      const at::Tensor gzs = scale.defined() ? (gz * along_channel(scale, gz.dim(), Op::kChannelDim)).contiguous() : gz;
+      std::tie(gx, gv) = dispatch<Backward>(Backward::of(call, gzs));
     }
     if (bias.defined() && ctx->needs_input_grad(kEdgeBias)) gb = bias_grad(gz, Op::kChannelDim);
     const at::Tensor none;
-    return {ctx->needs_input_grad(kEdgeX) ? gx : none, ctx->needs_input_grad(kEdgeValues) ? gv : none, gb, none};
+    const at::Tensor gr = residual.defined() && ctx->needs_input_grad(kEdgeResidual) ? gz : none;
+    return {ctx->needs_input_grad(kEdgeX) ? gx : none, ctx->needs_input_grad(kEdgeValues) ? gv : none, gb, gr, none};
   }
 };
 
@@ -123,7 +138,8 @@ bool has_forward_grad(const at::Tensor& t) { return t._fw_grad(/*level=*/0).defi
 
 template <typename Op, typename Pred>
 bool any_input(const typename Op::Call& call, Pred pred) {
-  return pred(call.x) || pred(call.w.values) || (call.bias.has_value() && pred(*call.bias));
+  const auto opt = [&](const OptTensor& t) { return t.has_value() && pred(*t); };
+  return pred(call.x) || pred(call.w.values) || opt(call.bias) || opt(call.residual);
 }
 
 template <typename Op>
@@ -131,11 +147,16 @@ at::Tensor product(const typename Op::Call& call) {
   // A forward gradient goes through the Function too, which refuses it (no jvp) instead of dropping it.
   const bool record =
       (at::GradMode::is_enabled() && any_input<Op>(call, requires_grad)) || any_input<Op>(call, has_forward_grad);
+  const bool scale_grad = call.scale.has_value() && ((at::GradMode::is_enabled() && call.scale->requires_grad()) ||
+                                                     has_forward_grad(*call.scale));
+  TORCH_CHECK(!scale_grad, Op::name(),
+              ": scale takes no gradient (it carries a folded BatchNorm for inference); pass scale.detach(), or "
+              "train the model before nestsparse.fuse");
   if (!record) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return dispatch<Op>(call);
   }
-  return ProductFunction<Op>::apply(call.x, call.w.values, call.bias, call);
+  return ProductFunction<Op>::apply(call.x, call.w.values, call.bias, call.residual, call);
 }
 
 }  // namespace

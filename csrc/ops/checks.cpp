@@ -39,6 +39,20 @@ void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at:
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == M, op, ": bias must have shape (", M, ",), got ", bias->sizes());
 }
 
+void check_epilogue(const char* op, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& residual,
+                    const at::Tensor& values, int64_t M, at::IntArrayRef out_sizes) {
+  if (scale.has_value()) {
+    check_dense_input(op, "scale", *scale, values);
+    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == M, op, ": scale must have shape (", M, ",), got ",
+                scale->sizes());
+  }
+  if (residual.has_value()) {
+    check_dense_input(op, "residual", *residual, values);
+    TORCH_CHECK(residual->sizes() == out_sizes, op, ": residual must have the output's shape ", out_sizes, ", got ",
+                residual->sizes());
+  }
+}
+
 void check_linear_input(const char* op, const at::Tensor& x, const at::Tensor& values) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape (..., K), got a 0-d tensor");
   check_dense_input(op, "x", x, values);

@@ -35,6 +35,11 @@ void check_grad_z(const char* op, const at::Tensor& grad_z, at::IntArrayRef expe
 // An optional bias must be a dense operand of shape (M,).
 void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& values, int64_t M);
 
+// The inference epilogue's operands: an optional scale of shape (M,) and an optional residual of the output's
+// shape, both dense operands like x.
+void check_epilogue(const char* op, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& residual,
+                    const at::Tensor& values, int64_t M, at::IntArrayRef out_sizes);
+
 // The rows of x (..., K) seen as a matrix: the product of its leading dimensions.
 int64_t batch_rows(const at::Tensor& x);
 

@@ -63,13 +63,14 @@ struct Conv2d<F, Params<W...>> {
   static std::string schema() {
     return std::string(name()) + "(Tensor x, " + F::schema +
            ", int[2] kernel_size, Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, "
-           "int groups=1, str activation='none', Tensor? plan=None) -> Tensor";
+           "int groups=1, str activation='none', Tensor? plan=None, Tensor? scale=None, Tensor? residual=None) -> Tensor";
   }
   static Call unpack(const at::Tensor& x, W... w, at::IntArrayRef kernel_size, const std::optional<at::Tensor>& bias,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                     c10::string_view activation, const std::optional<at::Tensor>& plan) {
+                     c10::string_view activation, const std::optional<at::Tensor>& plan,
+                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& residual) {
     const char* op = name();
-    return {{x, F::unpack(op, w...), bias, parse_activation(op, activation), plan},
+    return {{x, F::unpack(op, w...), bias, parse_activation(op, activation), plan, scale, residual},
             geometry(op, kernel_size, stride, padding, dilation, groups)};
   }
   static auto pack(const Call& c) {
@@ -77,7 +78,8 @@ struct Conv2d<F, Params<W...>> {
     return std::tuple_cat(std::forward_as_tuple(c.x), F::pack(c.w),
                           std::make_tuple(at::IntArrayRef(g.kernel_size), std::cref(c.bias), at::IntArrayRef(g.stride),
                                           at::IntArrayRef(g.padding), at::IntArrayRef(g.dilation), g.groups,
-                                          c10::string_view(kActivationNames[int(c.activation)]), std::cref(c.plan)));
+                                          c10::string_view(kActivationNames[int(c.activation)]), std::cref(c.plan),
+                                          std::cref(c.scale), std::cref(c.residual)));
   }
 };
 

@@ -16,8 +16,13 @@
 
 namespace nestsparse {
 
-// The arguments every product over a weight in format F takes (x, the weight, bias, activation, plan); an op adds
-// its own (Conv2d: the geometry).
+// The arguments every product over a weight in format F takes (x, the weight, bias, activation, plan, and the
+// inference epilogue: scale, residual); an op adds its own (Conv2d: the geometry).
+//
+// The epilogue of every product is y = act(scale[c] * z + bias[c] + residual), z the sparse product and c the
+// output channel: `scale` (M,) carries a folded BatchNorm (nestsparse.fuse passes the level's row of a per-level
+// table, so a level switch copies nothing) and `residual` (the output's shape) a skip connection added before
+// the activation, so the output is written once.
 template <typename F>
 struct ProductCall {
   at::Tensor x;
@@ -25,6 +30,8 @@ struct ProductCall {
   std::optional<at::Tensor> bias;
   Act activation;
   std::optional<at::Tensor> plan;
+  std::optional<at::Tensor> scale;
+  std::optional<at::Tensor> residual;
   template <typename Fn>
   void for_each_tensor(Fn&& f) {
     f(x), w.for_each_tensor(f);
@@ -36,7 +43,7 @@ struct ProductCall {
   }
 };
 
-// y = act(x @ W_level^T + bias): x (..., K) -> y (..., M). `plan` is an optional int32 (L, P+1) partition from
+// y = act(scale * (x @ W_level^T) + bias + residual): x (..., K) -> y (..., M). `plan` is an optional int32 (L, P+1) partition from
 // <format>_plan, cached by the caller so that it is not rebuilt per call.
 template <typename F, typename = typename F::Params>
 struct Linear;
@@ -52,16 +59,18 @@ struct Linear<F, Params<W...>> {
   static const char* name() { return format_op_name<Linear>(F::name, "_linear"); }
   static std::string schema() {
     return std::string(name()) + "(Tensor x, " + F::schema +
-           ", Tensor? bias=None, str activation='none', Tensor? plan=None) -> Tensor";
+           ", Tensor? bias=None, str activation='none', Tensor? plan=None, Tensor? scale=None, "
+           "Tensor? residual=None) -> Tensor";
   }
   static Call unpack(const at::Tensor& x, W... w, const std::optional<at::Tensor>& bias, c10::string_view activation,
-                     const std::optional<at::Tensor>& plan) {
-    return {x, F::unpack(name(), w...), bias, parse_activation(name(), activation), plan};
+                     const std::optional<at::Tensor>& plan, const std::optional<at::Tensor>& scale,
+                     const std::optional<at::Tensor>& residual) {
+    return {x, F::unpack(name(), w...), bias, parse_activation(name(), activation), plan, scale, residual};
   }
   static auto pack(const Call& c) {
-    return std::tuple_cat(
-        std::forward_as_tuple(c.x), F::pack(c.w),
-        std::make_tuple(std::cref(c.bias), c10::string_view(kActivationNames[int(c.activation)]), std::cref(c.plan)));
+    return std::tuple_cat(std::forward_as_tuple(c.x), F::pack(c.w),
+                          std::make_tuple(std::cref(c.bias), c10::string_view(kActivationNames[int(c.activation)]),
+                                          std::cref(c.plan), std::cref(c.scale), std::cref(c.residual)));
   }
 };
 

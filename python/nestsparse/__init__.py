@@ -11,6 +11,7 @@ from . import formats, ops, pruning, runtime
 from ._library import _C
 from .convert import convert, to_dense
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError, NestedBCR, NestedCSR, NestedFormat
+from .fuse import fuse
 from .io import CheckpointError, load, register_architecture, save
 from .nn import (
     LevelAware,
@@ -54,6 +55,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "fuse",
     "NestedFormat",
     "NestedCSR",
     "NestedBCR",

@@ -27,9 +27,12 @@ def ncsr_linear(
     bias: Tensor | None = None,
     activation: str = "none",
     plan: Tensor | None = None,
+    scale: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """act(x @ W_level^T + bias) for x of shape (..., K) and W in nested CSR."""
-    return _ops.ncsr_linear(x, values, col_idx, row_ptr, row_end, level, bias, activation, plan)
+    """act(scale * (x @ W_level^T) + bias + residual) for x of shape (..., K) and W in nested CSR (scale per output
+    channel, residual of the output's shape; both optional)."""
+    return _ops.ncsr_linear(x, values, col_idx, row_ptr, row_end, level, bias, activation, plan, scale, residual)
 
 
 def ncsr_conv2d(
@@ -47,8 +50,10 @@ def ncsr_conv2d(
     groups: int = 1,
     activation: str = "none",
     plan: Tensor | None = None,
+    scale: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """act(conv2d(x, W_level) + bias) for NCHW x, W (Cout, Cin/groups, kh, kw) in nested CSR."""
+    """act(scale * conv2d(x, W_level) + bias + residual) for NCHW x, W (Cout, Cin/groups, kh, kw) in nested CSR."""
     return _ops.ncsr_conv2d(
         x,
         values,
@@ -64,6 +69,8 @@ def ncsr_conv2d(
         groups,
         activation,
         plan,
+        scale,
+        residual,
     )
 
 
@@ -85,10 +92,25 @@ def nbcr_linear(
     bias: Tensor | None = None,
     activation: str = "none",
     plan: Tensor | None = None,
+    scale: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """act(x @ W_level^T + bias) for x of shape (..., K) and W (``rows`` x K) in nested BCR."""
+    """act(scale * (x @ W_level^T) + bias + residual) for x of shape (..., K) and W (``rows`` x K) in nested BCR."""
     return _ops.nbcr_linear(
-        x, values, indices, block_ptr, blocks, counts, level, rows, list(pair(block_shape)), bias, activation, plan
+        x,
+        values,
+        indices,
+        block_ptr,
+        blocks,
+        counts,
+        level,
+        rows,
+        list(pair(block_shape)),
+        bias,
+        activation,
+        plan,
+        scale,
+        residual,
     )
 
 
@@ -110,8 +132,11 @@ def nbcr_conv2d(
     groups: int = 1,
     activation: str = "none",
     plan: Tensor | None = None,
+    scale: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """act(conv2d(x, W_level) + bias) for NCHW x, W (Cout = ``rows``, Cin/groups, kh, kw) in nested BCR."""
+    """act(scale * conv2d(x, W_level) + bias + residual) for NCHW x, W (Cout = ``rows``, Cin/groups, kh, kw) in
+    nested BCR."""
     return _ops.nbcr_conv2d(
         x,
         values,
@@ -130,6 +155,8 @@ def nbcr_conv2d(
         groups,
         activation,
         plan,
+        scale,
+        residual,
     )
 
 
@@ -177,20 +204,27 @@ def _fake_product(fmt: str, kind: str):
 
     def fake(*args, **kwargs):
         a = _arguments(op, args, kwargs)
-        x, values, level, bias = a["x"], a["values"], a["level"], a.get("bias")
+        x, values, level = a["x"], a["values"], a["level"]
         rows, table = _WEIGHT_ROWS[fmt](a), a[_LEVEL_TABLE[fmt]]
         torch._check(x.dtype == values.dtype, lambda: f"{op}: x is {x.dtype} but values are {values.dtype}")
         dims = _LEVEL_TABLE_DIMS[_LEVEL_TABLE[fmt]]
         torch._check(table.dim() == dims, lambda: f"{op}: {_LEVEL_TABLE[fmt]} must have {dims} dimensions")
         torch._check(0 <= level < table.shape[0], lambda: f"{op}: level {level} out of range")
-        if bias is not None:
-            torch._check(bias.shape == (rows,), lambda: f"{op}: bias shape {bias.shape}")
+        for name in ("bias", "scale"):
+            t = a.get(name)
+            if t is not None:
+                torch._check(t.shape == (rows,), lambda name=name, t=t: f"{op}: {name} shape {t.shape}")
         if kind == "linear":
-            return x.new_empty((*x.shape[:-1], rows))
-        torch._check(x.dim() == 4, lambda: f"{op}: x must be NCHW")
-        k, s, p, d = (pair(a[n]) for n in ("kernel_size", "stride", "padding", "dilation"))
-        oh, ow = (_conv_out(x.shape[2 + i], k[i], s[i], p[i], d[i]) for i in range(2))
-        return x.new_empty((x.shape[0], rows, oh, ow))
+            out = x.new_empty((*x.shape[:-1], rows))
+        else:
+            torch._check(x.dim() == 4, lambda: f"{op}: x must be NCHW")
+            k, s, p, d = (pair(a[n]) for n in ("kernel_size", "stride", "padding", "dilation"))
+            oh, ow = (_conv_out(x.shape[2 + i], k[i], s[i], p[i], d[i]) for i in range(2))
+            out = x.new_empty((x.shape[0], rows, oh, ow))
+        residual = a.get("residual")
+        if residual is not None:
+            torch._check(residual.shape == out.shape, lambda: f"{op}: residual shape {residual.shape}")
+        return out
 
     return fake
 

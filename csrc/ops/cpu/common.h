@@ -43,4 +43,42 @@ inline at::ScalarType compute_type(const at::Tensor& values) {
   return values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A product call's epilogue operands (bias, scale, residual) in the compute type `ct`, undefined where absent.
+struct EpilogueTensors {
+  at::Tensor bias, scale, residual;
+  template <typename T>
+  static const T* ptr(const at::Tensor& t) {
+    return t.defined() ? t.const_data_ptr<T>() : nullptr;
+  }
+  // The ISA kernels' epilogue, writing into `out`.
+  Epilogue kernel(Act act, const float* out) const {
+    return Epilogue{ptr<float>(bias), act, ptr<float>(scale), ptr<float>(residual), out};
+  }
+};
+
+template <typename Call>
+EpilogueTensors epilogue_tensors(const Call& c, at::ScalarType ct) {
+  const auto in_ct = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->to(ct).contiguous() : at::Tensor();
+  };
+  return {in_ct(c.bias), in_ct(c.scale), in_ct(c.residual)};
+}
+
+// The epilogue of the plain-loop (float64) paths, over an output (outer, M, inner) that holds the bare products:
+// out = act(scale[r] * out + bias[r] + residual) for channel r.
+template <typename T>
+void finish_outputs(const EpilogueTensors& e, Act act, T* out, int64_t outer, int64_t M, int64_t inner) {
+  const T *scale = EpilogueTensors::ptr<T>(e.scale), *bias = EpilogueTensors::ptr<T>(e.bias);
+  const T* res = EpilogueTensors::ptr<T>(e.residual);
+  at::parallel_for(0, outer * M, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i % M;
+      const T s = scale ? scale[r] : T(1), b = bias ? bias[r] : T(0);
+      for (int64_t j = i * inner; j < (i + 1) * inner; ++j) {
+        out[j] = activate<ExactMath>(act, s * out[j] + b + (res ? res[j] : T(0)));
+      }
+    }
+  });
+}
+
 }  // namespace nestsparse::cpu

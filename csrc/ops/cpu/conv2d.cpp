@@ -21,10 +21,10 @@ namespace nestsparse::cpu {
 namespace {
 
 template <typename F>
-int64_t conv_f32(const typename F::Level& w, const ConvShape& s, const float* x, const float* bias, Act act, float* out,
-                 const std::vector<int32_t>& chunks) {
+int64_t conv_f32(const typename F::Level& w, const ConvShape& s, const float* x, const EpilogueTensors& e, Act act,
+                 float* out, const std::vector<int32_t>& chunks) {
   using C = CpuFormat<F>;
-  const Epilogue ep{bias, act};
+  const Epilogue ep = e.kernel(act, out);
   const auto view = C::kernel_view(w, s.K);
   const auto fn = C::tile_kernel(active_kernels(), conv_tile_width(s));
   return conv_product(s, x, static_cast<int64_t>(chunks.size()) - 1, C::work(w), out,
@@ -32,8 +32,8 @@ int64_t conv_f32(const typename F::Level& w, const ConvShape& s, const float* x,
 }
 
 template <typename F>
-int64_t conv_f64(const typename F::Level& w, const ConvShape& s, const at::Tensor& x, const double* bias, Act act,
-                 double* out, const std::vector<int32_t>& chunks) {
+int64_t conv_f64(const typename F::Level& w, const ConvShape& s, const at::Tensor& x, const EpilogueTensors& e,
+                 Act act, double* out, const std::vector<int32_t>& chunks) {
   const at::Tensor cols = at::im2col(x, {s.kh, s.kw}, {s.dh, s.dw}, {s.ph, s.pw}, {s.sh, s.sw}).contiguous();
   const int64_t L = s.OH * s.OW, Ktot = s.Cin * s.kh * s.kw, P = static_cast<int64_t>(chunks.size()) - 1;
   const auto view = loop_view(w, s.K, s.M / s.groups);
@@ -42,10 +42,11 @@ int64_t conv_f64(const typename F::Level& w, const ConvShape& s, const at::Tenso
   at::parallel_for(0, s.Nb * P, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / P, c = i % P;
-      bad += spmm_strided<double>(view, v, cols.const_data_ptr<double>() + n * Ktot * L, L, 1, L, bias, act,
+      bad += spmm_strided<double>(view, v, cols.const_data_ptr<double>() + n * Ktot * L, L, 1, L, nullptr, Act::None,
                                   out + n * s.M * L, L, 1, chunks[c], chunks[c + 1]);
     }
   });
+  finish_outputs<double>(e, act, out, s.Nb, s.M, L);
   return bad.load();
 }
 
@@ -56,17 +57,17 @@ at::Tensor conv2d(const typename Conv2d<F>::Call& c) {
   const typename F::Level w = F::check(op, c.w, c.x.device());
   const ConvShape s = conv_shape(op, c.x, w.rows, c.geometry);
   check_bias(op, c.bias, c.w.values, w.rows);
+  check_epilogue(op, c.scale, c.residual, c.w.values, w.rows, {s.Nb, s.M, s.OH, s.OW});
   const at::ScalarType ct = compute_type(w.values);
   at::Tensor out = new_output({s.Nb, s.M, s.OH, s.OW}, c.x.options().dtype(ct));
   if (out.numel() == 0) return out.to(c.x.scalar_type());
   const std::vector<int32_t> chunks = CpuFormat<F>::chunks(op, w, c.plan);
   const at::Tensor xc = c.x.to(ct).contiguous();
-  const at::Tensor bc = c.bias.has_value() ? c.bias->to(ct).contiguous() : at::Tensor();
-  const int64_t bad = ct == at::kDouble ? conv_f64<F>(w, s, xc, bc.defined() ? bc.const_data_ptr<double>() : nullptr,
-                                                      c.activation, out.data_ptr<double>(), chunks)
-                                        : conv_f32<F>(w, s, xc.const_data_ptr<float>(),
-                                                      bc.defined() ? bc.const_data_ptr<float>() : nullptr, c.activation,
-                                                      out.data_ptr<float>(), chunks);
+  const EpilogueTensors e = epilogue_tensors(c, ct);
+  const int64_t bad =
+      ct == at::kDouble
+          ? conv_f64<F>(w, s, xc, e, c.activation, out.data_ptr<double>(), chunks)
+          : conv_f32<F>(w, s, xc.const_data_ptr<float>(), e, c.activation, out.data_ptr<float>(), chunks);
   if (bad != 0) CpuFormat<F>::fail(op, w, s.K);
   return out.to(c.x.scalar_type());
 }

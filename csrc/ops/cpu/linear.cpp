@@ -17,16 +17,16 @@ namespace nestsparse::cpu {
 namespace {
 
 template <typename F>
-int64_t linear_f32(const typename F::Level& w, const float* x, int64_t N, int64_t K, const float* bias, Act act,
+int64_t linear_f32(const typename F::Level& w, const float* x, int64_t N, int64_t K, const EpilogueTensors& e, Act act,
                    float* out, const std::vector<int32_t>& chunks) {
   using C = CpuFormat<F>;
   const KernelTable& kt = active_kernels();
   const auto view = C::kernel_view(w, K);
-  const Epilogue ep{bias, act};
+  const Epilogue ep = e.kernel(act, out);
   const int64_t M = w.rows, P = static_cast<int64_t>(chunks.size()) - 1, work = C::work(w);
   if (N > kMaxSpmvBatch) {
     const auto fn = C::tile_kernel(kt, panel_width(N, K));
-    return panel_product(x, N, K, M, P, work, out,
+    return panel_product(x, N, K, M, P, work, ep.residual != nullptr, out,
                          [&](const SpmmTile& tile, int64_t c) { return fn(view, ep, tile, chunks[c], chunks[c + 1]); });
   }
   const auto fn = C::small_batch_kernel(kt);
@@ -40,17 +40,18 @@ int64_t linear_f32(const typename F::Level& w, const float* x, int64_t N, int64_
 }
 
 template <typename F>
-int64_t linear_f64(const typename F::Level& w, const double* x, int64_t N, int64_t K, const double* bias, Act act,
-                   double* out, const std::vector<int32_t>& chunks) {
+int64_t linear_f64(const typename F::Level& w, const double* x, int64_t N, int64_t K, const EpilogueTensors& e,
+                   Act act, double* out, const std::vector<int32_t>& chunks) {
   const auto view = loop_view(w, K, kNoGroups);
   const double* v = w.values.template const_data_ptr<double>();
   const int64_t P = static_cast<int64_t>(chunks.size()) - 1;
   std::atomic<int64_t> bad{0};
   at::parallel_for(0, P, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      bad += spmm_strided<double>(view, v, x, 1, K, N, bias, act, out, 1, w.rows, chunks[c], chunks[c + 1]);
+      bad += spmm_strided<double>(view, v, x, 1, K, N, nullptr, Act::None, out, 1, w.rows, chunks[c], chunks[c + 1]);
     }
   });
+  finish_outputs<double>(e, act, out, N, w.rows, 1);
   return bad.load();
 }
 
@@ -62,18 +63,18 @@ at::Tensor linear(const typename Linear<F>::Call& c) {
   const typename F::Level w = F::check(op, c.w, x.device());
   check_bias(op, c.bias, c.w.values, w.rows);
   const int64_t K = x.size(-1), N = batch_rows(x), M = w.rows;
+  const std::vector<int64_t> out_sizes = linear_output_sizes(x, M);
+  check_epilogue(op, c.scale, c.residual, c.w.values, M, out_sizes);
   const at::ScalarType ct = compute_type(w.values);
-  at::Tensor out = new_output(linear_output_sizes(x, M), x.options().dtype(ct));
+  at::Tensor out = new_output(out_sizes, x.options().dtype(ct));
   if (N == 0 || M == 0) return out.to(x.scalar_type());
   const std::vector<int32_t> chunks = CpuFormat<F>::chunks(op, w, c.plan);
   const at::Tensor xc = x.to(ct).contiguous();
-  const at::Tensor bc = c.bias.has_value() ? c.bias->to(ct).contiguous() : at::Tensor();
-  const int64_t bad =
-      ct == at::kDouble
-          ? linear_f64<F>(w, xc.const_data_ptr<double>(), N, K, bc.defined() ? bc.const_data_ptr<double>() : nullptr,
-                          c.activation, out.data_ptr<double>(), chunks)
-          : linear_f32<F>(w, xc.const_data_ptr<float>(), N, K, bc.defined() ? bc.const_data_ptr<float>() : nullptr,
-                          c.activation, out.data_ptr<float>(), chunks);
+  const EpilogueTensors e = epilogue_tensors(c, ct);
+  const int64_t bad = ct == at::kDouble ? linear_f64<F>(w, xc.const_data_ptr<double>(), N, K, e, c.activation,
+                                                        out.data_ptr<double>(), chunks)
+                                        : linear_f32<F>(w, xc.const_data_ptr<float>(), N, K, e, c.activation,
+                                                        out.data_ptr<float>(), chunks);
   if (bad != 0) CpuFormat<F>::fail(op, w, K);
   return out.to(x.scalar_type());
 }

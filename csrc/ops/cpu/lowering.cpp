@@ -12,8 +12,8 @@
 
 namespace nestsparse::cpu {
 
-int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t P, int64_t work, float* out,
-                      TileRun run) {
+int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t P, int64_t work, bool store_direct,
+                      float* out, TileRun run) {
   const int64_t TN = panel_width(N, K);
   const int64_t T = (N + TN - 1) / TN;
   at::Tensor xp = at::from_blob(const_cast<float*>(x), {N, K}, at::kFloat);
@@ -23,7 +23,7 @@ int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t P
   // Output y[n, r] is transposed to the tiles' rows. Long rows store it directly (TN scalar stores per row,
   // little next to their multiply-adds); short rows store each tile row contiguously into (T, M, TN) and
   // the whole is transposed once at the end, since TN scalar stores would cost more than the row itself.
-  const bool direct = work >= 32 * M;
+  const bool direct = store_direct || work >= 32 * M;
   at::Tensor tiles = direct ? at::Tensor() : at::empty({T, M, TN}, at::kFloat);
   float* tp = direct ? nullptr : tiles.data_ptr<float>();
   const Segment whole{0, static_cast<int32_t>(TN), 0};

@@ -18,9 +18,10 @@ using TileRun = c10::function_ref<int64_t(const SpmmTile&, int64_t chunk)>;
 
 // out (N, M) from x (N, K), N > 4 rows. x is packed into K x TN panels (transposed), so a panel stays in
 // cache while the weight streams through it. `work` is the level's multiply-adds per output column (sizes
-// the thread grain and picks how outputs are stored). Returns the summed bad counts.
-int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t chunks, int64_t work, float* out,
-                      TileRun run);
+// the thread grain and picks how outputs are stored); `store_direct` makes the tiles store into `out` itself,
+// as an epilogue that reads a residual at the output's offsets needs. Returns the summed bad counts.
+int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t chunks, int64_t work,
+                      bool store_direct, float* out, TileRun run);
 
 // A 1x1 stride-1 unpadded convolution: x itself is the dense operand, no copy.
 inline bool is_direct(const ConvShape& s) {

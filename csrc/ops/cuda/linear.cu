@@ -47,13 +47,14 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-// x (N, K) row-major, y (N, M) row-major, bias (M,) or null. row_start[r], row_stop[r]: slice of row r at the
+// x (N, K) row-major, y (N, M) row-major, bias and scale (M,) or null, residual (N, M) or null. row_start[r], row_stop[r]: slice of row r at the
 // requested level. grid.x covers the rows (kWarpsPerBlock per block), grid.y strides over batch blocks.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     ncsr_linear_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ values,
                        const index_t* __restrict__ col_idx, const int32_t* __restrict__ row_start,
                        const int32_t* __restrict__ row_stop, const scalar_t* __restrict__ bias,
+                       const scalar_t* __restrict__ scale, const scalar_t* __restrict__ residual,
                        scalar_t* __restrict__ y, int64_t N, int64_t M, int64_t K, int64_t nnz, Act act,
                        int* __restrict__ flags) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
@@ -68,6 +69,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     begin = end = 0;  // computed as an empty row; the host raises afterwards
   }
   const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[r]) : acc_t(0);
+  const acc_t s = scale != nullptr ? static_cast<acc_t>(scale[r]) : acc_t(1);
 
   int bad_cols = 0;
   for (int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBatchBlock; n0 < N;
@@ -96,7 +98,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     if (lane == 0) {
 #pragma unroll
       for (int i = 0; i < kBatchBlock; ++i) {
-        if (i < nb) y[(n0 + i) * M + r] = static_cast<scalar_t>(activate<DeviceMath>(act, acc[i] + b));
+        if (i < nb) {
+          const int64_t o = (n0 + i) * M + r;
+          const acc_t res = residual != nullptr ? static_cast<acc_t>(residual[o]) : acc_t(0);
+          y[o] = static_cast<scalar_t>(activate<DeviceMath>(act, acc[i] * s + b + res));
+        }
       }
     }
   }
@@ -105,8 +111,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 
 template <typename scalar_t, typename index_t>
 void launch_ncsr_linear(const scalar_t* x, const scalar_t* values, const index_t* col_idx, const int32_t* row_start,
-                        const int32_t* row_stop, const scalar_t* bias, scalar_t* y, int64_t N, int64_t M, int64_t K,
-                        int64_t nnz, Act act, int* flags, cudaStream_t stream) {
+                        const int32_t* row_stop, const scalar_t* bias, const scalar_t* scale,
+                        const scalar_t* residual, scalar_t* y, int64_t N, int64_t M, int64_t K, int64_t nnz, Act act,
+                        int* flags, cudaStream_t stream) {
   const int64_t grid_x = (M + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int64_t batch_blocks = (N + kBatchBlock - 1) / kBatchBlock;
   TORCH_CHECK(grid_x <= INT32_MAX, "ncsr_linear: too many output rows for one launch (M=", M, ")");
@@ -114,7 +121,8 @@ void launch_ncsr_linear(const scalar_t* x, const scalar_t* values, const index_t
                   static_cast<unsigned>(batch_blocks < kMaxGridY ? batch_blocks : kMaxGridY));
   const dim3 block(kWarp * kWarpsPerBlock);
   ncsr_linear_kernel<scalar_t, index_t>
-      <<<grid, block, 0, stream>>>(x, values, col_idx, row_start, row_stop, bias, y, N, M, K, nnz, act, flags);
+      <<<grid, block, 0, stream>>>(x, values, col_idx, row_start, row_stop, bias, scale, residual, y, N, M, K, nnz,
+                                   act, flags);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -127,23 +135,28 @@ at::Tensor linear(const Linear<Ncsr>::Call& c) {
   const NcsrLevel w = Ncsr::check(op, c.w, x.device());
   check_bias(op, c.bias, c.w.values, w.rows);
   const int64_t K = x.size(-1), N = batch_rows(x), M = w.rows;
-  at::Tensor y = new_output(linear_output_sizes(x, M), x.options());
+  const std::vector<int64_t> out_sizes = linear_output_sizes(x, M);
+  check_epilogue(op, c.scale, c.residual, c.w.values, M, out_sizes);
+  at::Tensor y = new_output(out_sizes, x.options());
   if (N == 0 || M == 0) return y;
 
   at::Tensor flags = at::zeros({2}, x.options().dtype(at::kInt));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index());
   const int64_t nnz = w.values.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.values.scalar_type(), "ncsr_linear_cuda", [&] {
-    const scalar_t* bp = c.bias.has_value() ? c.bias->const_data_ptr<scalar_t>() : nullptr;
+    const auto ptr = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? t->const_data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr);
+    };
+    const scalar_t *bp = ptr(c.bias), *sp = ptr(c.scale), *rp = ptr(c.residual);
     if (w.col_idx.scalar_type() == at::kShort) {
       launch_ncsr_linear<scalar_t, int16_t>(x.const_data_ptr<scalar_t>(), w.values.const_data_ptr<scalar_t>(),
-                                            w.col_idx.const_data_ptr<int16_t>(), w.row_start(), w.row_stop(), bp,
-                                            y.mutable_data_ptr<scalar_t>(), N, M, K, nnz, c.activation,
+                                            w.col_idx.const_data_ptr<int16_t>(), w.row_start(), w.row_stop(), bp, sp,
+                                            rp, y.mutable_data_ptr<scalar_t>(), N, M, K, nnz, c.activation,
                                             flags.mutable_data_ptr<int>(), stream);
     } else {
       launch_ncsr_linear<scalar_t, int32_t>(x.const_data_ptr<scalar_t>(), w.values.const_data_ptr<scalar_t>(),
-                                            w.col_idx.const_data_ptr<int32_t>(), w.row_start(), w.row_stop(), bp,
-                                            y.mutable_data_ptr<scalar_t>(), N, M, K, nnz, c.activation,
+                                            w.col_idx.const_data_ptr<int32_t>(), w.row_start(), w.row_stop(), bp, sp,
+                                            rp, y.mutable_data_ptr<scalar_t>(), N, M, K, nnz, c.activation,
                                             flags.mutable_data_ptr<int>(), stream);
     }
   });

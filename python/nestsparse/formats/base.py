@@ -148,9 +148,13 @@ class NestedFormat:
         bias: Tensor | None = None,
         activation: str = "none",
         plan: Tensor | None = None,
+        scale: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor:
-        """act(x @ W_level^T + bias) for x of shape (..., K)."""
-        return self.linear_op(x, self.values, *self.index_tensors(), level, *self.op_args(), bias, activation, plan)
+        """act(scale * (x @ W_level^T) + bias + residual) for x of shape (..., K)."""
+        return self.linear_op(
+            x, self.values, *self.index_tensors(), level, *self.op_args(), bias, activation, plan, scale, residual
+        )
 
     def conv2d(
         self,
@@ -164,8 +168,10 @@ class NestedFormat:
         groups: int = 1,
         activation: str = "none",
         plan: Tensor | None = None,
+        scale: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor:
-        """act(conv2d(x, W_level) + bias) for NCHW x, the weight (Cout, Cin/groups, kh, kw)."""
+        """act(scale * conv2d(x, W_level) + bias + residual) for NCHW x, the weight (Cout, Cin/groups, kh, kw)."""
         return self.conv2d_op(
             x,
             self.values,
@@ -180,6 +186,8 @@ class NestedFormat:
             groups,
             activation,
             plan,
+            scale,
+            residual,
         )
 
     # ---- movement and serialisation -------------------------------------------------------------------------

@@ -43,6 +43,10 @@ class NestedSparseModule(LevelAware, nn.Module):
         self.level = 0
         self._plan: Tensor | None = None
         self._plan_key: tuple | None = None
+        # The inference epilogue (nestsparse.fuse): a folded BatchNorm as a per-level (L, M) scale and shift; the
+        # level's rows go to the op as its scale and bias, so a level switch still copies nothing.
+        self.register_buffer("epilogue_scale", None)
+        self.register_buffer("epilogue_shift", None)
 
     @property
     def block_shape(self) -> tuple[int, int] | None:
@@ -85,6 +89,63 @@ class NestedSparseModule(LevelAware, nn.Module):
             self._plan_key = key
         return self._plan
 
+    def fold_batchnorm(self, bn: nn.Module) -> None:
+        """Folds ``bn``, an eval-mode nn.BatchNorm1d/2d or LevelBatchNorm applied to this layer's output, into the
+        epilogue: per level, y = scale[level] * (W_level x) + shift[level], which is bn(this layer(x)). The
+        layer's bias (and any BatchNorm folded before) is folded in too; ``bias`` becomes None. For inference:
+        the folded statistics no longer update, and the scale takes no gradient."""
+        from .batchnorm import LevelBatchNorm  # noqa: PLC0415  (batchnorm imports nothing from here)
+
+        name = type(self).__name__
+        if self.activation != "none":
+            raise ValueError(f"{name}.fold_batchnorm: the layer applies {self.activation!r} before the BatchNorm")
+        if bn.training:
+            raise ValueError(f"{name}.fold_batchnorm: the BatchNorm is in training mode; call .eval() first")
+        L, M = self.num_levels, self.weight_shape[0]
+        if isinstance(bn, LevelBatchNorm):
+            if bn.num_levels != L:
+                raise ValueError(f"{name}.fold_batchnorm: the LevelBatchNorm has {bn.num_levels} levels, layer {L}")
+            mean, var = bn.running_mean, bn.running_var
+        elif isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
+            mean, var = bn.running_mean.expand(L, -1), bn.running_var.expand(L, -1)
+        else:
+            raise TypeError(f"{name}.fold_batchnorm: expected a BatchNorm with running statistics, got {bn!r}")
+        if bn.num_features != M:
+            raise ValueError(f"{name}.fold_batchnorm: the BatchNorm has {bn.num_features} features, layer {M} outputs")
+        with torch.no_grad():
+            f64 = dict(dtype=torch.float64, device=self.values.device)
+            gamma = torch.ones(L, M, **f64) if bn.weight is None else bn.weight.to(**f64).expand(L, M)
+            beta = torch.zeros(L, M, **f64) if bn.bias is None else bn.bias.to(**f64).expand(L, M)
+            s = gamma / torch.sqrt(var.to(**f64) + bn.eps)
+            if self.epilogue_scale is not None:
+                s0, t0 = self.epilogue_scale.to(**f64), self.epilogue_shift.to(**f64)
+            else:
+                s0 = torch.ones(L, M, **f64)
+                t0 = (torch.zeros(M, **f64) if self.bias is None else self.bias.to(**f64)).expand(L, M)
+            scale, shift = s * s0, s * (t0 - mean.to(**f64)) + beta
+        self.epilogue_scale = scale.to(self.values.dtype).contiguous()
+        self.epilogue_shift = shift.to(self.values.dtype).contiguous()
+        self.bias = None
+
+    def _epilogue(self, level: int) -> tuple[Tensor | None, Tensor | None]:
+        """(bias, scale) the op takes at ``level``."""
+        if self.epilogue_scale is None:
+            return self.bias, None
+        return self.epilogue_shift[level], self.epilogue_scale[level]
+
+    def _run(self, x: Tensor, level: int, residual: Tensor | None, out_shape) -> Tensor:
+        """The op at ``level`` with this layer's epilogue. ``out_shape()`` gives the output's shape; a residual of
+        another shape or dtype (an add that broadcasts or promotes) is added after the product, as the unfused
+        model did, and the activation after it."""
+        bias, scale = self._epilogue(level)
+        if residual is None:
+            return self._product(x.contiguous(), level, bias, scale, self.activation, None)
+        if tuple(residual.shape) == out_shape() and residual.dtype == self.values.dtype:
+            return self._product(x.contiguous(), level, bias, scale, self.activation, residual.contiguous())
+        out = self._product(x.contiguous(), level, bias, scale, "none", None) + residual
+        act = ACTIVATIONS[self.activation]
+        return out if act is None else act.module()(out)
+
     def nnz(self, level: int | None = None) -> int:
         return self.nested().nnz(self.level if level is None else level)
 
@@ -124,22 +185,19 @@ class NestedSparseLinear(NestedSparseModule):
         )
         return cls(w, linear.bias, activation)
 
-    def forward(self, x: Tensor, level: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, level: int | None = None, residual: Tensor | None = None) -> Tensor:
+        """act(W_level x + bias [+ residual]); ``residual`` (the output's shape) is added before the activation."""
         lvl = self.level if level is None else self.checked_level(level)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}"
             )
+        return self._run(x, lvl, residual, lambda: (*x.shape[:-1], self.out_features))
+
+    def _product(self, x, level, bias, scale, activation, residual) -> Tensor:
         index = self.index_tensors()
         return self._format.linear_op(
-            x.contiguous(),
-            self.values,
-            *index,
-            lvl,
-            *self._op_args,
-            self.bias,
-            self.activation,
-            self.plan(index),
+            x, self.values, *index, level, *self._op_args, bias, activation, self.plan(index), scale, residual
         )
 
     def extra_repr(self) -> str:
@@ -191,28 +249,44 @@ class NestedSparseConv2d(NestedSparseModule):
         )
         return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
 
-    def forward(self, x: Tensor, level: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, level: int | None = None, residual: Tensor | None = None) -> Tensor:
+        """act(conv(x, W_level) + bias [+ residual]); ``residual`` (the output's shape) is added before the
+        activation."""
         lvl = self.level if level is None else self.checked_level(level)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
+        return self._run(x, lvl, residual, lambda: self.output_shape(x))
+
+    def _product(self, x, level, bias, scale, activation, residual) -> Tensor:
         index = self.index_tensors()
         return self._format.conv2d_op(
-            x.contiguous(),
+            x,
             self.values,
             *index,
-            lvl,
+            level,
             *self._op_args,
             self.kernel_size,
-            self.bias,
+            bias,
             self.stride,
             self.padding,
             self.dilation,
             self.groups,
-            self.activation,
+            activation,
             self.plan(index),
+            scale,
+            residual,
         )
+
+    def output_shape(self, x: Tensor) -> tuple[int, int, int, int]:
+        """The shape of this layer's output for the NCHW input ``x``."""
+        size = [
+            (x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1) // self.stride[i]
+            + 1
+            for i in range(2)
+        ]
+        return (x.shape[0], self.out_channels, *size)
 
     def extra_repr(self) -> str:
         return (

@@ -23,9 +23,14 @@ struct SparseRows {
   int64_t cols;  // K: every column index read is checked against it
 };
 
+// y = act(scale[r] * z + bias[r] + residual) for output row r (ops/linear.h). `residual`, when set, is read at
+// the offset of each output element from `out`, the base of the whole output: residual and output share a layout.
 struct Epilogue {
-  const float* bias;  // per output row, or null
+  const float* bias;   // per output row, or null
   Act act;
+  const float* scale;     // per output row, or null (1)
+  const float* residual;  // or null
+  const float* out;       // base of the output (where residual is set)
 };
 
 // A run of a tile's columns [j0, j0 + len) whose outputs are contiguous, starting at out + off (+ row offset).

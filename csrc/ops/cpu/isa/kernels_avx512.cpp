@@ -92,8 +92,11 @@ static int64_t spmv_rows(const SparseRows& w, const Epilogue& ep, const SpmvBatc
       ++bad;
       continue;
     }
-    const float bias = ep.bias ? ep.bias[r] : 0.f;
-    for (int b = 0; b < NB; ++b) s.out[b * s.ldo + r] = activate<FastMath>(ep.act, _mm512_reduce_add_ps(acc[b]) + bias);
+    const float scale = row_scale(ep, r), bias = row_bias(ep, r);
+    for (int b = 0; b < NB; ++b) {
+      float* dst = s.out + b * s.ldo + r;
+      *dst = finish(ep, _mm512_reduce_add_ps(acc[b]) * scale + bias, dst);
+    }
   }
   return bad;
 }

@@ -1,0 +1,150 @@
+"""nestsparse.fuse: BatchNorm folded per level, residual adds and activations fused into the sparse layers, the
+dense stem's BatchNorm folded; same outputs as the converted model at every level, for every format."""
+
+import pytest
+import torch
+from torch import nn
+
+import nestsparse as ns
+from nestsparse.apps.models import dense_layers, resnet50, resnet_small
+
+
+def randomise_batchnorms(model, seed=0):
+    """Non-trivial affine parameters and running statistics (per level for LevelBatchNorm)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, ns.LevelBatchNorm)):
+                for t in (m.weight, m.running_var):
+                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+                for t in (m.bias, m.running_mean):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    return model
+
+
+def converted(model, fmt, levels=(0.4, 0.2), level_bn=False):
+    structure = "bcr" if fmt.name == "nbcr" else "unstructured"
+    tags = ns.model_tags(model, levels, structure=structure, block_shape=(4, 4), skip=dense_layers(model))
+    s = ns.convert(model, tags, format=fmt.name, block_shape=(4, 4))
+    if level_bn:
+        ns.level_batchnorms(s, len(levels), per_level_affine=True)
+    return randomise_batchnorms(s).eval()
+
+
+def assert_same_at_every_level(a, b, x, levels):
+    with torch.inference_mode():
+        for level in range(levels):
+            ns.set_level(a, level), ns.set_level(b, level)
+            ya, yb = a(x), b(x)
+            assert torch.allclose(ya, yb, rtol=1e-4, atol=1e-4 * (1 + ya.abs().max().item())), level
+
+
+def count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+@pytest.mark.parametrize("level_bn", [False, True], ids=["batchnorm", "level-batchnorm"])
+def test_basic_block_resnet_fuses_everything_sparse(fmt, level_bn):
+    torch.manual_seed(0)
+    s = converted(resnet_small(width=8), fmt, level_bn=level_bn)
+    f = ns.fuse(s)
+    assert_same_at_every_level(s, f, torch.randn(3, 1, 8, 8), 2)
+    sparse = {n: m for n, m in f.named_modules() if isinstance(m, ns.NestedSparseModule)}
+    assert all(
+        m.epilogue_scale is not None and m.epilogue_scale.shape == (2, m.weight_shape[0]) for m in sparse.values()
+    )
+    # Each of the 6 blocks: its first conv took the ReLU, and its add and second ReLU went into its second conv
+    # or its downsample conv.
+    assert [n for n, m in sparse.items() if m.activation == "relu" and n.endswith("conv1")] == [
+        f"layer{i}.{j}.conv1" for i in (1, 2, 3) for j in (0, 1)
+    ]
+    assert sum(m.activation == "relu" for m in sparse.values()) == 12
+    # The stem's BatchNorm follows a dense conv: folded into it unless it is per level.
+    assert count(f, (nn.BatchNorm2d, ns.LevelBatchNorm)) == (1 if level_bn else 0)
+    assert count(f, nn.ReLU) == 1  # the stem's
+    code = f.code
+    assert code.count("residual") == 6 and " + " not in code and "add" not in code
+
+
+def test_bottleneck_resnet50_at_small_resolution(fmt):
+    torch.manual_seed(1)
+    s = converted(resnet50(num_classes=10), fmt, levels=(0.1, 0.05))
+    f = ns.fuse(s)
+    assert_same_at_every_level(s, f, torch.randn(2, 3, 32, 32), 2)
+    assert count(f, nn.BatchNorm2d) == 0 and count(f, nn.ReLU) == 1
+    # Every block's add went into its third conv (or, with a downsample, whichever of the two runs last).
+    assert f.code.count("residual") == 16
+
+
+def test_sequential_linear_batchnorm1d_and_functional_activations(fmt):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn = nn.Linear(12, 16), nn.BatchNorm1d(16)
+            self.b, self.c, self.act = nn.Linear(16, 16), nn.Linear(16, 5), nn.ReLU6()
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.a(x)))
+            h = self.b(h) + h  # a skip connection around b
+            return self.act(self.c(h)) + 1.0  # an add of a number is not a residual
+
+    torch.manual_seed(2)
+    model = Net()
+    structure = "bcr" if fmt.name == "nbcr" else "unstructured"
+    tags = ns.model_tags(model, (0.5, 0.25), structure=structure, block_shape=(4, 4))
+    s = randomise_batchnorms(ns.convert(model, tags, format=fmt.name, block_shape=(4, 4))).eval()
+    f = ns.fuse(s)
+    assert_same_at_every_level(s, f, torch.randn(9, 12), 2)
+    assert (f.a.activation, f.b.activation, f.c.activation) == ("relu", "none", "relu6")
+    assert f.a.epilogue_scale is not None and count(f, nn.BatchNorm1d) == 0
+
+
+def test_a_broadcasting_add_keeps_its_meaning():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 6)
+            self.register_buffer("offset", torch.randn(6))
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.offset)  # (N, 6) + (6,): not the output's shape
+
+    model = Net()
+    s = ns.convert(model, ns.model_tags(model, (0.5, 0.25))).eval()
+    f = ns.fuse(s)
+    assert_same_at_every_level(s, f, torch.randn(5, 8), 2)
+
+
+def test_fused_model_compiles_and_switches_level():
+    torch.manual_seed(3)
+
+    class Fmt:
+        name = "ncsr"
+
+    s = converted(resnet_small(width=8), Fmt())
+    f = ns.fuse(s)
+    x = torch.randn(2, 1, 8, 8)
+    compiled = torch.compile(f, fullgraph=True)
+    with torch.inference_mode():
+        for level in (1, 0):
+            ns.set_level(f, level), ns.set_level(s, level)
+            assert torch.allclose(compiled(x), s(x), atol=1e-4)
+
+
+def test_refusals_name_the_problem():
+    model = resnet_small(width=8)
+    s = ns.convert(model, ns.model_tags(model, (0.5,), skip=dense_layers(model)))
+    with pytest.raises(ValueError, match="training mode"):
+        ns.fuse(s)
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else x  # data-dependent control flow
+
+    m = Untraceable()
+    with pytest.raises(ValueError, match="torch.fx cannot trace Untraceable"):
+        ns.fuse(ns.convert(m, ns.model_tags(m, (0.5,))).eval())

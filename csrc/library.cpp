@@ -13,6 +13,7 @@
 #include "ops/conv2d.h"
 #include "ops/cpu/isa/dispatch.h"
 #include "ops/linear.h"
+#include "ops/output_pool.h"
 #include "ops/plan.h"
 
 TORCH_LIBRARY(nestsparse, m) {
@@ -59,4 +60,13 @@ PYBIND11_MODULE(_C, mod) {
   mod.def(
       "set_poison_outputs", [](bool on) { nestsparse::set_poison_outputs(on); },
       "fill op outputs with NaN before the kernels run, so an element a kernel forgets shows up");
+  mod.def("set_output_pool_limit", &nestsparse::set_output_pool_limit,
+          "the most bytes of freed large CPU outputs kept for reuse; returns the previous limit");
+  mod.def(
+      "output_pool_stats",
+      [] {
+        const auto s = nestsparse::output_pool_stats();
+        return std::make_tuple(s.cached_bytes, s.hits, s.misses);
+      },
+      "(bytes cached, hits, misses) of the CPU output pool");
 }

@@ -6,6 +6,8 @@
 #include <limits>
 #include <string>
 
+#include "ops/output_pool.h"
+
 namespace nestsparse {
 namespace {
 std::atomic<bool> g_poison{false};
@@ -78,7 +80,7 @@ void set_poison_outputs(bool on) { g_poison.store(on); }
 bool poison_outputs() { return g_poison.load(); }
 
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
+  at::Tensor t = pooled_empty(sizes, options);
   if (poison_outputs() && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }

@@ -27,7 +27,7 @@ inline int64_t tile_width(int64_t n) { return n <= 16 ? 16 : (n <= 32 ? 32 : 64)
 // Tile width for a dense operand of `ncols` columns whose rows are `K` long. Every weight row of a tile re-reads
 // the K x TN panel, so it must stay in L2 (about 512 KB) next to the streaming weights: narrower for long rows.
 inline int64_t panel_width(int64_t ncols, int64_t K) {
-  return std::min(tile_width(ncols), K <= 2048 ? int64_t{64} : (K <= 4096 ? int64_t{32} : int64_t{16}));
+  return std::min(tile_width(ncols), K <= 4096 ? int64_t{64} : (K <= 8192 ? int64_t{32} : int64_t{16}));
 }
 
 // Grain for at::parallel_for over `items` pieces of a product with `work` multiply-adds in all: below about

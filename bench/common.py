@@ -73,14 +73,15 @@ def nested_from_pattern(mask: torch.Tensor, keep: float, seed: int) -> tuple[tor
     return w, ns.NestedCSR.from_dense(w, tags, densities=densities)
 
 
-def check_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """Aborts the run if a kernel's result is wrong: a timing of a wrong result is worthless."""
-    tol = 1e-4 * max(float(ref.abs().max()), 1.0)
-    if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-3, atol=tol):
+def check_close(out: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = 1e-3, atol_scale: float = 1e-4) -> None:
+    """Aborts the run if a kernel's result is wrong: a timing of a wrong result is worthless. The absolute
+    tolerance is ``atol_scale`` times the reference's largest magnitude (at least 1)."""
+    tol = atol_scale * max(float(ref.abs().max()), 1.0)
+    if out.shape != ref.shape or not torch.allclose(out, ref, rtol=rtol, atol=tol):
         err = float((out - ref).abs().max()) if out.shape == ref.shape else float("nan")
         raise SystemExit(
             f"WRONG RESULT in {what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}, "
-            f"max |err| = {err:.3g} (atol {tol:.3g}, rtol 1e-3); not timing it"
+            f"max |err| = {err:.3g} (atol {tol:.3g}, rtol {rtol:g}); not timing it"
         )
 
 

@@ -148,3 +148,55 @@ def test_refusals_name_the_problem():
     m = Untraceable()
     with pytest.raises(ValueError, match="torch.fx cannot trace Untraceable"):
         ns.fuse(ns.convert(m, ns.model_tags(m, (0.5,))).eval())
+
+
+@pytest.mark.parametrize(
+    "k,s,p,shape",
+    [
+        (3, 2, 1, (2, 3, 11, 12)),
+        (2, 2, 0, (1, 4, 7, 9)),
+        (3, 1, 1, (1, 2, 5, 5)),
+        ((3, 2), (2, 1), (1, 0), (2, 2, 9, 6)),
+    ],
+)
+def test_separable_max_pool_equals_torch_nan_included(k, s, p, shape):
+    from nestsparse.fuse import SeparableMaxPool2d
+
+    pool = nn.MaxPool2d(k, s, p)
+    x = torch.randn(shape)
+    x[0, 0, 1, 1] = float("nan")
+    assert SeparableMaxPool2d.handles(pool)
+    out = SeparableMaxPool2d(pool)(x)
+    assert torch.equal(out.isnan(), pool(x).isnan()) and torch.equal(out.nan_to_num(0), pool(x).nan_to_num(0))
+    assert not SeparableMaxPool2d.handles(nn.MaxPool2d(3, 2, 1, ceil_mode=True))
+    assert not SeparableMaxPool2d.handles(nn.MaxPool2d(3, 2, 1, return_indices=True))
+
+
+def test_channels_last_pointwise_conv_runs_the_linear_product(fmt):
+    g = torch.Generator().manual_seed(4)
+    w = fmt.random((24, 16, 1, 1), 2, g, density=0.4, block_shape=(4, 4))
+    layer = ns.NestedSparseConv2d(w, torch.randn(24, generator=g), activation="relu")
+    x = torch.randn(3, 16, 7, 5, generator=g)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    res = torch.randn(3, 24, 7, 5, generator=g)
+    with torch.inference_mode():
+        for level in range(2):
+            for r in (None, res, res.contiguous(memory_format=torch.channels_last)):
+                ref = layer(x, level, r)
+                out = layer(xcl, level, r)
+                assert out.is_contiguous(memory_format=torch.channels_last)
+                assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_fused_mobilenet_v2_in_channels_last():
+    from nestsparse.apps.models import mobilenet_v2
+
+    torch.manual_seed(5)
+    m = mobilenet_v2(num_classes=10)
+    tags = ns.model_tags(m, (0.2, 0.1), skip=dense_layers(m))
+    s = randomise_batchnorms(ns.convert(m, tags)).eval()
+    f = ns.fuse(s).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    assert count(f, nn.BatchNorm2d) == 0
+    assert f.code.count("residual") == 10  # every inverted residual block with a skip connection
+    assert_same_at_every_level(s, f, x.contiguous(memory_format=torch.channels_last), 2)

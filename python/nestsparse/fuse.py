@@ -12,7 +12,9 @@ over each layer's output; on ResNet-50 those passes cost about 30% of the time a
 - ``layer(x) + other`` (ResNet's skip connection) becomes the layer's residual operand;
 - a ReLU, ReLU6 or exact GELU after either becomes the layer's activation;
 - a BatchNorm after a dense nn.Conv2d / nn.Linear (the stem) is folded into its weights (torch's own
-  fuse_conv_bn_eval / fuse_linear_bn_eval).
+  fuse_conv_bn_eval / fuse_linear_bn_eval);
+- an nn.MaxPool2d runs as two 1-D strided maxima (SeparableMaxPool2d): torch's NCHW max-pool kernel took 3.5 ms
+  on ResNet-50's stem output at batch 1 (12% of the fused model's time), the separable form 0.6 ms.
 
 The model is traced with torch.fx (nested sparse layers and LevelBatchNorm as leaves) and the result is a
 torch.fx.GraphModule: ``nestsparse.set_level``, ``torch.compile`` and the rerouting executor work on it as on
@@ -33,7 +35,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from .activations import fusable_activation
 from .nn import LevelBatchNorm, NestedSparseModule
 
-__all__ = ["fuse"]
+__all__ = ["fuse", "SeparableMaxPool2d"]
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 # Activations written as functions or methods in a model's forward, by the name the kernels know.
@@ -73,6 +75,8 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:
                 _fuse_sparse(gm, node, mod)
             elif isinstance(mod, (nn.Conv2d, nn.Linear)) and calls[node.target] == 1:
                 _fold_dense(gm, node, mod)
+            elif SeparableMaxPool2d.handles(mod):
+                _set_submodule(gm, node.target, SeparableMaxPool2d(mod))
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -168,3 +172,51 @@ def _fold_dense(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
 def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
     parent, _, child = target.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+class SeparableMaxPool2d(nn.Module):
+    """nn.MaxPool2d (no indices, no ceil mode, no dilation) as a maximum over strided slices along W, then along
+    H, on the input padded with -inf: the same result, NaN included, several times faster than torch's NCHW
+    kernel. Inputs it does not fit (not 4-D NCHW floating point) go to F.max_pool2d."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.kernel_size = _pair(pool.kernel_size)
+        self.stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.padding = _pair(pool.padding)
+
+    @staticmethod
+    def handles(m: nn.Module) -> bool:
+        return (
+            type(m) is nn.MaxPool2d
+            and not m.return_indices
+            and not m.ceil_mode
+            and _pair(m.dilation) == (1, 1)
+            and all(2 * p <= k for p, k in zip(_pair(m.padding), _pair(m.kernel_size)))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not x.is_floating_point() or not x.is_contiguous():
+            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph), value=float("-inf"))
+        x = _strided_max(x, 3, kw, sw)
+        return _strided_max(x, 2, kh, sh)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+def _strided_max(x: torch.Tensor, dim: int, k: int, s: int) -> torch.Tensor:
+    """out[i] = max(x[i*s], ..., x[i*s + k - 1]) along ``dim``."""
+    n = (x.shape[dim] - k) // s + 1
+    out = None
+    for j in range(k):
+        part = x.narrow(dim, j, s * (n - 1) + 1)[(slice(None),) * dim + (slice(None, None, s),)]
+        out = part if out is None else torch.maximum(out, part)
+    return out.contiguous()
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))

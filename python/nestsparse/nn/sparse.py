@@ -76,11 +76,13 @@ class NestedSparseModule(LevelAware, nn.Module):
         ``index``: the index tensors, when the caller has them already (forward)."""
         if self.values.device.type != "cpu" or torch.compiler.is_compiling():
             return None
-        # A buffer replaced, reloaded in place or moved invalidates the plan.
+        # A buffer replaced, reloaded in place or moved invalidates the plan. Inference tensors (a module copied
+        # under torch.inference_mode) keep no version counter: for them only a replaced buffer does. Memory safety
+        # never rests on this cache: the op checks the plan and the kernels bound every index they read.
         idx = self.index_tensors() if index is None else index
         key = (
             tuple(t.data_ptr() for t in idx),
-            tuple(t._version for t in idx),
+            tuple(-1 if t.is_inference() else t._version for t in idx),
             tuple(idx[-1].shape),
             torch.get_num_threads(),
         )

@@ -51,6 +51,10 @@ class NestedFormat:
     option_lengths: ClassVar[dict[str, int]] = {}  # options besides weight_shape and densities: int tuples
     linear_op: ClassVar[Any]  # nestsparse.ops.<name>_linear
     conv2d_op: ClassVar[Any]  # nestsparse.ops.<name>_conv2d
+    # The registered overloads themselves (torch.ops.nestsparse.<name>_linear.default, ...): the modules call these,
+    # with int lists ready, since the typed wrappers' conversions cost a few microseconds per call.
+    linear_overload: ClassVar[Any]
+    conv2d_overload: ClassVar[Any]
 
     values: Tensor
     weight_shape: tuple[int, ...]
@@ -61,6 +65,8 @@ class NestedFormat:
         if cls.name:
             cls.linear_op = staticmethod(getattr(ops, f"{cls.name}_linear"))
             cls.conv2d_op = staticmethod(getattr(ops, f"{cls.name}_conv2d"))
+            cls.linear_overload = getattr(torch.ops.nestsparse, f"{cls.name}_linear").default
+            cls.conv2d_overload = getattr(torch.ops.nestsparse, f"{cls.name}_conv2d").default
 
     # ---- what each format defines --------------------------------------------------------------------
     @classmethod

@@ -63,7 +63,8 @@ struct Conv2d<F, Params<W...>> {
   static std::string schema() {
     return std::string(name()) + "(Tensor x, " + F::schema +
            ", int[2] kernel_size, Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, "
-           "int groups=1, str activation='none', Tensor? plan=None, Tensor? scale=None, Tensor? residual=None) -> Tensor";
+           "int groups=1, str activation='none', Tensor? plan=None, Tensor? scale=None, Tensor? residual=None) -> "
+           "Tensor";
   }
   static Call unpack(const at::Tensor& x, W... w, at::IntArrayRef kernel_size, const std::optional<at::Tensor>& bias,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

@@ -43,8 +43,8 @@ struct ProductCall {
   }
 };
 
-// y = act(scale * (x @ W_level^T) + bias + residual): x (..., K) -> y (..., M). `plan` is an optional int32 (L, P+1) partition from
-// <format>_plan, cached by the caller so that it is not rebuilt per call.
+// y = act(scale * (x @ W_level^T) + bias + residual): x (..., K) -> y (..., M). `plan` is an optional int32 (L, P+1)
+// partition from <format>_plan, cached by the caller so that it is not rebuilt per call.
 template <typename F, typename = typename F::Params>
 struct Linear;
 

@@ -32,8 +32,8 @@ int64_t conv_f32(const typename F::Level& w, const ConvShape& s, const float* x,
 }
 
 template <typename F>
-int64_t conv_f64(const typename F::Level& w, const ConvShape& s, const at::Tensor& x, const EpilogueTensors& e,
-                 Act act, double* out, const std::vector<int32_t>& chunks) {
+int64_t conv_f64(const typename F::Level& w, const ConvShape& s, const at::Tensor& x, const EpilogueTensors& e, Act act,
+                 double* out, const std::vector<int32_t>& chunks) {
   const at::Tensor cols = at::im2col(x, {s.kh, s.kw}, {s.dh, s.dw}, {s.ph, s.pw}, {s.sh, s.sw}).contiguous();
   const int64_t L = s.OH * s.OW, Ktot = s.Cin * s.kh * s.kw, P = static_cast<int64_t>(chunks.size()) - 1;
   const auto view = loop_view(w, s.K, s.M / s.groups);
@@ -65,9 +65,8 @@ at::Tensor conv2d(const typename Conv2d<F>::Call& c) {
   const at::Tensor xc = c.x.to(ct).contiguous();
   const EpilogueTensors e = epilogue_tensors(c, ct);
   const int64_t bad =
-      ct == at::kDouble
-          ? conv_f64<F>(w, s, xc, e, c.activation, out.data_ptr<double>(), chunks)
-          : conv_f32<F>(w, s, xc.const_data_ptr<float>(), e, c.activation, out.data_ptr<float>(), chunks);
+      ct == at::kDouble ? conv_f64<F>(w, s, xc, e, c.activation, out.data_ptr<double>(), chunks)
+                        : conv_f32<F>(w, s, xc.const_data_ptr<float>(), e, c.activation, out.data_ptr<float>(), chunks);
   if (bad != 0) CpuFormat<F>::fail(op, w, s.K);
   return out.to(c.x.scalar_type());
 }

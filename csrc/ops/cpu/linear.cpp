@@ -40,8 +40,8 @@ int64_t linear_f32(const typename F::Level& w, const float* x, int64_t N, int64_
 }
 
 template <typename F>
-int64_t linear_f64(const typename F::Level& w, const double* x, int64_t N, int64_t K, const EpilogueTensors& e,
-                   Act act, double* out, const std::vector<int32_t>& chunks) {
+int64_t linear_f64(const typename F::Level& w, const double* x, int64_t N, int64_t K, const EpilogueTensors& e, Act act,
+                   double* out, const std::vector<int32_t>& chunks) {
   const auto view = loop_view(w, K, kNoGroups);
   const double* v = w.values.template const_data_ptr<double>();
   const int64_t P = static_cast<int64_t>(chunks.size()) - 1;
@@ -71,10 +71,10 @@ at::Tensor linear(const typename Linear<F>::Call& c) {
   const std::vector<int32_t> chunks = CpuFormat<F>::chunks(op, w, c.plan);
   const at::Tensor xc = x.to(ct).contiguous();
   const EpilogueTensors e = epilogue_tensors(c, ct);
-  const int64_t bad = ct == at::kDouble ? linear_f64<F>(w, xc.const_data_ptr<double>(), N, K, e, c.activation,
-                                                        out.data_ptr<double>(), chunks)
-                                        : linear_f32<F>(w, xc.const_data_ptr<float>(), N, K, e, c.activation,
-                                                        out.data_ptr<float>(), chunks);
+  const int64_t bad =
+      ct == at::kDouble
+          ? linear_f64<F>(w, xc.const_data_ptr<double>(), N, K, e, c.activation, out.data_ptr<double>(), chunks)
+          : linear_f32<F>(w, xc.const_data_ptr<float>(), N, K, e, c.activation, out.data_ptr<float>(), chunks);
   if (bad != 0) CpuFormat<F>::fail(op, w, K);
   return out.to(x.scalar_type());
 }

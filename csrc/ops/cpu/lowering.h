@@ -20,8 +20,8 @@ using TileRun = c10::function_ref<int64_t(const SpmmTile&, int64_t chunk)>;
 // cache while the weight streams through it. `work` is the level's multiply-adds per output column (sizes
 // the thread grain and picks how outputs are stored); `store_direct` makes the tiles store into `out` itself,
 // as an epilogue that reads a residual at the output's offsets needs. Returns the summed bad counts.
-int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t chunks, int64_t work,
-                      bool store_direct, float* out, TileRun run);
+int64_t panel_product(const float* x, int64_t N, int64_t K, int64_t M, int64_t chunks, int64_t work, bool store_direct,
+                      float* out, TileRun run);
 
 // A 1x1 stride-1 unpadded convolution: x itself is the dense operand, no copy.
 inline bool is_direct(const ConvShape& s) {

@@ -47,8 +47,9 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
-// x (N, K) row-major, y (N, M) row-major, bias and scale (M,) or null, residual (N, M) or null. row_start[r], row_stop[r]: slice of row r at the
-// requested level. grid.x covers the rows (kWarpsPerBlock per block), grid.y strides over batch blocks.
+// x (N, K) row-major, y (N, M) row-major, bias and scale (M,) or null, residual (N, M) or null. row_start[r],
+// row_stop[r]: slice of row r at the requested level. grid.x covers the rows (kWarpsPerBlock per block), grid.y strides
+// over batch blocks.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     ncsr_linear_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ values,
@@ -111,18 +112,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 
 template <typename scalar_t, typename index_t>
 void launch_ncsr_linear(const scalar_t* x, const scalar_t* values, const index_t* col_idx, const int32_t* row_start,
-                        const int32_t* row_stop, const scalar_t* bias, const scalar_t* scale,
-                        const scalar_t* residual, scalar_t* y, int64_t N, int64_t M, int64_t K, int64_t nnz, Act act,
-                        int* flags, cudaStream_t stream) {
+                        const int32_t* row_stop, const scalar_t* bias, const scalar_t* scale, const scalar_t* residual,
+                        scalar_t* y, int64_t N, int64_t M, int64_t K, int64_t nnz, Act act, int* flags,
+                        cudaStream_t stream) {
   const int64_t grid_x = (M + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int64_t batch_blocks = (N + kBatchBlock - 1) / kBatchBlock;
   TORCH_CHECK(grid_x <= INT32_MAX, "ncsr_linear: too many output rows for one launch (M=", M, ")");
   const dim3 grid(static_cast<unsigned>(grid_x),
                   static_cast<unsigned>(batch_blocks < kMaxGridY ? batch_blocks : kMaxGridY));
   const dim3 block(kWarp * kWarpsPerBlock);
-  ncsr_linear_kernel<scalar_t, index_t>
-      <<<grid, block, 0, stream>>>(x, values, col_idx, row_start, row_stop, bias, scale, residual, y, N, M, K, nnz,
-                                   act, flags);
+  ncsr_linear_kernel<scalar_t, index_t><<<grid, block, 0, stream>>>(x, values, col_idx, row_start, row_stop, bias,
+                                                                    scale, residual, y, N, M, K, nnz, act, flags);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

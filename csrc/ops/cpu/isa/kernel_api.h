@@ -26,7 +26,7 @@ struct SparseRows {
 // y = act(scale[r] * z + bias[r] + residual) for output row r (ops/linear.h). `residual`, when set, is read at
 // the offset of each output element from `out`, the base of the whole output: residual and output share a layout.
 struct Epilogue {
-  const float* bias;   // per output row, or null
+  const float* bias;  // per output row, or null
   Act act;
   const float* scale;     // per output row, or null (1)
   const float* residual;  // or null

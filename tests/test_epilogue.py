@@ -137,3 +137,31 @@ def test_bad_epilogue_operands_are_refused_with_their_name(fmt):
         w.linear(x, 0, None, "none", None, None, torch.ones(3, 7, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="scale must be contiguous"):
         w.linear(x, 0, None, "none", None, torch.ones(14)[::2])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_residual_gradient_without_bias(fmt, kind):
+    # An absent bias has no autograd edge: the residual's edge index moves down by one.
+    g = torch.Generator().manual_seed(6)
+    if kind == "linear":
+        w = fmt.random((6, 7), 2, g, torch.float64, block_shape=(3, 5), density=0.6)
+        x = torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True)
+        residual = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    else:
+        w = fmt.random((6, 3, 3, 3), 2, g, torch.float64, block_shape=(4, 4), density=0.6)
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+        residual = torch.randn(2, 6, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    values = w.values.clone().requires_grad_(True)
+    op = getattr(OPS, f"{fmt.name}_{kind}")
+    opts = [list(a) if isinstance(a, tuple) else a for a in w.op_args()]
+
+    def f(x, values, residual):
+        head = (x, values, *w.index_tensors(), 0, *opts)
+        if kind == "linear":
+            return op(*head, None, "relu", None, None, residual)
+        return op(*head, [3, 3], None, [1, 1], [0, 0], [1, 1], 1, "relu", None, None, residual)
+
+    assert torch.autograd.gradcheck(f, (x, values, residual))
+    residual.requires_grad_(False)  # only x and values want gradients
+    f(x, values, residual).sum().backward()
+    assert x.grad is not None and values.grad is not None

@@ -200,3 +200,79 @@ def test_fused_mobilenet_v2_in_channels_last():
     assert count(f, nn.BatchNorm2d) == 0
     assert f.code.count("residual") == 10  # every inverted residual block with a skip connection
     assert_same_at_every_level(s, f, x.contiguous(memory_format=torch.channels_last), 2)
+
+
+class _Lin(nn.Module):
+    """One sparse-able Linear and a forward given as a function, for the graph-rewrite cases below."""
+
+    def __init__(self, forward):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.register_buffer("p", torch.randn(8))
+        self._fwd = forward
+
+    def forward(self, x):
+        return self._fwd(self, x)
+
+
+@pytest.mark.parametrize(
+    "forward",
+    [
+        lambda m, x: (lambda y: (y.relu_(), y * 2)[1])(m.fc(x)),  # an in-place op whose result is unused
+        lambda m, x: (lambda y, x2: y + x2)(m.fc(x), m.act(x)),  # x changed in place between the layer and the add
+        lambda m, x: m.fc(x, level=0) + x,  # the layer's own level argument
+        lambda m, x: (lambda z: z.__iadd__(m.fc(x)) + x)(x.clone()),  # other += layer(x)
+        lambda m, x: m.fc(x) + x.shape[0],  # a number, not a tensor
+        lambda m, x: torch.nn.functional.relu(m.fc(x) + m.p),  # a broadcasting add, then F.relu
+    ],
+    ids=["unused-inplace", "mutation-between", "level-kwarg", "iadd-right", "number", "broadcast"],
+)
+def test_fuse_keeps_the_meaning_of_tricky_graphs(forward):
+    torch.manual_seed(7)
+    model = _Lin(forward)
+    s = ns.convert(model, ns.model_tags(model, (0.6, 0.3)), fuse_activations=False).eval()
+    f = ns.fuse(s)
+    for level in (1, 0):
+        ns.set_level(s, level), ns.set_level(f, level)
+        x = torch.randn(5, 8)
+        with torch.inference_mode():
+            assert torch.allclose(f(x.clone()), s(x.clone()), atol=1e-5)
+
+
+def test_to_dense_folds_the_epilogue_and_refuses_fused_graphs():
+    torch.manual_seed(8)
+    s = converted(resnet_small(width=8), type("F", (), {"name": "ncsr"})(), level_bn=True)
+    conv = s.layer1[0].conv1
+    conv.fold_batchnorm(s.layer1[0].bn1)
+    x = torch.randn(2, 8, 8, 8)
+    for level in range(2):
+        dense = ns.to_dense(nn.Sequential(conv), level)
+        with torch.inference_mode():
+            assert torch.allclose(dense(x), conv(x, level=level), atol=1e-5)
+    with pytest.raises(ValueError, match="to_dense: the model is fused"):
+        ns.to_dense(ns.fuse(converted(resnet_small(width=8), type("F", (), {"name": "ncsr"})())))
+
+
+def test_channels_last_with_a_broadcast_residual_and_3d_input_to_a_folded_linear():
+    torch.manual_seed(9)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(8, 8, 1)
+            self.register_buffer("p", torch.randn(8, 1, 1))
+
+        def forward(self, x):
+            return self.c(x) + self.p
+
+    m = Net()
+    s = ns.convert(m, ns.model_tags(m, (0.5,))).eval()
+    f = ns.fuse(s).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.allclose(f(x), s(x), atol=1e-5)
+    seq = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    fs = ns.fuse(ns.convert(seq, ns.model_tags(seq, (0.5,))).eval())
+    with pytest.raises(ValueError, match="folded into this layer normalised dimension 1 of a 2-D input"):
+        fs(torch.randn(3, 4, 6))

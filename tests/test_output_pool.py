@@ -28,3 +28,12 @@ def test_limit_is_kept_and_checked():
             ns.set_output_pool_limit(-1)
     finally:
         ns.set_output_pool_limit(previous)
+
+
+def test_pooled_outputs_resize_like_any_tensor():
+    lin = torch.nn.Linear(256, 1024)
+    w = ns.NestedCSR.from_dense(lin.weight.detach(), ns.magnitude_tags(lin.weight.detach(), (0.5,)))
+    out = w.linear(torch.randn(512, 256), 0)  # 2 MiB: pooled
+    out.resize_(1024, 1024)  # grows: moves to new memory, the buffer goes back to the pool
+    assert out.shape == (1024, 1024)
+    torch.mm(torch.randn(1024, 8), torch.randn(8, 1024), out=out)

@@ -12,7 +12,8 @@
 // asking for one is an error.
 //
 // One Function serves every product: it takes (x, values, bias, residual, the whole call), so the edges that can
-// need a gradient are x = 0, values = 1, bias = 2 and residual = 3.
+// need a gradient are x = 0, values = 1, then bias = 2 and residual when present: an absent optional tensor has no
+// edge, so the residual's is 2 without a bias, 3 with one.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -26,7 +27,7 @@
 namespace nestsparse {
 namespace {
 
-constexpr size_t kEdgeX = 0, kEdgeValues = 1, kEdgeBias = 2, kEdgeResidual = 3;
+constexpr size_t kEdgeX = 0, kEdgeValues = 1, kEdgeBias = 2;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
@@ -128,7 +129,8 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
     }
     if (bias.defined() && ctx->needs_input_grad(kEdgeBias)) gb = bias_grad(gz, Op::kChannelDim);
     const at::Tensor none;
-    const at::Tensor gr = residual.defined() && ctx->needs_input_grad(kEdgeResidual) ? gz : none;
+    const size_t residual_edge = bias.defined() ? kEdgeBias + 1 : kEdgeBias;
+    const at::Tensor gr = residual.defined() && ctx->needs_input_grad(residual_edge) ? gz : none;
     return {ctx->needs_input_grad(kEdgeX) ? gx : none, ctx->needs_input_grad(kEdgeValues) ? gv : none, gb, gr, none};
   }
 };

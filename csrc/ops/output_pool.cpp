@@ -1,5 +1,6 @@
 #include "ops/output_pool.h"
 
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -91,13 +92,36 @@ Pool& pool() {
 
 }  // namespace
 
+namespace {
+
+// What a pooled buffer's DataPtr carries to its deleter.
+struct Block {
+  void* data;
+  size_t bytes;
+};
+
+void release(void* ctx) {
+  Block* b = static_cast<Block*>(ctx);
+  pool().give_back(b->data, b->bytes);
+  delete b;
+}
+
+}  // namespace
+
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const int64_t numel = c10::multiply_integers(sizes);
   const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
   if (nbytes < kMinPooledBytes || options.device().type() != at::kCPU) return at::empty(sizes, options);
   const size_t bytes = (static_cast<size_t>(nbytes) + kHugePage - 1) / kHugePage * kHugePage;
   void* p = pool().take(bytes);
-  return at::from_blob(p, sizes, [bytes](void* q) { pool().give_back(q, bytes); }, options);
+  // A resizable storage with the CPU allocator, as at::empty's: resize_ or an out= op that grows the tensor
+  // moves it to fresh memory and gives this buffer back to the pool.
+  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes,
+                       c10::DataPtr(p, new Block{p, bytes}, &release, at::Device(at::kCPU)), c10::GetCPUAllocator(),
+                       /*resizable=*/true);
+  std::vector<int64_t> strides(sizes.size(), 1);
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 2; d >= 0; --d) strides[d] = strides[d + 1] * sizes[d + 1];
+  return at::empty({0}, options).set_(storage, 0, sizes, strides);
 }
 
 int64_t set_output_pool_limit(int64_t bytes) {

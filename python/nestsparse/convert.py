@@ -132,15 +132,29 @@ def _pick_faster(build, x: Tensor | None, num_levels: int) -> NestedSparseModule
 
 def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.Module:
     """Replaces each nested module by a dense nn.Linear / nn.Conv2d holding its level-``level`` weight
-    (plus the fused activation as a following module), e.g. to fine-tune or export with stock layers."""
+    (plus the fused activation as a following module), e.g. to fine-tune or export with stock layers. A BatchNorm
+    folded into a layer (nestsparse.fuse) is folded into the dense weight and bias of that level; a fused model
+    whose layers take residual inputs is refused (convert the model before fusing it)."""
+    if isinstance(model, torch.fx.GraphModule) and any(
+        n.op == "call_module" and "residual" in n.kwargs for n in model.graph.nodes
+    ):
+        raise ValueError(
+            "to_dense: the model is fused (nestsparse.fuse gave its layers residual inputs a dense layer does not "
+            "take); call to_dense on the converted model before fusing it"
+        )
     if not inplace:
         model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if not isinstance(m, NestedSparseModule):
             continue
         w = m.nested().to_dense(level)
+        bias = m.bias
+        if m.epilogue_scale is not None:  # a folded BatchNorm: its scale into the weight, its shift is the bias
+            scale = m.epilogue_scale[level]
+            w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+            bias = m.epilogue_shift[level]
         if isinstance(m, NestedSparseLinear):
-            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            dense = nn.Linear(m.in_features, m.out_features, bias=bias is not None)
         else:
             dense = nn.Conv2d(
                 m.in_channels,
@@ -150,13 +164,13 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
                 m.padding,
                 m.dilation,
                 m.groups,
-                bias=m.bias is not None,
+                bias=bias is not None,
             )
         dense = dense.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             dense.weight.copy_(w)
-            if m.bias is not None:
-                dense.bias.copy_(m.bias)
+            if bias is not None:
+                dense.bias.copy_(bias)
         act = ACTIVATIONS[m.activation]
         parent, child = parent_module(model, name)
         setattr(parent, child, nn.Sequential(dense, act.module()) if act is not None else dense)

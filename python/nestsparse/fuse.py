@@ -11,15 +11,15 @@ over each layer's output; on ResNet-50 those passes cost about 30% of the time a
   layer passes the level's rows to the op, and a level switch still copies nothing);
 - ``layer(x) + other`` (ResNet's skip connection) becomes the layer's residual operand;
 - a ReLU, ReLU6 or exact GELU after either becomes the layer's activation;
-- a BatchNorm after a dense nn.Conv2d / nn.Linear (the stem) is folded into its weights (torch's own
-  fuse_conv_bn_eval / fuse_linear_bn_eval);
+- a BatchNorm2d after a dense nn.Conv2d (the stem) is folded into its weights (torch's own fuse_conv_bn_eval);
 - an nn.MaxPool2d runs as two 1-D strided maxima (SeparableMaxPool2d): torch's NCHW max-pool kernel took 3.5 ms
   on ResNet-50's stem output at batch 1 (12% of the fused model's time), the separable form 0.6 ms.
 
 The model is traced with torch.fx (nested sparse layers and LevelBatchNorm as leaves) and the result is a
-torch.fx.GraphModule: ``nestsparse.set_level``, ``torch.compile`` and the rerouting executor work on it as on
-the converted model. It is for inference: folded statistics no longer update and the folded scale takes no
-gradient (fine-tune the converted model, then fuse it again).
+torch.fx.GraphModule: ``nestsparse.set_level`` and ``torch.compile`` work on it as on the converted model, and the
+rerouting executor with layer stages (``auto_stages(fused, "layer")``: the graph calls the layers directly, so the
+blocks' hooks, which block stages use, never run). It is for inference: folded statistics no longer update and the
+folded scale takes no gradient (fine-tune the converted model, then fuse it again).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .activations import fusable_activation
 from .nn import LevelBatchNorm, NestedSparseModule
@@ -38,9 +38,10 @@ from .nn import LevelBatchNorm, NestedSparseModule
 __all__ = ["fuse", "SeparableMaxPool2d"]
 
 _ADDS = (operator.add, operator.iadd, torch.add)
-# Activations written as functions or methods in a model's forward, by the name the kernels know.
+# Activations written as functions or methods in a model's forward, by the name the kernels know (F.relu traces
+# as a call with inplace=False; the in-place forms are left alone: their result may be unused).
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
-_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_ACT_METHODS = {"relu": "relu"}
 
 
 class _Tracer(fx.Tracer):
@@ -77,7 +78,8 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:
                 _fold_dense(gm, node, mod)
             elif SeparableMaxPool2d.handles(mod):
                 _set_submodule(gm, node.target, SeparableMaxPool2d(mod))
-    gm.graph.eliminate_dead_code()
+    # No eliminate_dead_code: it would drop in-place calls whose result is unused (y.relu_()); every node fuse
+    # replaces is erased where it is replaced.
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
@@ -112,7 +114,7 @@ def _activation(gm: fx.GraphModule, node: fx.Node | None, src: fx.Node) -> str |
         return None
     if node.op == "call_module":
         return fusable_activation(gm.get_submodule(node.target))
-    if node.op == "call_function" and not node.kwargs:
+    if node.op == "call_function" and node.kwargs in ({}, {"inplace": False}):
         return _ACT_FUNCTIONS.get(node.target)
     if node.op == "call_method" and not node.kwargs:
         return _ACT_METHODS.get(node.target)
@@ -140,12 +142,16 @@ def _fuse_sparse(gm: fx.GraphModule, node: fx.Node, mod: NestedSparseModule) -> 
         return
     if user is None or user.op != "call_function" or user.target not in _ADDS or user.kwargs or len(user.args) != 2:
         return
-    other = user.args[1] if user.args[0] is node else user.args[0]
-    if not isinstance(other, fx.Node) or other is node:
+    # `other += layer(x)` writes into other: only `layer(x) += other` (the result is the layer's) is fused.
+    if user.target is operator.iadd and user.args[0] is not node:
         return
-    # The layer runs where the add did, after both operands exist (its own inputs precede it already).
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    if not isinstance(other, fx.Node) or other is node or _mutation_between(gm, node, user):
+        return
+    # The layer runs where the add did, after both operands exist (its own inputs precede it already; nothing
+    # between the two writes into a tensor, checked above).
     user.prepend(node)
-    node.kwargs = {"residual": other}
+    node.kwargs = {**node.kwargs, "residual": other}
     _replace(gm, user, node)
     after = _only_user(node)
     act = _activation(gm, after, node)
@@ -154,17 +160,32 @@ def _fuse_sparse(gm: fx.GraphModule, node: fx.Node, mod: NestedSparseModule) -> 
         _replace(gm, after, node)
 
 
+def _mutation_between(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> bool:
+    """Whether a node strictly between ``first`` and ``last`` may write into a tensor (an in-place method or
+    function, an ``inplace=True`` argument or module): moving ``first`` past it could change what it reads."""
+    n = first.next
+    while n is not last:
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if n.op == "call_module":
+            inplace = getattr(gm.get_submodule(n.target), "inplace", False)
+        else:
+            inplace = n.kwargs.get("inplace", False) or (name.endswith("_") and not name.startswith("_"))
+            inplace = inplace or (n.op == "call_function" and name.startswith("i") and hasattr(operator, name))
+        if inplace or n.op not in ("call_module", "call_function", "call_method", "get_attr"):
+            return True
+        n = n.next
+    return False
+
+
 def _fold_dense(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> None:
     user = _only_user(node)
     bn = _is_batchnorm(gm, user, node)
     if bn is None or isinstance(bn, LevelBatchNorm) or not bn.affine:
         return
-    if isinstance(mod, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-        fused = fuse_conv_bn_eval(mod, bn)
-    elif isinstance(mod, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
-        fused = fuse_linear_bn_eval(mod, bn)
-    else:
+    # A Linear followed by BatchNorm1d is left alone: on a 3-D input the BatchNorm normalises another dimension.
+    if not (isinstance(mod, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
         return
+    fused = fuse_conv_bn_eval(mod, bn)
     _set_submodule(gm, node.target, fused)
     _replace(gm, user, node)
 

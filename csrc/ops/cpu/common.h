@@ -25,7 +25,9 @@ inline ValueKind value_kind(const at::Tensor& values) {
 inline int64_t tile_width(int64_t n) { return n <= 16 ? 16 : (n <= 32 ? 32 : 64); }
 
 // Tile width for a dense operand of `ncols` columns whose rows are `K` long. Every weight row of a tile re-reads
-// the K x TN panel, so it must stay in L2 (about 512 KB) next to the streaming weights: narrower for long rows.
+// the K x TN panel, so it must stay in L2 (1 MB a core on the processors measured) next to the streaming weights:
+// narrower for long rows. 64 wide up to K = 4096 (a 1 MB panel): ResNet-50's layer4 3x3 convolutions (K = 4608,
+// 32 wide) and layer3's (K = 2304, 64 wide) ran 7-25% faster at batch 16 than with half the width.
 inline int64_t panel_width(int64_t ncols, int64_t K) {
   return std::min(tile_width(ncols), K <= 4096 ? int64_t{64} : (K <= 8192 ? int64_t{32} : int64_t{16}));
 }

@@ -145,7 +145,12 @@ class NestedSparseModule(LevelAware, nn.Module):
         bias, scale = self._epilogue(level)
         if residual is None:
             return product(x.contiguous(), level, bias, scale, self.activation, None)
-        if tuple(residual.shape) == out_shape() and residual.dtype == self.values.dtype:
+        if (
+            isinstance(residual, Tensor)
+            and tuple(residual.shape) == out_shape()
+            and residual.dtype == self.values.dtype
+            and residual.device == self.values.device
+        ):
             return product(x.contiguous(), level, bias, scale, self.activation, residual.contiguous())
         out = product(x.contiguous(), level, bias, scale, "none", None) + residual
         act = ACTIVATIONS[self.activation]
@@ -203,6 +208,11 @@ class NestedSparseLinear(NestedSparseModule):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        if self.epilogue_scale is not None and x.dim() != 2:
+            raise ValueError(
+                f"NestedSparseLinear: a BatchNorm folded into this layer normalised dimension 1 of a 2-D input; "
+                f"this input is {x.dim()}-D (fuse the model that runs {x.dim()}-D inputs without folding it)"
             )
         return self._run(self._linear_product, x, lvl, residual, lambda: (*x.shape[:-1], self.out_features))
 
@@ -263,7 +273,12 @@ class NestedSparseConv2d(NestedSparseModule):
             raise ValueError(
                 f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
-        if self._pointwise and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if (
+            self._pointwise
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+            and (residual is None or (isinstance(residual, Tensor) and residual.dim() == 4))
+        ):
             # Channels-last input: a 1x1 stride-1 convolution is the linear product over the pixels of x viewed
             # (N, H, W, C), no copy; the output comes back channels-last, as a dense layer's would.
             xl = x.permute(0, 2, 3, 1)

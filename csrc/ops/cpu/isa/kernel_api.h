@@ -40,7 +40,7 @@ struct Segment {
   int64_t off;
 };
 
-// C[r, j] = act(sum_p v_p * B[koff[col_p] + j] + bias[r]) for rows [r0, r1) and columns j < tn of one tile;
+// C[r, j] = epilogue(sum_p v_p * B[koff[col_p] + j]) for rows [r0, r1) and columns j < tn of one tile;
 // koff == nullptr means koff[k] = k * ldb (a packed panel, or x itself), which saves a load per non-zero.
 // B already points at the tile's first column, and row r of group g = r / group_rows reads from
 // B + g * group_stride. Full tiles read `tile_width` floats per B row; the last may be narrower (tn).
@@ -60,7 +60,7 @@ struct SpmmTile {
   int64_t nsegs;
 };
 
-// out[n * ldo + r] = act(sum_p v_p * x[n * ldx + col_p] + bias[r]) for n < nb (1..4), rows [r0, r1).
+// out[n * ldo + r] = epilogue(sum_p v_p * x[n * ldx + col_p]) for n < nb (1..4), rows [r0, r1).
 struct SpmvBatch {
   const float* x;
   int64_t ldx;

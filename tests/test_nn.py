@@ -173,3 +173,47 @@ def test_a_module_copied_under_inference_mode_runs():
     with torch.inference_mode():
         c = copy.deepcopy(m)  # its buffers are inference tensors: no version counter
         assert torch.equal(c(x), m(x))
+
+
+def test_dense_levels_give_the_level_and_follow_the_weight(fmt):
+    g = torch.Generator().manual_seed(3)
+    w = fmt.random((12, 5, 3, 3), 3, g, density=0.5, block_shape=(4, 4))
+    conv = NestedSparseConv2d(w, torch.randn(12, generator=g), padding=1, activation="relu")
+    x = torch.randn(2, 5, 6, 6, generator=g)
+    with torch.no_grad():
+        sparse = [conv(x, level=lvl) for lvl in range(3)]
+        conv.set_dense_levels([0, 2])
+        assert conv.dense_levels == (0, 2)
+        for lvl in range(3):  # dense or sparse, every level gives the same output
+            assert torch.allclose(conv(x, level=lvl), sparse[lvl], atol=1e-5)
+        conv.values.mul_(2)  # trained or reloaded: the dense copies are stale and dropped
+        doubled = conv(x, level=0)
+        assert conv.dense_levels == ()
+        assert torch.allclose(doubled, conv(x, level=0)) and not torch.allclose(doubled, sparse[0])
+    conv.set_dense_levels([1])
+    out = conv(x, level=1)  # gradients wanted: the sparse kernel runs, values get their gradient
+    out.sum().backward()
+    assert conv.values.grad is not None and conv.values.grad.abs().sum() > 0
+    assert "dense_weight_1" not in conv.state_dict()  # not saved: rebuilt from the nested weight
+
+
+def test_choose_dense_levels_measures_and_keeps_the_budget():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8))
+    tags = {"0": nestsparse.magnitude_tags(model[0].weight, (0.9, 0.05))}
+    s = nestsparse.convert(model, tags).eval()
+    x = torch.randn(1, 64)
+    rows = nestsparse.choose_dense_levels(s, x, max_extra_bytes=10**9, min_run_time=0.01)
+    assert [(r["name"], r["level"]) for r in rows] == [("0", 0), ("0", 1)]
+    assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+    assert s[0].dense_levels == tuple(r["level"] for r in rows if r["dense"])
+    for r in rows:
+        assert r["dense"] == (r["dense_ms"] < r["sparse_ms"])
+    nestsparse.choose_dense_levels(s, x, max_extra_bytes=0, min_run_time=0.01)
+    assert s[0].dense_levels == ()
+    nestsparse.choose_dense_levels(s, x, min_run_time=0.01)  # default budget: one dense copy of the layers
+    assert len(s[0].dense_levels) <= 1
+    with torch.inference_mode():
+        for lvl in range(2):
+            nestsparse.set_level(s, lvl)
+            assert torch.allclose(s(x), nestsparse.to_dense(s, lvl)(x), atol=1e-5)

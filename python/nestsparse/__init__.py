@@ -9,7 +9,7 @@ datasets, training tasks) are in nestsparse.apps. ARCHITECTURE.md maps the code.
 
 from . import formats, ops, pruning, runtime
 from ._library import _C
-from .convert import convert, to_dense
+from .convert import choose_dense_levels, convert, to_dense
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError, NestedBCR, NestedCSR, NestedFormat
 from .fuse import fuse
 from .io import CheckpointError, load, register_architecture, save
@@ -71,6 +71,7 @@ def build_info() -> dict:
 
 __all__ = [
     "fuse",
+    "choose_dense_levels",
     "set_output_pool_limit",
     "output_pool_stats",
     "NestedFormat",

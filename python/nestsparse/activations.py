@@ -7,10 +7,13 @@ folds a module of the table into the layer before it, ``to_dense`` puts it back,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ._library import _C
 
@@ -19,9 +22,11 @@ __all__ = ["Activation", "ACTIVATIONS", "fusable_activation"]
 
 @dataclass(frozen=True)
 class Activation:
-    """A torch module class, and the attribute values an instance must have to be what the kernels compute."""
+    """A torch module class, and the attribute values an instance must have to be what the kernels compute; and the
+    same as a function of a tensor (what a layer's dense product applies after it)."""
 
     module_class: type[nn.Module]
+    function: Callable[[Tensor], Tensor]
     attributes: dict[str, Any] = field(default_factory=dict)
 
     def module(self) -> nn.Module:
@@ -34,9 +39,9 @@ class Activation:
 
 ACTIVATIONS: dict[str, Activation | None] = {
     "none": None,
-    "relu": Activation(nn.ReLU),
-    "relu6": Activation(nn.ReLU6),
-    "gelu": Activation(nn.GELU, {"approximate": "none"}),  # the kernels compute the exact (erf) GELU
+    "relu": Activation(nn.ReLU, torch.relu),
+    "relu6": Activation(nn.ReLU6, F.relu6),
+    "gelu": Activation(nn.GELU, F.gelu, {"approximate": "none"}),  # the kernels compute the exact (erf) GELU
 }
 
 if tuple(ACTIVATIONS) != tuple(_C.activations()):  # pragma: no cover - only when the two sides disagree

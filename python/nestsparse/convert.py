@@ -13,7 +13,7 @@ from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError
 from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, parent_module
 from .runtime.timing import median_time
 
-__all__ = ["convert", "to_dense"]
+__all__ = ["convert", "to_dense", "choose_dense_levels"]
 
 
 def convert(
@@ -128,6 +128,84 @@ def _pick_faster(build, x: Tensor | None, num_levels: int) -> NestedSparseModule
             for mod in candidates
         ]
     return candidates[cost.index(min(cost))]
+
+
+def choose_dense_levels(
+    model: nn.Module,
+    example_input: Tensor | tuple,
+    *,
+    max_extra_bytes: int | None = None,
+    threads: int | None = None,
+    min_run_time: float = 0.02,
+) -> list[dict]:
+    """Per layer and level, runs the level as a dense product where that is faster than the sparse kernel on the
+    layer's real input: a level too dense, or a layer too small, for sparsity to pay. ``model`` runs
+    ``example_input`` once (what it is called with) to capture every nested layer's input; then each level of each
+    layer is timed both ways (nestsparse.runtime.median_time at ``threads``, default torch's) and the dense levels
+    that save the most time per byte are kept while their dense weights fit in ``max_extra_bytes`` (default: the
+    size of one dense copy of the nested layers). Level switches stay copy-free (each chosen level keeps its own
+    dense weight, NestedSparseModule.set_dense_levels). Returns one row per layer and level: name, level,
+    sparse_ms, dense_ms, dense (chosen)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NestedSparseModule)}
+    captured = _layer_calls(model, list(layers), example_input)
+    rows, candidates = [], []
+    with torch.inference_mode():
+        for name, m in layers.items():
+            args, kwargs = captured[name]
+            m.set_dense_levels(range(m.num_levels))
+            for level in range(m.num_levels):
+                dense_s = median_time(
+                    lambda m=m, level=level, args=args, kwargs=kwargs: m(*args, **{**kwargs, "level": level}),
+                    min_run_time=min_run_time,
+                    threads=threads,
+                )
+                rows.append({"name": name, "level": level, "dense_ms": dense_s * 1e3, "dense": False})
+            m.set_dense_levels(())
+            for i, level in enumerate(range(m.num_levels)):
+                sparse_s = median_time(
+                    lambda m=m, level=level, args=args, kwargs=kwargs: m(*args, **{**kwargs, "level": level}),
+                    min_run_time=min_run_time,
+                    threads=threads,
+                )
+                row = rows[len(rows) - m.num_levels + i]
+                row["sparse_ms"] = sparse_s * 1e3
+                if row["dense_ms"] < row["sparse_ms"]:
+                    nbytes = m.values.element_size() * torch.Size(m.weight_shape).numel()
+                    candidates.append(((row["sparse_ms"] - row["dense_ms"]) / nbytes, nbytes, row))
+    budget = max_extra_bytes
+    if budget is None:
+        budget = sum(m.values.element_size() * torch.Size(m.weight_shape).numel() for m in layers.values())
+    chosen: dict[str, list[int]] = {}
+    for _, nbytes, row in sorted(candidates, key=lambda c: -c[0]):
+        if nbytes <= budget:
+            budget -= nbytes
+            row["dense"] = True
+            chosen.setdefault(row["name"], []).append(row["level"])
+    for name, levels in chosen.items():
+        layers[name].set_dense_levels(levels)
+    return rows
+
+
+def _layer_calls(model: nn.Module, names: list[str], example_input) -> dict[str, tuple[tuple, dict]]:
+    """Each named layer's (args, kwargs) when ``model`` runs ``example_input`` (one forward pass, no gradients)."""
+    captured, hooks = {}, []
+    for name in names:
+
+        def hook(_mod, args, kwargs, name=name):
+            if name not in captured:
+                captured[name] = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), dict(kwargs))
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in names if n not in captured]
+    if missing:
+        raise ValueError(f"choose_dense_levels: {missing[0]!r} did not run on the example input")
+    return captured
 
 
 def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..convert import convert
+from ..convert import choose_dense_levels, convert
 from ..nn import NestedSparseModule, set_level
 from ..pruning import LevelSpec, SupervisedTask, apply_level_masks, joint, model_tags, train_dense, unmask
 from ..runtime import ReroutingExecutor, median_time, qos_table, run_qos
@@ -89,10 +89,16 @@ def run(
     plain, tags = unmask(nested)
     sparse = convert(plain, tags, densities=spec.densities)
     names = list(tags)
+    xb1, xb256 = test_set[0][:1].contiguous(), test_set[0][:256].contiguous()
+    # Levels that sparsity cannot speed up at batch 1 (too dense for the sparse kernel) run as dense products.
+    chosen = [r for r in choose_dense_levels(sparse, xb1, threads=1) if r["dense"]]
+    print(
+        "dense products, chosen by measurement at batch 1: "
+        + (", ".join(f"{r['name']} at level {r['level']}" for r in chosen) or "none")
+    )
     total_w = sum(dense.get_submodule(n).weight.numel() for n in names)
     fl = dense_flops(dense, test_set[0])
     total_fl = sum(fl.values())
-    xb1, xb256 = test_set[0][:1].contiguous(), test_set[0][:256].contiguous()
     dense_acc = accuracy(dense, test_set)
     rows = [Row("dense", 100.0, 100.0, dense_acc, dense_acc, latency_us(dense, xb1), latency_us(dense, xb256))]
     for lvl in tqdm(range(spec.num_levels), desc="measuring levels", unit="level"):

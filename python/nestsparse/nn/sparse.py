@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -49,6 +50,10 @@ class NestedSparseModule(LevelAware, nn.Module):
         # level's rows go to the op as its scale and bias, so a level switch still copies nothing.
         self.register_buffer("epilogue_scale", None)
         self.register_buffer("epilogue_shift", None)
+        # Levels run as a dense product (set_dense_levels): buffers dense_weight_<l> (epilogue scale folded in) and
+        # dense_bias_<l> for each such level l, not saved (rebuilt from the nested weight).
+        self._dense_levels: tuple[int, ...] = ()
+        self._dense_key: tuple | None = None
 
     @property
     def block_shape(self) -> tuple[int, int] | None:
@@ -131,6 +136,59 @@ class NestedSparseModule(LevelAware, nn.Module):
         self.epilogue_scale = scale.to(self.values.dtype).contiguous()
         self.epilogue_shift = shift.to(self.values.dtype).contiguous()
         self.bias = None
+        if self._dense_levels:  # rebuilt with the new epilogue folded in
+            self.set_dense_levels(self.dense_levels)
+
+    def set_dense_levels(self, levels) -> None:
+        """Runs ``levels`` as a dense product (torch's F.linear / F.conv2d on the level's dense weight) instead of
+        the sparse kernel: for a level that is too dense, or a layer too small, for sparsity to pay
+        (nestsparse.choose_dense_levels measures which). Costs one dense weight per level; a level switch still
+        copies nothing. The dense weights are dropped, and the sparse kernel used again, when the values or the
+        epilogue change (training) or when gradients are wanted. ``()`` removes them."""
+        levels = sorted({self.checked_level(lvl) for lvl in levels})
+        for lvl in self._dense_levels:
+            del self._buffers[f"dense_weight_{lvl}"], self._buffers[f"dense_bias_{lvl}"]
+        self._dense_levels, self._dense_key = (), None
+        if not levels:
+            return
+        w = self.nested()
+        with torch.no_grad():
+            for lvl in levels:
+                dense = w.to_dense(lvl).to(self.values.dtype)
+                bias, scale = self._epilogue(lvl)
+                if scale is not None:
+                    dense = dense * scale.view(-1, *([1] * (dense.dim() - 1)))
+                bias = torch.zeros(dense.shape[0], dtype=dense.dtype) if bias is None else bias.detach().clone()
+                self.register_buffer(f"dense_weight_{lvl}", dense.to(self.values.device), persistent=False)
+                self.register_buffer(f"dense_bias_{lvl}", bias.to(self.values.device), persistent=False)
+        self._dense_levels = tuple(levels)
+        self._dense_key = self._weight_key()
+
+    @property
+    def dense_levels(self) -> tuple[int, ...]:
+        """The levels that run as a dense product (set_dense_levels)."""
+        return self._dense_levels
+
+    def _weight_key(self) -> tuple:
+        """What the dense weights were built from: values, index buffers and epilogue, by storage and version."""
+        ts = [self.values, *self.index_tensors(), self.bias, self.epilogue_scale, self.epilogue_shift]
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) if t is not None else None for t in ts)
+
+    def _dense_weight(self, level: int) -> tuple[Tensor, Tensor] | None:
+        """(weight, bias) of ``level`` if it runs dense now (else None; stale dense weights are dropped)."""
+        if level not in self._dense_levels or (torch.is_grad_enabled() and self._parameters["values"].requires_grad):
+            return None
+        if not torch.compiler.is_compiling() and self._weight_key() != self._dense_key:
+            self.set_dense_levels(())  # trained or reloaded since: the dense copies are stale
+            return None
+        return self._buffers[f"dense_weight_{level}"], self._buffers[f"dense_bias_{level}"]
+
+    def _dense_finish(self, z: Tensor, residual) -> Tensor:
+        """The rest of the epilogue after a dense product that added the bias: the residual, the activation."""
+        if residual is not None:
+            z = z + residual
+        act = ACTIVATIONS[self.activation]
+        return z if act is None else act.function(z)
 
     def _epilogue(self, level: int) -> tuple[Tensor | None, Tensor | None]:
         """(bias, scale) the op takes at ``level``."""
@@ -214,6 +272,9 @@ class NestedSparseLinear(NestedSparseModule):
                 f"NestedSparseLinear: a BatchNorm folded into this layer normalised dimension 1 of a 2-D input; "
                 f"this input is {x.dim()}-D (fuse the model that runs {x.dim()}-D inputs without folding it)"
             )
+        dense = self._dense_weight(lvl) if self._dense_levels else None
+        if dense is not None:
+            return self._dense_finish(F.linear(x, *dense), residual)
         return self._run(self._linear_product, x, lvl, residual, lambda: (*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
@@ -273,6 +334,10 @@ class NestedSparseConv2d(NestedSparseModule):
             raise ValueError(
                 f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
+        dense = self._dense_weight(lvl) if self._dense_levels else None
+        if dense is not None:
+            z = F.conv2d(x, *dense, self.stride, self.padding, self.dilation, self.groups)
+            return self._dense_finish(z, residual)
         if (
             self._pointwise
             and x.is_contiguous(memory_format=torch.channels_last)

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import nestsparse as ns
@@ -112,8 +113,6 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
             np_in = Path(tmp) / f"x{batch}.npy"
-            import numpy as np  # noqa: PLC0415  (numpy is a dependency; only this script writes .npy)
-
             np.save(np_in, x.numpy())
             variants = {}
             for level in range(2):

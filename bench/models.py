@@ -410,26 +410,17 @@ def run_batch(p: Prepared, batch: int, args, l3: int | None) -> tuple[list[dict]
             variants.append(
                 Variant("ORT dense", lambda: p.ort.run(None, feed)[0], dense_ref, nbytes=dense_bytes, ort=True)
             )
+        sparse_models = [("eager", p.sparse)] + ([("fused", p.fused)] if p.fused is not None else [])
         for lvl in range(len(DENSITIES)):
-            variants.append(
-                Variant(
-                    f"L{lvl} eager",
-                    lambda: p.sparse(x),
-                    level_refs[lvl],
-                    lvl,
-                    setup=lambda lvl=lvl: ns.set_level(p.sparse, lvl),
-                    nbytes=weight_bytes(p.sparse, lvl),
-                )
-            )
-            if p.fused is not None:
+            for label, m in sparse_models:
                 variants.append(
                     Variant(
-                        f"L{lvl} fused",
-                        lambda: p.fused(x),
+                        f"L{lvl} {label}",
+                        lambda m=m: m(x),
                         level_refs[lvl],
                         lvl,
-                        setup=lambda lvl=lvl: ns.set_level(p.fused, lvl),
-                        nbytes=weight_bytes(p.fused, lvl),
+                        setup=lambda lvl=lvl, m=m: ns.set_level(m, lvl),
+                        nbytes=weight_bytes(m, lvl),
                     )
                 )
         for v in tqdm(variants, desc=f"{what}: warm-up", file=sys.stderr, leave=False):

@@ -64,7 +64,9 @@ def convert(
             raise ValueError(
                 f"convert: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}"
             )
-    inputs = _layer_inputs(model, list(tags), example_input) if format == "auto" and example_input is not None else {}
+    inputs = {}
+    if format == "auto" and example_input is not None:
+        inputs = {n: args[0] for n, (args, _) in _layer_calls(model, list(tags), example_input).items()}
     for name, t in tags.items():
         m = modules[name]
         parent, child = parent_module(model, name)
@@ -90,24 +92,6 @@ def convert(
         if follower is not None:
             setattr(parent, follower, nn.Identity())
     return model
-
-
-def _layer_inputs(model: nn.Module, names: list[str], example_input) -> dict[str, Tensor]:
-    """Each named layer's input when ``model`` runs ``example_input`` (one forward pass, no gradients)."""
-    captured, hooks = {}, []
-    for name in names:
-
-        def hook(_mod, args, name=name):
-            captured.setdefault(name, args[0].detach())
-
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
 
 
 def _pick_faster(build, x: Tensor | None, num_levels: int) -> NestedSparseModule:
@@ -148,6 +132,9 @@ def choose_dense_levels(
     sparse_ms, dense_ms, dense (chosen)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, NestedSparseModule)}
     captured = _layer_calls(model, list(layers), example_input)
+    missing = [n for n in layers if n not in captured]
+    if missing:
+        raise ValueError(f"choose_dense_levels: {missing[0]!r} did not run on the example input")
     rows, candidates = [], []
     with torch.inference_mode():
         for name, m in layers.items():
@@ -187,7 +174,8 @@ def choose_dense_levels(
 
 
 def _layer_calls(model: nn.Module, names: list[str], example_input) -> dict[str, tuple[tuple, dict]]:
-    """Each named layer's (args, kwargs) when ``model`` runs ``example_input`` (one forward pass, no gradients)."""
+    """Each named layer's (args, kwargs) when ``model`` runs ``example_input`` (one forward pass, no gradients); a
+    layer that did not run is missing."""
     captured, hooks = {}, []
     for name in names:
 
@@ -202,9 +190,6 @@ def _layer_calls(model: nn.Module, names: list[str], example_input) -> dict[str,
     finally:
         for h in hooks:
             h.remove()
-    missing = [n for n in names if n not in captured]
-    if missing:
-        raise ValueError(f"choose_dense_levels: {missing[0]!r} did not run on the example input")
     return captured
 
 

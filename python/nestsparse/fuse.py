@@ -34,6 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .activations import fusable_activation
 from .nn import LevelBatchNorm, NestedSparseModule
+from .ops import pair
 
 __all__ = ["fuse", "SeparableMaxPool2d"]
 
@@ -135,10 +136,7 @@ def _fuse_sparse(gm: fx.GraphModule, node: fx.Node, mod: NestedSparseModule) -> 
         mod.fold_batchnorm(bn)
         _replace(gm, user, node)
         user = _only_user(node)
-    act = _activation(gm, user, node)
-    if act is not None:
-        mod.activation = act
-        _replace(gm, user, node)
+    if _fuse_activation(gm, node, mod, user):
         return
     if user is None or user.op != "call_function" or user.target not in _ADDS or user.kwargs or len(user.args) != 2:
         return
@@ -153,11 +151,17 @@ def _fuse_sparse(gm: fx.GraphModule, node: fx.Node, mod: NestedSparseModule) -> 
     user.prepend(node)
     node.kwargs = {**node.kwargs, "residual": other}
     _replace(gm, user, node)
-    after = _only_user(node)
-    act = _activation(gm, after, node)
-    if act is not None:
-        mod.activation = act
-        _replace(gm, after, node)
+    _fuse_activation(gm, node, mod, _only_user(node))
+
+
+def _fuse_activation(gm: fx.GraphModule, node: fx.Node, mod: NestedSparseModule, user: fx.Node | None) -> bool:
+    """Makes the activation ``user`` applies to the layer's output the layer's own; whether it did."""
+    act = _activation(gm, user, node)
+    if act is None:
+        return False
+    mod.activation = act
+    _replace(gm, user, node)
+    return True
 
 
 def _mutation_between(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> bool:
@@ -202,9 +206,9 @@ class SeparableMaxPool2d(nn.Module):
 
     def __init__(self, pool: nn.MaxPool2d):
         super().__init__()
-        self.kernel_size = _pair(pool.kernel_size)
-        self.stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
-        self.padding = _pair(pool.padding)
+        self.kernel_size = pair(pool.kernel_size)
+        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.padding = pair(pool.padding)
 
     @staticmethod
     def handles(m: nn.Module) -> bool:
@@ -212,8 +216,8 @@ class SeparableMaxPool2d(nn.Module):
             type(m) is nn.MaxPool2d
             and not m.return_indices
             and not m.ceil_mode
-            and _pair(m.dilation) == (1, 1)
-            and all(2 * p <= k for p, k in zip(_pair(m.padding), _pair(m.kernel_size)))
+            and pair(m.dilation) == (1, 1)
+            and all(2 * p <= k for p, k in zip(pair(m.padding), pair(m.kernel_size)))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +241,3 @@ def _strided_max(x: torch.Tensor, dim: int, k: int, s: int) -> torch.Tensor:
         part = x.narrow(dim, j, s * (n - 1) + 1)[(slice(None),) * dim + (slice(None, None, s),)]
         out = part if out is None else torch.maximum(out, part)
     return out.contiguous()
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))

@@ -10,6 +10,7 @@ from .. import ops
 from ..activations import ACTIVATIONS
 from ..formats import DEFAULT_BLOCK_SHAPE, FORMATS, NestedFormat
 from ..formats import from_dense as pack
+from .batchnorm import LevelBatchNorm
 from .levels import LevelAware
 
 __all__ = ["NestedSparseModule", "NestedSparseLinear", "NestedSparseConv2d"]
@@ -104,8 +105,6 @@ class NestedSparseModule(LevelAware, nn.Module):
         epilogue: per level, y = scale[level] * (W_level x) + shift[level], which is bn(this layer(x)). The
         layer's bias (and any BatchNorm folded before) is folded in too; ``bias`` becomes None. For inference:
         the folded statistics no longer update, and the scale takes no gradient."""
-        from .batchnorm import LevelBatchNorm  # noqa: PLC0415  (batchnorm imports nothing from here)
-
         name = type(self).__name__
         if self.activation != "none":
             raise ValueError(f"{name}.fold_batchnorm: the layer applies {self.activation!r} before the BatchNorm")

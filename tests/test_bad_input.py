@@ -11,7 +11,7 @@ from torch import nn
 
 import nestsparse
 
-from conftest import has_kernel
+from conftest import FormatCase, has_kernel
 
 OPS = torch.ops.nestsparse
 M, K, L, BS = 21, 27, 3, (8, 8)  # NBCR: 3 block rows (the last 5 rows high), 4 block columns (the last 3 wide)
@@ -542,3 +542,30 @@ def test_modules_check_input_width(fmt):
     assert lin[0].format == conv[0].format == fmt.name
     with pytest.raises(ValueError, match="expected NCHW input with 4 channels"):
         conv(torch.randn(1, 6, 8, 8))
+
+
+@pytest.mark.parametrize("stride", [(16384, 16384), (65535, 3), (7, 65535)])
+def test_a_huge_stride_costs_what_the_input_costs(fmt, stride):
+    # The phase buffer is sized by the stride: a 1-pixel input at stride 65535 asked for 17 GB. Now the work is
+    # bounded by the input; the result equals torch's (one output pixel per image here, or a few).
+    w = fmt.random((4, 3, 3, 3), 1, torch.Generator().manual_seed(4), density=0.6, block_shape=BS)
+    dense = w.to_dense(0)
+    for hw in [(1, 1), (5, 9)]:
+        x = torch.randn(2, 3, *hw)
+        out = w.conv2d(x, 0, (3, 3), None, stride, 1, 1, 1)
+        torch.testing.assert_close(out, torch.nn.functional.conv2d(x, dense, None, stride, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_nbcr_value_gradients_refuse_blocks_that_share_value_slots():
+    # Unvalidated blocks may point at the same values: their gradients would overwrite each other. The forward is
+    # defined (a shared value is used twice), the value gradient is refused by name.
+    w = FormatCase("nbcr").random((8, 8), 1, torch.Generator().manual_seed(5), density=1.0, block_shape=(4, 4))
+    blocks = w.blocks.clone()
+    assert blocks.shape[0] >= 2
+    blocks[1, 1] = blocks[0, 1]  # block 1 reads block 0's values
+    x = torch.randn(3, 8)
+    values = w.values.clone().requires_grad_(True)
+    args = [list(a) if isinstance(a, tuple) else a for a in w.op_args()]
+    y = OPS.nbcr_linear(x, values, w.indices, w.block_ptr, blocks, w.counts, 0, *args)
+    with pytest.raises(RuntimeError, match=r"block 1 has value offset 0 but the blocks before it fill \d+ values"):
+        y.sum().backward()

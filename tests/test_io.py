@@ -73,6 +73,7 @@ def saved(request, models, tmp_path):
 @pytest.fixture
 def no_pickle(monkeypatch):
     """Makes any unpickling during the test fail loudly."""
+    import torch._dynamo  # noqa: F401, PLC0415 -- subclasses pickle.Unpickler on import: import it before the patch
 
     def refuse(*args, **kwargs):
         raise AssertionError("nestsparse.io must never unpickle")
@@ -469,3 +470,97 @@ def test_level_batchnorm_levels_must_match_its_statistics(saved, tmp_path):
     forge(out, desc, meta, tensors)
     with pytest.raises(nsio.CheckpointError, match=r"'1' records 1000 levels of 8 features but its running_mean"):
         nsio.load(out, dense_model())
+
+
+# ---- hostile files (found by a probe of the loader) ---------------------------------------------------------
+
+
+def test_a_refused_file_leaves_a_nested_model_unchanged(saved, tmp_path):
+    # The arrays of a layer already nested in the model come through load_state_dict: they are validated from the
+    # file before anything is copied, so the model keeps its own arrays, dtypes and outputs.
+    fmt, model, path = saved
+    target = converted_model(fmt)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    desc, meta, tensors = read_all(path)
+    corrupt(fmt, tensors)
+    tensors = {k: (v.double() if k == "1.running_mean" else v) for k, v in tensors.items()}  # a dtype change too
+    desc = {**desc, "nested": {k: v for k, v in desc["nested"].items() if k != "3"}}
+    out = tmp_path / "forged.safetensors"
+    forge(out, desc, meta, tensors)
+    with pytest.raises(nsio.CheckpointError, match=r"layer '3' has corrupted index arrays"):
+        nsio.load(out, target)
+    after = target.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]), k
+    assert_same_outputs(model, target)
+
+
+@pytest.mark.parametrize("how", ["length", "2-d", "float64", "int32"])
+def test_a_nested_bias_of_the_wrong_shape_or_dtype_is_refused(saved, tmp_path, how):
+    fmt, _, path = saved
+    desc, meta, tensors = read_all(path)
+    b = tensors["6.bias"]
+    tensors["6.bias"] = {
+        "length": torch.zeros(b.numel() + 1),
+        "2-d": b.reshape(1, -1),
+        "float64": b.double(),
+        "int32": b.to(torch.int32),
+    }[how]
+    out = tmp_path / "forged.safetensors"
+    forge(out, desc, meta, tensors)
+    with pytest.raises(nsio.CheckpointError, match=r"layer '6' has a bias of shape"):
+        nsio.load(out, dense_model())
+    # into a model that is nested already, the same
+    with pytest.raises(nsio.CheckpointError, match=r"layer '6' has a bias of shape|skeleton mismatch"):
+        nsio.load(out, converted_model(fmt))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("eps", -1.0), ("eps", "1e-5"), ("momentum", 2.0), ("affine", 1), ("num_features", 0), ("num_levels", True)],
+)
+def test_level_batchnorm_arguments_are_checked(saved, tmp_path, field, value):
+    desc, meta, tensors = read_all(saved[2])
+    desc["level_batchnorms"]["1"][field] = value
+    out = tmp_path / "forged.safetensors"
+    forge(out, desc, meta, tensors)
+    with pytest.raises(nsio.CheckpointError, match=r"LevelBatchNorm '1' has invalid arguments"):
+        nsio.load(out, dense_model())
+
+
+def test_deeply_nested_metadata_is_a_checkpoint_error(saved, tmp_path):
+    desc, meta, tensors = read_all(saved[2])
+    text = json.dumps({**desc, "checksum": "sha256:" + "0" * 64}, separators=(",", ":"))
+    text = text[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}"
+    save_file(tensors, str(tmp_path / "deep.safetensors"), metadata={**meta, "nestsparse": text})
+    with pytest.raises(nsio.CheckpointError, match="nests too deeply|checksum"):
+        nsio.load(tmp_path / "deep.safetensors", dense_model())
+
+
+def test_load_without_a_model_checks_the_file_before_building_the_architecture(tmp_path, monkeypatch):
+    # A tiny file whose arguments ask for a huge model is refused after a skeleton on the meta device, without
+    # ever building the real one (a probe measured 28 s and 4.8 GB before the refusal).
+    models = pytest.importorskip("nestsparse.apps.models")
+    dense = models.build("resnet_small", num_classes=10, in_channels=1, width=8, blocks=(1, 1, 1))
+    model = nestsparse.convert(dense, nestsparse.model_tags(dense, DENSITIES), densities=DENSITIES).eval()
+    path = tmp_path / "resnet.safetensors"
+    nsio.save(model, path)
+    desc, meta, tensors = read_all(path)
+    desc["arch"]["kwargs"]["width"] = 4096  # about 4 G parameters if it were built
+    out = tmp_path / "huge.safetensors"
+    forge(out, desc, meta, tensors)
+    devices = []
+    real = nsio._skeleton_from_arch
+
+    def spy(path, arch, device=None):
+        devices.append(device)
+        return real(path, arch, device)
+
+    monkeypatch.setattr(nsio, "_skeleton_from_arch", spy)
+    with pytest.raises(nsio.CheckpointError, match="skeleton mismatch"):
+        nsio.load(out)
+    assert devices == ["meta"], "the real architecture must not be built for a file that does not fit it"
+    devices.clear()
+    assert_same_outputs(model, nsio.load(path).eval())
+    assert devices == ["meta", None]

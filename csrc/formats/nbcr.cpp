@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <limits>
 
 namespace nestsparse {
@@ -43,20 +44,41 @@ NbcrLevel check_nbcr(const char* op, const at::Tensor& values, const at::Tensor&
   TORCH_CHECK(level >= 0 && level < L, op, ": level ", level, " is out of range for a model with ", L,
               " levels (0 = densest .. ", L - 1, " = sparsest)");
   NbcrLevel w{values, indices, block_ptr, blocks, counts, level, L, rows, bm, bk, MB, B};
-  if (device.is_cpu()) {  // memory safety of the block-row loops: O(MB)
-    const int32_t* p = w.ptr();
-    TORCH_CHECK(p[0] == 0, op, ": block_ptr[0] = ", p[0], " but must be 0");
+  if (device.is_cpu()) {  // memory safety of the block-row loops: O(MB), each entry read once into the snapshot
+    const int32_t* p = block_ptr.const_data_ptr<int32_t>();
+    at::Tensor snapshot = at::empty({MB + 1}, block_ptr.options());
+    int32_t* s = snapshot.data_ptr<int32_t>();
+    s[0] = p[0];
+    TORCH_CHECK(s[0] == 0, op, ": block_ptr[0] = ", s[0], " but must be 0");
     for (int64_t i = 0; i < MB; ++i) {
-      TORCH_CHECK(p[i] <= p[i + 1], op, ": block_ptr is not non-decreasing: block_ptr[", i, "] = ", p[i],
-                  " > block_ptr[", i + 1, "] = ", p[i + 1]);
+      s[i + 1] = p[i + 1];
+      TORCH_CHECK(s[i] <= s[i + 1], op, ": block_ptr is not non-decreasing: block_ptr[", i, "] = ", s[i],
+                  " > block_ptr[", i + 1, "] = ", s[i + 1]);
     }
-    TORCH_CHECK(p[MB] == B, op, ": block_ptr[", MB, "] = ", p[MB], " but ", B, " blocks are stored");
+    TORCH_CHECK(s[MB] == B, op, ": block_ptr[", MB, "] = ", s[MB], " but ", B, " blocks are stored");
+    w.ptr_snapshot = std::move(snapshot);
   }
   return w;
 }
 
+void check_packed_values(const char* op, const NbcrLevel& w) {
+  const at::Tensor meta_t = w.blocks.cpu(), cnt_t = w.counts.cpu();
+  const int32_t* meta = meta_t.const_data_ptr<int32_t>();
+  const int32_t* c0 = cnt_t.const_data_ptr<int32_t>();
+  int64_t expected = 0;
+  for (int64_t b = 0; b < w.num_blocks; ++b) {
+    const int64_t vo = meta[3 * b + 1], r0 = c0[2 * b], cc0 = c0[2 * b + 1];
+    TORCH_CHECK(vo == expected, op, ": block ", b, " has value offset ", vo, " but the blocks before it fill ",
+                expected, " values: blocks must be packed in order without sharing value slots (validate() the ",
+                "weight), or their gradients would overwrite each other");
+    expected += std::max<int64_t>(r0, 0) * std::max<int64_t>(cc0, 0);
+  }
+}
+
 void fail_bad_block(const char* op, const NbcrLevel& w, int64_t K) {
-  const at::Tensor idx_t = w.indices.cpu(), meta_t = w.blocks.cpu(), cnt_t = w.counts.cpu(), ptr_t = w.block_ptr.cpu();
+  // Copies (the arrays may have changed since the kernel read them), every offset checked before it is used.
+  const at::Tensor idx_t = w.indices.cpu().clone(), meta_t = w.blocks.cpu().clone(), cnt_t = w.counts.cpu().clone();
+  const at::Tensor ptr_t = w.ptr_snapshot.defined() ? w.ptr_snapshot : w.block_ptr.cpu().clone();
   const int16_t* idx = idx_t.const_data_ptr<int16_t>();
   const int32_t* meta = meta_t.const_data_ptr<int32_t>();
   const int32_t* ptr = ptr_t.const_data_ptr<int32_t>();
@@ -64,7 +86,9 @@ void fail_bad_block(const char* op, const NbcrLevel& w, int64_t K) {
   const int32_t* c0 = cnt_t.const_data_ptr<int32_t>();
   const int64_t KB = (K + w.bk - 1) / w.bk, V = w.values.numel(), I = w.indices.numel();
   for (int64_t i = 0; i < w.block_rows; ++i) {
-    for (int64_t b = ptr[i]; b < ptr[i + 1]; ++b) {
+    const int64_t lo = std::clamp<int64_t>(ptr[i], 0, w.num_blocks),
+                  hi = std::clamp<int64_t>(ptr[i + 1], lo, w.num_blocks);
+    for (int64_t b = lo; b < hi; ++b) {
       const int64_t j = meta[3 * b], vo = meta[3 * b + 1], io = meta[3 * b + 2];
       const int64_t r = cl[2 * b], c = cl[2 * b + 1], r0 = c0[2 * b], cc0 = c0[2 * b + 1];
       TORCH_CHECK(j >= 0 && j < KB, op, ": block ", b, " (block row ", i, ") has block column ", j, ", outside [0, ",

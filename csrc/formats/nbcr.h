@@ -26,7 +26,10 @@
 //
 // The ops check per call what memory safety needs (O(MB) for block_ptr; inside the loops, per block, that
 // its counts, offsets and block column are in range and every index read lies in its block and the matrix).
-// A violation raises after the kernel, naming the block, without any out-of-bounds read. The complete list
+// A violation raises after the kernel, naming the block, without any out-of-bounds read. On the CPU, block_ptr
+// is read once into a snapshot the kernels use, and each block's counts, offsets and indices are copied before
+// they are checked: a buffer rewritten by another thread during a call gives a wrong result or an error, never
+// a wild read. The complete list
 // (nesting across levels, ordering, packing, canonical counts) is NestedBCR.validate()'s job, once per weight.
 #pragma once
 
@@ -49,7 +52,11 @@ struct NbcrLevel {
   int64_t bm = 0, bk = 0;  // block shape
   int64_t block_rows = 0;  // MB
   int64_t num_blocks = 0;  // B
-  const int32_t* ptr() const { return block_ptr.const_data_ptr<int32_t>(); }
+  // CPU: block_ptr as checked, (MB+1,) int32: what the CPU kernels read.
+  at::Tensor ptr_snapshot;
+  const int32_t* ptr() const {
+    return ptr_snapshot.defined() ? ptr_snapshot.const_data_ptr<int32_t>() : block_ptr.const_data_ptr<int32_t>();
+  }
   const int32_t* meta() const { return blocks.const_data_ptr<int32_t>(); }
   const int32_t* level_counts() const { return counts.const_data_ptr<int32_t>() + level * num_blocks * 2; }
   const int32_t* base_counts() const { return counts.const_data_ptr<int32_t>(); }
@@ -64,6 +71,11 @@ NbcrLevel check_nbcr(const char* op, const at::Tensor& values, const at::Tensor&
 // Raises naming the first block of `w`'s level that breaks what the kernels rely on, for a matrix with K
 // columns (called once a kernel reported one).
 [[noreturn]] void fail_bad_block(const char* op, const NbcrLevel& w, int64_t K);
+
+// Raises unless the stored blocks' value offsets are the running sums of their level-0 sizes r0 x c0 (packed,
+// as the contract says): the gradient of the values writes every block's slots, and blocks that shared slots
+// would overwrite each other's gradients. O(B), for the backward ops.
+void check_packed_values(const char* op, const NbcrLevel& w);
 
 // The block-row boundaries of `w`'s level from a cached plan (nbcr_plan), or freshly computed.
 std::vector<int32_t> block_row_chunks(const char* op, const NbcrLevel& w, const std::optional<at::Tensor>& plan,

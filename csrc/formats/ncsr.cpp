@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace nestsparse {
 
 NcsrLevel check_ncsr(const char* op, const at::Tensor& values, const at::Tensor& col_idx, const at::Tensor& row_ptr,
@@ -33,33 +35,46 @@ NcsrLevel check_ncsr(const char* op, const at::Tensor& values, const at::Tensor&
   TORCH_CHECK(level >= 0 && level < L, op, ": level ", level, " is out of range for a model with ", L,
               " levels (0 = densest .. ", L - 1, " = sparsest)");
   NcsrLevel w{values, col_idx, row_ptr, row_end, level, L, M};
-  // What memory safety needs for this level: every row slice lies inside the values buffer.
-  if (device.is_cpu()) w.nnz = check_row_slices(op, w.row_start(), w.row_stop(), M, level, values.numel());
+  // What memory safety needs for this level: every row slice lies inside the values buffer, in the snapshot the
+  // kernels read.
+  if (device.is_cpu()) {
+    at::Tensor slices = at::empty({2, M}, row_ptr.options());
+    w.nnz = check_row_slices(op, w.row_start(), w.row_stop(), M, level, values.numel(), slices.data_ptr<int32_t>());
+    w.slices = std::move(slices);
+  }
   return w;
 }
 
-int64_t check_row_slices(const char* op, const int32_t* rp, const int32_t* re, int64_t M, int64_t level, int64_t nnz) {
-  TORCH_CHECK(rp[0] == 0, op, ": row_ptr[0] = ", rp[0], " but must be 0");
+int64_t check_row_slices(const char* op, const int32_t* rp, const int32_t* re, int64_t M, int64_t level, int64_t nnz,
+                         int32_t* snapshot) {
+  int32_t lo = rp[0];
+  TORCH_CHECK(lo == 0, op, ": row_ptr[0] = ", lo, " but must be 0");
   int64_t count = 0;
   for (int64_t r = 0; r < M; ++r) {
-    TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr is not non-decreasing: row_ptr[", r, "] = ", rp[r], " > row_ptr[",
-                r + 1, "] = ", rp[r + 1]);
-    TORCH_CHECK(re[r] >= rp[r] && re[r] <= rp[r + 1], op, ": row_end[", level, ", ", r, "] = ", re[r],
-                " is outside its row [row_ptr[", r, "], row_ptr[", r + 1, "]] = [", rp[r], ", ", rp[r + 1], "]");
-    count += re[r] - rp[r];
+    const int32_t hi = rp[r + 1], end = re[r];
+    TORCH_CHECK(lo <= hi, op, ": row_ptr is not non-decreasing: row_ptr[", r, "] = ", lo, " > row_ptr[", r + 1,
+                "] = ", hi);
+    TORCH_CHECK(end >= lo && end <= hi, op, ": row_end[", level, ", ", r, "] = ", end, " is outside its row [row_ptr[",
+                r, "], row_ptr[", r + 1, "]] = [", lo, ", ", hi, "]");
+    if (snapshot != nullptr) snapshot[r] = lo, snapshot[M + r] = end;
+    count += end - lo;
+    lo = hi;
   }
-  TORCH_CHECK(rp[M] <= nnz, op, ": row_ptr[M=", M, "] = ", rp[M], " exceeds the ", nnz, " stored values");
+  TORCH_CHECK(lo <= nnz, op, ": row_ptr[M=", M, "] = ", lo, " exceeds the ", nnz, " stored values");
   return count;
 }
 
 void fail_column_out_of_range(const char* op, const NcsrLevel& w, int64_t K) {
+  // Copies, and the row slices clamped to them: the arrays may have changed since the kernel read them.
   const at::Tensor cols = w.col_idx.to(at::kLong).cpu();
   const int64_t* c = cols.const_data_ptr<int64_t>();
-  const at::Tensor rp = w.row_ptr.cpu(), re = w.row_end.cpu();
+  const int64_t n = cols.numel();
+  const at::Tensor rp = w.slices.defined() ? w.slices[0] : w.row_ptr.cpu().narrow(0, 0, w.rows);
+  const at::Tensor re = w.slices.defined() ? w.slices[1] : w.row_end[w.level].cpu();
   const int32_t* start = rp.const_data_ptr<int32_t>();
-  const int32_t* stop = re.const_data_ptr<int32_t>() + w.level * w.rows;
+  const int32_t* stop = re.const_data_ptr<int32_t>();
   for (int64_t r = 0; r < w.rows; ++r) {
-    for (int64_t p = start[r]; p < stop[r]; ++p) {
+    for (int64_t p = std::max<int64_t>(start[r], 0); p < std::min<int64_t>(stop[r], n); ++p) {
       TORCH_CHECK(c[p] >= 0 && c[p] < K, op, ": col_idx[", p, "] = ", c[p], " (row ", r, ") is outside [0, K=", K, ")");
     }
   }

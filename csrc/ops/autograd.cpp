@@ -16,6 +16,8 @@
 // edge, so the residual's is 2 without a bias, 3 with one.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <array>
@@ -131,7 +133,33 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
     const at::Tensor none;
     const size_t residual_edge = bias.defined() ? kEdgeBias + 1 : kEdgeBias;
     const at::Tensor gr = residual.defined() && ctx->needs_input_grad(residual_edge) ? gz : none;
-    return {ctx->needs_input_grad(kEdgeX) ? gx : none, ctx->needs_input_grad(kEdgeValues) ? gv : none, gb, gr, none};
+    tensor_list result{ctx->needs_input_grad(kEdgeX) ? gx : none, ctx->needs_input_grad(kEdgeValues) ? gv : none, gb,
+                       gr, none};
+    const bool create_graph = at::GradMode::is_enabled() &&
+                              (grads[0].requires_grad() || call.x.requires_grad() || call.w.values.requires_grad());
+    return create_graph ? refuse_double_backward(result, call.x, call.w.values, grads[0]) : result;
+  }
+
+ private:
+  // The backward ops have no derivative of their own: under create_graph the gradients get a grad_fn that raises
+  // when a second backward reaches it, wired to this product's inputs (x, values, the incoming gradient) so that a
+  // second gradient with respect to any of them meets it, instead of second-order gradients that would silently
+  // be zero.
+  static tensor_list refuse_double_backward(const tensor_list& grads, const at::Tensor& x, const at::Tensor& values,
+                                            const at::Tensor& grad_out) {
+    auto error = c10::make_intrusive<torch::autograd::Error>(
+        std::string(Op::name()) +
+            ": no second derivative (double backward through a nested sparse product is not implemented); take "
+            "second-order gradients on a dense copy (nestsparse.to_dense)",
+        torch::autograd::collect_next_edges(x, values, grad_out));
+    tensor_list out;
+    out.reserve(grads.size());
+    for (const at::Tensor& g : grads) {
+      at::Tensor o = g.defined() ? g.detach() : at::Tensor();
+      torch::autograd::set_history(o, error);
+      out.push_back(std::move(o));
+    }
+    return out;
   }
 };
 

@@ -23,6 +23,7 @@ from .nn import (
     level_aware_modules,
     level_batchnorms,
     set_level,
+    shared_copy,
 )
 from .pruning import (
     LevelSpec,
@@ -90,6 +91,7 @@ __all__ = [
     "level_batchnorms",
     "level_aware_modules",
     "set_level",
+    "shared_copy",
     "get_levels",
     "convert",
     "to_dense",

@@ -42,9 +42,11 @@ every index array is checked by its format's ``validate()`` before a kernel sees
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -62,7 +64,6 @@ from .nn import (
     NestedSparseModule,
     level_aware_modules,
     parent_module,
-    set_level,
 )
 from .version import __version__
 
@@ -280,6 +281,8 @@ def _read(path: str) -> tuple[dict[str, Any], str, dict[str, str], dict[str, Ten
         raise CheckpointError(f"{path}: no {METADATA_KEY!r} metadata; the file was not written by nestsparse.io.save")
     try:
         desc = json.loads(text)
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: the {METADATA_KEY!r} metadata nests too deeply: the file was altered") from e
     except ValueError as e:
         raise CheckpointError(
             f"{path}: the {METADATA_KEY!r} metadata is not valid JSON: the file was altered or damaged"
@@ -315,8 +318,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return {**desc, "user": user}
 
 
-def _skeleton_from_arch(path: str, arch: Any) -> nn.Module:
-    """A fresh dense model of the recorded architecture, from its registered builder."""
+def _skeleton_from_arch(path: str, arch: Any, device: str | None = None) -> nn.Module:
+    """A fresh dense model of the recorded architecture, from its registered builder (its tensors on ``device``:
+    "meta" builds it without allocating anything)."""
     if arch is None:
         raise CheckpointError(
             f"{path}: the file records no architecture (the saved model had no .arch); pass "
@@ -343,7 +347,8 @@ def _skeleton_from_arch(path: str, arch: Any) -> nn.Module:
             "or pass the dense model as load(path, model=...)"
         )
     try:
-        return builder(**arch.get("kwargs", {}))
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return builder(**arch.get("kwargs", {}))
     except Exception as e:
         raise CheckpointError(
             f"{path}: arch {arch['name']!r} cannot be built with the arguments {arch.get('kwargs', {})!r}: {e}"
@@ -427,6 +432,8 @@ def _nested_module(path: str, name: str, d: Mapping[str, Any], tensors: Mapping[
     except FormatError as e:
         raise CheckpointError(f"{path}: corrupted index arrays in layer {name!r}: {e}") from e
     bias = tensors[_key(name, "bias")] if d["bias"] else None
+    if bias is not None:
+        _check_bias(path, name, bias, weight.values, int(weight.weight_shape[0]))
     if d["kind"] == "conv2d":
         return NestedSparseConv2d(
             weight, bias, d["stride"], d["padding"], d["dilation"], int(d["groups"]), d["activation"]
@@ -434,10 +441,48 @@ def _nested_module(path: str, name: str, d: Mapping[str, Any], tensors: Mapping[
     return NestedSparseLinear(weight, bias, d["activation"])
 
 
+def _check_bias(path: str, name: str, bias: Tensor, values: Tensor, rows: int) -> None:
+    """A nested layer's bias: 1-D of one entry per output row, in the dtype of the layer's values (the ops
+    refuse anything else, so a model loaded with it would fail on every forward)."""
+    if bias.dim() != 1 or bias.shape[0] != rows or bias.dtype != values.dtype:
+        raise CheckpointError(
+            f"{path}: layer {name!r} has a bias of shape {tuple(bias.shape)} and dtype {bias.dtype}; expected "
+            f"({rows},) in the values' dtype {values.dtype}"
+        )
+
+
+def _check_batchnorm_args(path: str, name: str, args: Any) -> None:
+    """The recorded LevelBatchNorm arguments, by type and range, before any module is built from them."""
+    if not isinstance(args, dict) or set(args) != set(_BN_ARGS):
+        raise CheckpointError(f"{path}: LevelBatchNorm {name!r} needs exactly the arguments {_BN_ARGS}, got {args!r}")
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 24
+
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    ok = (
+        count(args["num_features"])
+        and count(args["num_levels"])
+        and real(args["eps"])
+        and args["eps"] > 0
+        and (args["momentum"] is None or (real(args["momentum"]) and 0 <= args["momentum"] <= 1))
+        and isinstance(args["affine"], bool)
+        and isinstance(args["per_level_affine"], bool)
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path}: LevelBatchNorm {name!r} has invalid arguments {args!r} (num_features and num_levels positive "
+            "ints, eps > 0, momentum None or in [0, 1], affine and per_level_affine booleans)"
+        )
+
+
 def _level_batchnorm(
     path: str, model: nn.Module, name: str, args: Mapping[str, Any], tensors: Mapping[str, Tensor]
 ) -> LevelBatchNorm:
     """A LevelBatchNorm with the recorded arguments, after checking the skeleton has a BatchNorm there."""
+    _check_batchnorm_args(path, name, args)
     try:
         old = model.get_submodule(name)
     except AttributeError:
@@ -506,28 +551,105 @@ def _check_state(path: str, model: nn.Module, tensors: Mapping[str, Tensor]) -> 
             )
 
 
-def _match_dtypes(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
-    """Gives every skeleton parameter and buffer the dtype stored in the file, so loading is exact."""
+def _match_dtypes(path: str, model: nn.Module, tensors: Mapping[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Gives every skeleton parameter and buffer the dtype stored in the file, so loading is exact. Returns what
+    to put back if the load fails later: (tensor, its previous data)."""
     named = dict(model.named_parameters(remove_duplicate=False))
+    params = set(named)
     named.update(model.named_buffers(remove_duplicate=False))
+    for k in params:
+        if k in tensors and not (tensors[k].is_floating_point() or tensors[k].is_complex()):
+            raise CheckpointError(f"{path}: parameter {k!r} is stored as {tensors[k].dtype}; parameters are floating")
+    changed = []
     for k, t in named.items():
         if k in tensors and t is not None and t.dtype != tensors[k].dtype:
+            changed.append((t, t.data))
             t.data = t.data.to(tensors[k].dtype)
+    return changed
 
 
-def _restore_levels(path: str, model: nn.Module, level: Any) -> None:
-    """Puts every level-aware module back at its saved level."""
+def _check_nested_layers(
+    path: str, model: nn.Module, new: Mapping[str, nn.Module], tensors: Mapping[str, Tensor]
+) -> None:
+    """The file's arrays of every nested layer the skeleton already had (those in ``new`` were checked when built),
+    validated before anything is copied: a refused file leaves the model as it was."""
+    for name, mod in model.named_modules():
+        if not isinstance(mod, NestedSparseModule) or name in new:
+            continue
+        prefix = f"{name}." if name else ""
+        fmt = mod._format
+        try:
+            weight = fmt.from_parts(
+                tensors[prefix + "values"],
+                {n: tensors[prefix + n] for n in fmt.index_names},
+                mod.weight_shape,
+                mod.densities,
+                **mod.options,
+            )
+            weight.validate()
+        except FormatError as e:
+            raise CheckpointError(f"{path}: layer {name!r} has corrupted index arrays: {e}") from e
+        if mod.bias is not None:
+            _check_bias(path, name, tensors[prefix + "bias"], weight.values, int(mod.weight_shape[0]))
+
+
+def _restore_levels(path: str, model: nn.Module, level: Any, check_only: bool = False) -> None:
+    """Puts every level-aware module back at its saved level (``check_only``: only checks that it can)."""
     if level is None:
         return
     try:
-        if isinstance(level, dict):
-            mods = level_aware_modules(model)
-            for name, lvl in level.items():
-                mods[name].set_level(lvl)
-        else:
-            set_level(model, level)
-    except (KeyError, ValueError, TypeError) as e:
+        mods = level_aware_modules(model)
+        if not isinstance(level, dict):
+            if not mods:
+                raise ValueError("the model has no level-aware modules")
+            level = dict.fromkeys(mods, level)
+        checked = [(mods[name], mods[name].checked_level(lvl)) for name, lvl in level.items()]
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: cannot restore the saved level {level!r}: {e}") from e
+    if not check_only:
+        for m, lvl in checked:
+            m.set_level(lvl)
+
+
+def _fill(
+    path: str, model: nn.Module, desc: Mapping[str, Any], tensors: Mapping[str, Tensor], check_only: bool = False
+) -> nn.Module:
+    """Puts the file's modules and tensors into ``model``. Everything is checked before the first tensor is
+    copied, and a refused file leaves the model as it was (modules, dtypes and values). ``check_only``: stops
+    after the checks and undoes the module replacements."""
+    try:
+        new = _replacements(path, model, desc, tensors)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed nestsparse metadata ({type(e).__name__}: {e})") from e
+    undo, dtypes, target = [], [], model
+    try:
+        for name, mod in new.items():
+            if not name:  # the saved model was a single layer: it replaces the skeleton itself
+                target = mod
+                continue
+            parent, child = parent_module(target, name)
+            undo.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, mod)
+        _check_state(path, target, tensors)
+        _check_nested_layers(path, target, new, tensors)
+        _restore_levels(path, target, desc.get("level"), check_only=True)
+        if not check_only:
+            dtypes = _match_dtypes(path, target, tensors)
+            target.load_state_dict(tensors, strict=True)
+            _restore_levels(path, target, desc.get("level"))
+    except BaseException:
+        for t, data in reversed(dtypes):
+            t.data = data
+        for parent, child, old in reversed(undo):
+            setattr(parent, child, old)
+        raise
+    if check_only:
+        for parent, child, old in reversed(undo):
+            setattr(parent, child, old)
+        return model
+    return target
 
 
 def load(
@@ -551,39 +673,19 @@ def load(
             raise CheckpointError(f"{path}: tensor {name!r} is an alias of {target!r}, which is not in the file")
         tensors[name] = tensors[target]
     if model is None:
+        # Everything the file says is checked against a skeleton on the meta device first: building the real one
+        # costs what the file's arguments ask for (a 52 KB file asked for 4.8 GB), so it is built only for a file
+        # that fits it. A builder that cannot run on the meta device is built for real directly.
+        try:
+            meta = _skeleton_from_arch(path, desc.get("arch"), device="meta")
+        except CheckpointError as e:
+            if not isinstance(e.__cause__, (NotImplementedError, RuntimeError)):
+                raise
+            meta = None
+        if meta is not None:
+            _fill(path, meta, desc, tensors, check_only=True)
         model = _skeleton_from_arch(path, desc.get("arch"))
-    try:
-        new = _replacements(path, model, desc, tensors)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: malformed nestsparse metadata ({type(e).__name__}: {e})") from e
-    undo = []
-    try:
-        for name, mod in new.items():
-            if not name:  # the saved model was a single layer: it replaces the skeleton itself
-                model = mod
-                continue
-            parent, child = parent_module(model, name)
-            undo.append((parent, child, getattr(parent, child)))
-            setattr(parent, child, mod)
-        _check_state(path, model, tensors)
-        _match_dtypes(model, tensors)
-        model.load_state_dict(tensors, strict=True)
-        # Every nested layer's arrays are checked as loaded, including those of a skeleton that was already
-        # nested (their tensors came through load_state_dict, not through _replacements).
-        for name, mod in model.named_modules():
-            if isinstance(mod, NestedSparseModule):
-                try:
-                    mod.nested().validate()
-                except FormatError as e:
-                    raise CheckpointError(f"{path}: layer {name!r} has corrupted index arrays: {e}") from e
-        _restore_levels(path, model, desc.get("level"))
-    except BaseException:
-        # Leave the caller's module structure as it was (parameters already copied keep the file's values).
-        for parent, child, old in reversed(undo):
-            setattr(parent, child, old)
-        raise
+    model = _fill(path, model, desc, tensors)
     if desc.get("arch") is not None and getattr(model, "arch", None) is None:
         model.arch = desc["arch"]  # so that saving the loaded model again records it too
     return model.to(map_location) if map_location is not None else model

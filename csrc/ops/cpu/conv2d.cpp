@@ -20,10 +20,20 @@
 namespace nestsparse::cpu {
 namespace {
 
+// A stride past the padded input gives one output row (column), which reads from the first rows only: the same
+// as a stride of the padded size, and the phase buffer is sized by the stride (a 1-pixel input at stride 16384
+// asked for 1.3 GB). So the work stays bounded by the input, whatever the stride.
+ConvShape bounded_stride(ConvShape s) {
+  s.sh = std::min(s.sh, s.H + 2 * s.ph);
+  s.sw = std::min(s.sw, s.W + 2 * s.pw);
+  return s;
+}
+
 template <typename F>
-int64_t conv_f32(const typename F::Level& w, const ConvShape& s, const float* x, const EpilogueTensors& e, Act act,
-                 float* out, const std::vector<int32_t>& chunks) {
+int64_t conv_f32(const typename F::Level& w, const ConvShape& geometry, const float* x, const EpilogueTensors& e,
+                 Act act, float* out, const std::vector<int32_t>& chunks) {
   using C = CpuFormat<F>;
+  const ConvShape s = bounded_stride(geometry);
   const Epilogue ep = e.kernel(act, out);
   const auto view = C::kernel_view(w, s.K);
   const auto fn = C::tile_kernel(active_kernels(), conv_tile_width(s));
@@ -93,6 +103,9 @@ std::tuple<at::Tensor, at::Tensor> conv_backward_typed(const char* op, const typ
                                 gcols.data_ptr<T>() + n * Ktot * L, L, j0, std::min(L, j0 + kCols));
     }
   });
+  // Before the value gradients: a block out of bounds is named first, then blocks that would share slots.
+  if (bad.load() != 0) C::fail(op, w, s.K);
+  C::check_value_slots(op, w);
   at::parallel_for(0, C::sddmm_units(w), C::sddmm_grain(true), [&](int64_t u0, int64_t u1) {
     bad += sddmm<T>(view, g.const_data_ptr<T>(), L, s.M * L, cols.const_data_ptr<T>(), L, Ktot * L, L, s.Nb,
                     gv.data_ptr<T>(), u0, u1);

@@ -39,6 +39,8 @@ struct CpuFormat<Ncsr> {
     return row_chunks(op, w, plan, default_chunks());
   }
   [[noreturn]] static void fail(const char* op, const NcsrLevel& w, int64_t K) { fail_column_out_of_range(op, w, K); }
+  // The gradient of the values writes each entry once: rows own disjoint slices (the checked snapshot).
+  static void check_value_slots(const char*, const NcsrLevel&) {}
   // The SDDMM of the backward runs over rows.
   static int64_t sddmm_units(const NcsrLevel& w) { return w.rows; }
   static int64_t sddmm_grain(bool conv) { return conv ? 4 : 16; }
@@ -58,6 +60,8 @@ struct CpuFormat<Nbcr> {
     return block_row_chunks(op, w, plan, default_chunks());
   }
   [[noreturn]] static void fail(const char* op, const NbcrLevel& w, int64_t K) { fail_bad_block(op, w, K); }
+  // The gradient of the values writes each block's slots: they must not overlap (check_packed_values).
+  static void check_value_slots(const char* op, const NbcrLevel& w) { check_packed_values(op, w); }
   // The SDDMM of the backward runs over block rows (a block's entries span its rows).
   static int64_t sddmm_units(const NbcrLevel& w) { return w.block_rows; }
   static int64_t sddmm_grain(bool) { return 1; }

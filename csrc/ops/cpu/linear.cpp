@@ -96,6 +96,9 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_typed(const char* op, const t
   at::parallel_for(0, N, 64, [&](int64_t j0, int64_t j1) {
     bad += spmm_transposed<T>(view, v.const_data_ptr<T>(), A.const_data_ptr<T>(), N, gxt.data_ptr<T>(), N, j0, j1);
   });
+  // Before the value gradients: a block out of bounds is named first, then blocks that would share slots.
+  if (bad.load() != 0) C::fail(op, w, K);
+  C::check_value_slots(op, w);
   at::parallel_for(0, C::sddmm_units(w), C::sddmm_grain(false), [&](int64_t u0, int64_t u1) {
     bad += sddmm<T>(view, A.const_data_ptr<T>(), N, 0, Bt.const_data_ptr<T>(), N, 0, N, 1, gv.data_ptr<T>(), u0, u1);
   });

@@ -12,6 +12,7 @@ namespace {
 template <typename F>
 int64_t for_each_entry(const BlocksView& w, int64_t br0, int64_t br1, F&& f) {
   int64_t bad = 0;
+  int16_t rows[kMaxBlockRows], cols[kMaxBlockCols];
   for (int64_t i = br0; i < br1; ++i) {
     const int64_t row_lim = std::min(w.bm, w.rows - i * w.bm);
     for (int64_t b = w.block_ptr[i]; b < w.block_ptr[i + 1]; ++b) {
@@ -20,11 +21,10 @@ int64_t for_each_entry(const BlocksView& w, int64_t br0, int64_t br1, F&& f) {
       bool ok = j >= 0 && j < w.block_cols && r0 >= 0 && r0 <= w.bm && c0 >= 0 && c0 <= w.bk && r >= 0 && r <= r0 &&
                 c >= 0 && c <= c0 && vo >= 0 && io >= 0 && vo + r0 * c0 <= w.num_values &&
                 io + r0 + c0 <= w.num_indices;
-      const int16_t* rows = w.indices + (ok ? io : 0);
-      const int16_t* cols = rows + (ok ? r0 : 0);
+      // The block's indices are copied, then checked and used: another thread may rewrite the array meanwhile.
       const int64_t col_lim = std::min(w.bk, w.cols - j * w.bk);
-      for (int64_t a = 0; ok && a < r; ++a) ok = rows[a] >= 0 && rows[a] < row_lim;
-      for (int64_t q = 0; ok && q < c; ++q) ok = cols[q] >= 0 && cols[q] < col_lim;
+      for (int64_t a = 0; ok && a < r; ++a) rows[a] = w.indices[io + a], ok = rows[a] >= 0 && rows[a] < row_lim;
+      for (int64_t q = 0; ok && q < c; ++q) cols[q] = w.indices[io + r0 + q], ok = cols[q] >= 0 && cols[q] < col_lim;
       if (!ok) {
         ++bad;
         continue;

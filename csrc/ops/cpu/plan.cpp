@@ -35,13 +35,18 @@ void chunk_rows(const int32_t* start, const int32_t* stop, int64_t M, int64_t P,
 
 // Block row i costs its epilogue plus, per block, kBlockCost and its r_l x c_l sub-block; chunk k ends at the
 // last block row whose middle lies before k/P of the total.
-void chunk_block_rows(const int32_t* ptr, const int32_t* cnt, int64_t MB, int64_t bm, int64_t P, int32_t* out) {
+// Block ranges are clamped to [0, B): block_ptr may be rewritten by another thread after it was checked.
+void chunk_block_rows(const int32_t* ptr, const int32_t* cnt, int64_t MB, int64_t B, int64_t bm, int64_t P,
+                      int32_t* out) {
   std::vector<int64_t> cost(MB);
   int64_t total = 0;
   for (int64_t i = 0; i < MB; ++i) {
     int64_t c = 4 * bm;  // the block row's epilogue
-    for (int64_t b = ptr[i]; b < ptr[i + 1]; ++b) {
-      c += kBlockCost + std::max<int64_t>(cnt[2 * b], 0) * std::max<int64_t>(cnt[2 * b + 1], 0);
+    const int64_t lo = std::clamp<int64_t>(ptr[i], 0, B), hi = std::clamp<int64_t>(ptr[i + 1], lo, B);
+    for (int64_t b = lo; b < hi; ++b) {
+      // Counts clamped to the block: they are checked per block by the kernels, not here.
+      c += kBlockCost +
+           std::clamp<int64_t>(cnt[2 * b], 0, kMaxBlockDim) * std::clamp<int64_t>(cnt[2 * b + 1], 0, kMaxBlockDim);
     }
     cost[i] = c;
     total += c;
@@ -64,13 +69,14 @@ std::vector<int32_t> level_of_plan(const char* op, const char* from, const char*
               op, ": plan must be a contiguous int32 CPU tensor of shape (L=", num_levels, ", chunks+1) from ", from,
               ", got ", p.scalar_type(), " ", p.sizes(), " on ", p.device());
   const int64_t n = p.size(1);
-  const int32_t* b = p.const_data_ptr<int32_t>() + level * n;
+  const int32_t* row = p.const_data_ptr<int32_t>() + level * n;
+  const std::vector<int32_t> b(row, row + n);  // copied first: the kernels use exactly what is checked here
   TORCH_CHECK(b[0] == 0 && b[n - 1] == units, op, ": plan row ", level, " must run from 0 to ", units_name, "=", units,
               ", got ", b[0], " .. ", b[n - 1], " (was it built for another weight?)");
   for (int64_t i = 1; i < n; ++i) {
     TORCH_CHECK(b[i - 1] <= b[i], op, ": plan row ", level, " is not non-decreasing at ", i);
   }
-  return std::vector<int32_t>(b, b + n);
+  return b;
 }
 
 at::Tensor ncsr_plan(const NcsrPlan::Call& c) {
@@ -128,7 +134,7 @@ at::Tensor nbcr_plan(const NbcrPlan::Call& c) {
   }
   at::Tensor plan = at::empty({L, num_chunks + 1}, at::kInt);
   for (int64_t l = 0; l < L; ++l) {
-    chunk_block_rows(p, counts.const_data_ptr<int32_t>() + l * B * 2, MB, block_rows_size, num_chunks,
+    chunk_block_rows(p, counts.const_data_ptr<int32_t>() + l * B * 2, MB, B, block_rows_size, num_chunks,
                      plan.data_ptr<int32_t>() + l * (num_chunks + 1));
   }
   return plan;
@@ -148,7 +154,7 @@ std::vector<int32_t> block_row_chunks(const char* op, const NbcrLevel& w, const 
                                       int64_t default_chunks) {
   if (plan.has_value()) return level_of_plan(op, "nbcr_plan", "MB", *plan, w.num_levels, w.level, w.block_rows);
   std::vector<int32_t> b(default_chunks + 1);
-  chunk_block_rows(w.ptr(), w.level_counts(), w.block_rows, w.bm, default_chunks, b.data());
+  chunk_block_rows(w.ptr(), w.level_counts(), w.block_rows, w.num_blocks, w.bm, default_chunks, b.data());
   return b;
 }
 

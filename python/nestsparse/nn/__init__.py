@@ -1,7 +1,7 @@
 """Level-aware modules: nested sparse layers, per-level BatchNorm, and switching a model's level."""
 
 from .batchnorm import LevelBatchNorm, level_batchnorms
-from .levels import LevelAware, get_levels, level_aware_modules, set_level
+from .levels import LevelAware, get_levels, level_aware_modules, set_level, shared_copy
 from .sparse import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule
 from .tree import parent_module
 
@@ -15,5 +15,6 @@ __all__ = [
     "level_aware_modules",
     "set_level",
     "get_levels",
+    "shared_copy",
     "parent_module",
 ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
-__all__ = ["LevelAware", "level_aware_modules", "set_level", "get_levels"]
+__all__ = ["LevelAware", "level_aware_modules", "set_level", "get_levels", "shared_copy"]
 
 
 class LevelAware:
@@ -57,3 +59,12 @@ def set_level(model: nn.Module, level: int) -> nn.Module:
     for m in mods:
         m.level = level
     return model
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose modules are new objects holding the same parameters and buffers: no tensor is
+    copied, and its levels are its own. A module's level is plain state that ``set_level`` changes for every
+    thread; to serve several levels at once from threads, give each thread its own shared copy (a change to the
+    weights, by training or loading, is seen by all of them)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)

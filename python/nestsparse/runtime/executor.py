@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import platform
 import statistics
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +72,27 @@ class _Run:
     )
 
 
+class _ModelGuard:
+    """One per model, shared by every executor on it: the levels are the model's modules' state, so inferences
+    on one model run one at a time."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.owner: int | None = None  # the thread running an inference now
+
+
+_GUARDS: weakref.WeakKeyDictionary[nn.Module, _ModelGuard] = weakref.WeakKeyDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+def _guard(model: nn.Module) -> _ModelGuard:
+    with _GUARDS_LOCK:
+        g = _GUARDS.get(model)
+        if g is None:
+            g = _GUARDS[model] = _ModelGuard()
+        return g
+
+
 class ReroutingExecutor:
     """Runs ``model`` under a deadline with a policy from ``POLICIES`` (or ``"static:<level>"``).
 
@@ -84,7 +107,13 @@ class ReroutingExecutor:
     ``slowdown``: the last inference's latency over its profiled time (choose-once scales the profile by it).
 
     Use as a context manager, or call ``close()``, to remove the checkpoint hooks from the model. After an
-    inference the modules keep the levels it ended with; ``nestsparse.set_level`` resets them."""
+    inference the modules keep the levels it ended with; ``nestsparse.set_level`` resets them.
+
+    Threads: an executor may be shared, and several executors may wrap one model. The levels are the model's
+    state, so inferences on one model run one at a time: a call from a second thread waits for the running one to
+    end (its latency is counted from when it starts), and a call from inside a running inference (the same
+    thread) raises RuntimeError. Calling the model directly while an executor runs it sees the executor's levels:
+    serve concurrent levels from copies that share the weights (nestsparse.shared_copy)."""
 
     def __init__(
         self,
@@ -123,6 +152,7 @@ class ReroutingExecutor:
         self._order_known = False
         self._set_order([s[0] for s in self.stages])
         self._run: _Run | None = None
+        self._guard = _guard(model)
         self.slowdown = 1.0
         self._hooks = [modules[s[0]].register_forward_pre_hook(self._hook(s[0])) for s in self.stages]
         self.profile: LatencyProfile | None = None
@@ -256,8 +286,17 @@ class ReroutingExecutor:
             or not math.isfinite(deadline)
         ):
             raise ValueError(f"deadline must be a positive number of seconds, got {deadline!r}")
-        if self._run is not None:
-            raise RuntimeError("ReroutingExecutor: already running an inference (not re-entrant)")
+        guard = self._guard
+        if guard.owner == threading.get_ident():
+            raise RuntimeError("ReroutingExecutor: already running an inference on this model (not re-entrant)")
+        with guard.lock:
+            guard.owner = threading.get_ident()
+            try:
+                return self._infer(args, kwargs, deadline, policy)
+            finally:
+                guard.owner = None
+
+    def _infer(self, args: tuple, kwargs: dict, deadline: float | None, policy: str) -> Inference:
         if not self._hooks:
             raise RuntimeError("ReroutingExecutor: closed")
         start_level = self.start_level(policy, deadline)

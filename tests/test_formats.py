@@ -702,3 +702,13 @@ def test_nbcr_from_tags_refuses_bad_tags():
     NestedBCR.from_tags(w, rt, ct, (3, 3)).validate()
     with pytest.raises(ValueError, match="must lie in \\[-1, 0\\], got \\[-1, 1\\]"):
         NestedBCR.from_tags(w, rt, ct + (ct >= 0).to(torch.int8), (3, 3), num_levels=1)
+
+
+def test_ncsr_refuses_more_non_zeros_than_int32_row_pointers_hold_before_allocating_them():
+    # 65536 x 32769 entries, all kept: 2^31 + 65536 non-zeros. The tensors are broadcast views (no memory); the
+    # refusal comes from counting them, before the 16 GB int64 copy of the tags and the index lists.
+    M, K = 65536, 32769
+    weight = torch.zeros(1).expand(M, K)
+    tags = torch.zeros(1, dtype=torch.int8).expand(M, K)
+    with pytest.raises(ValueError, match=r"more than 2147483647 non-zeros"):
+        NestedCSR.from_dense(weight, tags, num_levels=1)

@@ -564,3 +564,28 @@ def test_load_without_a_model_checks_the_file_before_building_the_architecture(t
     devices.clear()
     assert_same_outputs(model, nsio.load(path).eval())
     assert devices == ["meta", None]
+
+
+def test_header_edits_and_huge_declared_sizes_are_refused(saved, tmp_path, no_pickle):
+    # The safetensors header is parsed by safetensors before any tensor is read: a declared shape or offsets past
+    # the file, a header length past the file and a header that is not JSON all end in CheckpointError.
+    data = bytearray(saved[2].read_bytes())
+    n, head = header(saved[2])
+    name = next(k for k in head if k != "__metadata__")
+
+    def write(h: dict | bytes, length: int | None = None) -> os.PathLike:
+        body = h if isinstance(h, bytes) else json.dumps(h).encode()
+        out = tmp_path / "edited.safetensors"
+        out.write_bytes(struct.pack("<Q", len(body) if length is None else length) + body + bytes(data[8 + n :]))
+        return out
+
+    edits = [
+        write({**head, name: {**head[name], "shape": [2**40]}}),
+        write({**head, name: {**head[name], "data_offsets": [0, 2**62]}}),
+        write(json.dumps(head).encode(), length=2**60),
+        write(b"{" * 1000),
+        write({**head, name: {**head[name], "dtype": "F128"}}),
+    ]
+    for path in edits:
+        with pytest.raises(nsio.CheckpointError, match="not a safetensors file, or truncated or damaged"):
+            nsio.load(path, dense_model())

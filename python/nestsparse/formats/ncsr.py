@@ -14,6 +14,15 @@ from .base import VALUE_DTYPES, FormatError, NestedFormat, check_dense_args, fir
 __all__ = ["NestedCSR"]
 
 INT16_MAX_COLS = 32767  # col_idx is int16 up to this many columns
+INT32_MAX = 2**31 - 1  # row_ptr is int32: at most this many non-zeros
+
+
+def _count_kept(tags: Tensor) -> int:
+    """Entries tagged >= 0, counted a slab of rows at a time: a tag tensor too large for int32 row pointers is
+    refused before the int64 copy and the index lists of every kept entry are made (tens of GB there)."""
+    rows = tags.detach().reshape(tags.shape[0], -1) if tags.dim() > 1 else tags.detach().reshape(1, -1)
+    step = max(1, (1 << 24) // max(rows.shape[1], 1))
+    return sum(int((rows[i : i + step] >= 0).sum()) for i in range(0, rows.shape[0], step))
 
 
 @dataclass
@@ -38,6 +47,8 @@ class NestedCSR(NestedFormat):
         cls, weight: Tensor, tags: Tensor, num_levels: int | None = None, densities: tuple[float, ...] = ()
     ) -> NestedCSR:
         """Packs the entries of ``weight`` whose tag is >= 0; ``tags`` has the weight's shape (int8)."""
+        if isinstance(tags, Tensor) and tags.numel() > INT32_MAX and _count_kept(tags) > INT32_MAX:
+            raise ValueError(f"NestedCSR.from_dense: more than {INT32_MAX} non-zeros (int32 row pointers) are not supported")
         M, K, t, L = check_dense_args("NestedCSR.from_dense", weight, tags, num_levels, densities)
         w = weight.detach().reshape(M, K)
         rows, cols = (t >= 0).nonzero(as_tuple=True)
@@ -53,8 +64,6 @@ class NestedCSR(NestedFormat):
             if M
             else torch.zeros(L, 0, dtype=torch.int64, device=device)
         )
-        if rows.numel() >= 2**31:
-            raise ValueError("NestedCSR.from_dense: more than 2^31 non-zeros are not supported")
         return cls(
             values=w[rows, cols].contiguous(),
             col_idx=cols.to(torch.int16 if K <= INT16_MAX_COLS else torch.int32).contiguous(),

@@ -48,7 +48,9 @@ class NestedCSR(NestedFormat):
     ) -> NestedCSR:
         """Packs the entries of ``weight`` whose tag is >= 0; ``tags`` has the weight's shape (int8)."""
         if isinstance(tags, Tensor) and tags.numel() > INT32_MAX and _count_kept(tags) > INT32_MAX:
-            raise ValueError(f"NestedCSR.from_dense: more than {INT32_MAX} non-zeros (int32 row pointers) are not supported")
+            raise ValueError(
+                f"NestedCSR.from_dense: more than {INT32_MAX} non-zeros (int32 row pointers) are not supported"
+            )
         M, K, t, L = check_dense_args("NestedCSR.from_dense", weight, tags, num_levels, densities)
         w = weight.detach().reshape(M, K)
         rows, cols = (t >= 0).nonzero(as_tuple=True)

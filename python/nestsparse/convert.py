@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 from .activations import ACTIVATIONS, fusable_activation
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError
@@ -48,12 +49,21 @@ def convert(
     """
     if format not in FORMATS and format != "auto":
         raise ValueError(f"convert: format must be one of {(*FORMATS, 'auto')}, got {format!r}")
+    _refuse_pruning_hooks(model)
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
     unknown = [k for k in tags if k not in modules]
     if unknown:
         raise KeyError(f"convert: no module named {unknown[0]!r} in the model")
+    for name, t in tags.items():
+        if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_floating_point():
+            what = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(
+                f"convert: tags[{name!r}] is {what}; tags are int8 levels (-1 pruned, l kept up to level l). For "
+                "per-level boolean masks use nestsparse.tags_from_masks([mask_level0, mask_level1, ...])"
+            )
+    _refuse_untranslatable(model, modules, tags)
     if num_levels is None:
         num_levels = len(densities) or 1 + max((int(t.max()) for t in tags.values() if t.numel()), default=0)
     for name, t in tags.items():
@@ -88,10 +98,71 @@ def convert(
             new = _pick_faster(build, inputs.get(name), num_levels)
         else:
             new = build(format)
-        setattr(parent, child, new)
+        for p, c in _references(model, m):  # a module used at several places stays one module
+            setattr(p, c, new)
         if follower is not None:
             setattr(parent, follower, nn.Identity())
+    _slow_path_for_converted_encoders(model)
     return model
+
+
+def _refuse_pruning_hooks(model: nn.Module) -> None:
+    """torch.nn.utils.prune keeps weight_orig and a mask applied by a hook: the weight convert would read is not a
+    plain parameter (and deepcopy fails on it). Say what to do instead."""
+    for name, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                raise ValueError(
+                    f"convert: {name or 'the model'!r} carries a torch.nn.utils.prune mask on {hook._tensor_name!r}; "
+                    f"make it permanent first (torch.nn.utils.prune.remove(module, {hook._tensor_name!r})), then "
+                    "convert with tags that keep the pruned zeros out (e.g. nestsparse.tags_from_masks of the masks, "
+                    "or model_tags, which never keeps a zero weight at a level that drops it)"
+                )
+
+
+def _refuse_untranslatable(model: nn.Module, modules: Mapping[str, nn.Module], tags: Mapping[str, Tensor]) -> None:
+    """Layers that a nested module cannot stand in for: a weight shared with another module (tied weights: the
+    nested values would be a new parameter, silently untied) and MultiheadAttention's out_proj (torch reads its
+    .weight directly)."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    every = dict(model.named_modules(remove_duplicate=False))  # a module registered twice has two names
+    for name in tags:
+        m = modules[name]
+        shared = [o for o in owners.get(id(m.weight), []) if every.get(o.rpartition(".")[0]) is not m]
+        if shared:
+            raise ValueError(
+                f"convert: {name}.weight is tied to {shared[0]!r} (one parameter, two modules); a nested layer "
+                "holds its own values, so converting it would untie them: leave it out of the tags, or untie the "
+                "weights first"
+            )
+    for mname, m in modules.items():
+        if isinstance(m, nn.MultiheadAttention):
+            out = f"{mname}.out_proj" if mname else "out_proj"
+            if out in tags:
+                raise ValueError(
+                    f"convert: {out!r} is the output projection of an nn.MultiheadAttention, which torch calls "
+                    "through its .weight (F.multi_head_attention_forward), not as a module: it cannot be nested; "
+                    "leave it out of the tags (nestsparse.model_tags does)"
+                )
+
+
+def _references(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (parent, attribute) that holds ``target``: a module registered at several places."""
+    return [(parent, child) for parent in model.modules() for child, sub in parent._modules.items() if sub is target]
+
+
+def _slow_path_for_converted_encoders(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer's inference fast path runs its own fused kernel on linear1.weight / linear2.weight,
+    which a nested layer does not have (AttributeError in eval mode). activation_relu_or_gelu is one of the fast
+    path's conditions and nothing else reads it: clearing it sends the layer through its regular path, which calls
+    the nested modules (same activation, same result)."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(
+            isinstance(sub, NestedSparseModule) for sub in (m.linear1, m.linear2)
+        ):
+            m.activation_relu_or_gelu = 0
 
 
 def _pick_faster(build, x: Tensor | None, num_levels: int) -> NestedSparseModule:

@@ -1,0 +1,105 @@
+"""convert on the torch modules users already have: Transformer layers (whose eval fast path reads .weight),
+MultiheadAttention, torch.nn.utils.prune masks, boolean masks and tied or reused weights."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+import nestsparse as ns
+
+LEVELS = (0.3, 0.1)
+
+
+def assert_levels_match_dense(sparse, *inputs):
+    with torch.no_grad():
+        for level in range(len(LEVELS)):
+            ns.set_level(sparse, level)
+            ref = ns.to_dense(sparse, level).eval()
+            torch.testing.assert_close(sparse(*inputs), ref(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_transformer_encoder_in_eval_mode(fmt, batch_first, norm_first, activation):
+    # In eval mode torch's fast path reads linear1.weight: it crashed with AttributeError on a converted layer.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        32, 4, 64, dropout=0.0, activation=activation, batch_first=batch_first, norm_first=norm_first
+    )
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    kw = {"structure": "bcr", "block_shape": (8, 8)} if fmt.name == "nbcr" else {}
+    tags = ns.model_tags(model, LEVELS, **kw)
+    assert sorted(tags) == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    sparse = ns.convert(model, tags, format=fmt.name, block_shape=(8, 8)).eval()
+    x = torch.randn(3, 7, 32)
+    assert_levels_match_dense(sparse, x)
+    with torch.inference_mode():
+        sparse(x)
+
+
+def test_transformer_decoder_layer(fmt):
+    torch.manual_seed(1)
+    model = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    kw = {"structure": "bcr", "block_shape": (8, 8)} if fmt.name == "nbcr" else {}
+    sparse = ns.convert(model, ns.model_tags(model, LEVELS, **kw), format=fmt.name, block_shape=(8, 8)).eval()
+    assert isinstance(sparse.linear1, ns.NestedSparseLinear) and isinstance(sparse.linear2, ns.NestedSparseLinear)
+    assert_levels_match_dense(sparse, torch.randn(2, 5, 32), torch.randn(2, 3, 32))
+
+
+def test_multihead_attention_out_proj_is_refused_by_name():
+    mha = nn.Sequential(nn.MultiheadAttention(16, 2, batch_first=True))
+    assert "0.out_proj" not in ns.model_tags(mha, LEVELS)  # model_tags leaves it dense
+    tags = {"0.out_proj": ns.magnitude_tags(mha[0].out_proj.weight, LEVELS)}
+    with pytest.raises(ValueError, match=r"'0.out_proj' is the output projection of an nn.MultiheadAttention"):
+        ns.convert(mha, tags)
+
+
+def test_torch_prune_masks_get_an_actionable_message_and_work_once_removed():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    tags = {"0": ns.magnitude_tags(model[0].weight.detach(), LEVELS)}
+    with pytest.raises(ValueError, match=r"torch.nn.utils.prune mask on 'weight'.*prune.remove\(module, 'weight'\)"):
+        ns.convert(model, tags)
+    prune.remove(model[0], "weight")
+    mask = model[0].weight != 0
+    tags = {"0": ns.tags_from_masks([mask, mask & (torch.rand(mask.shape) < 0.5)])}
+    sparse = ns.convert(model, tags).eval()
+    assert_levels_match_dense(sparse, torch.randn(5, 20))
+    with torch.no_grad():  # level 0 is the pruned model itself
+        ns.set_level(sparse, 0)
+        torch.testing.assert_close(sparse(torch.ones(1, 20)), model(torch.ones(1, 20)), rtol=1e-5, atol=1e-5)
+
+
+def test_boolean_or_float_tags_point_to_tags_from_masks():
+    model = nn.Sequential(nn.Linear(8, 8))
+    for bad in (torch.ones(8, 8, dtype=torch.bool), torch.ones(8, 8)):
+        with pytest.raises(TypeError, match=r"tags\['0'\] is torch\.(bool|float32).*nestsparse.tags_from_masks"):
+            ns.convert(model, {"0": bad})
+
+
+def test_a_layer_used_twice_stays_one_layer():
+    torch.manual_seed(3)
+    shared = nn.Linear(12, 12)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    sparse = ns.convert(model, {"0": ns.magnitude_tags(shared.weight, LEVELS)}).eval()
+    assert isinstance(sparse[0], ns.NestedSparseLinear) and sparse[2] is sparse[0]
+    assert_levels_match_dense(sparse, torch.randn(4, 12))
+
+
+def test_tied_weights_are_refused_not_silently_untied():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(30, 16)
+            self.head = nn.Linear(16, 30, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    model = TiedLM()
+    with pytest.raises(ValueError, match=r"head.weight is tied to 'embed.weight'.*untie"):
+        ns.convert(model, {"head": ns.magnitude_tags(model.head.weight.detach(), LEVELS)})

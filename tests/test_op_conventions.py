@@ -344,14 +344,19 @@ def test_double_backward_is_refused_not_silently_zero(fmt, kind):
         w = linear_weight(fmt, dtype=torch.float64)
         x = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
         values = w.values.clone().requires_grad_(True)
-        y = op(w, "linear")(x, *weight_args(w, values), 0, *op_args(w), None, "gelu")
+        bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+        y = op(w, "linear")(x, *weight_args(w, values), 0, *op_args(w), bias, "gelu")
     else:
         w = conv_weight(fmt, dtype=torch.float64)
         x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
         values = w.values.clone().requires_grad_(True)
-        y = op(w, "conv2d")(x, *weight_args(w, values), 0, *op_args(w), [3, 3], None, [1, 1], [1, 1], [1, 1], 2, "relu")
+        bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        y = op(w, "conv2d")(x, *weight_args(w, values), 0, *op_args(w), [3, 3], bias, [1, 1], [1, 1], [1, 1], 2, "relu")
     gx, gv = torch.autograd.grad((y**2).sum(), (x, values), create_graph=True)
-    first = torch.autograd.grad((y**2).sum(), (x, values))
+    first = torch.autograd.grad((y**2).sum(), (x, values), retain_graph=True)
     assert torch.equal(gx, first[0]) and torch.equal(gv, first[1])
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad((gx**2).sum() + gv.sum(), values)
+    gx, gv = torch.autograd.grad((y**2).sum(), (x, values), create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):  # through the activation's derivative too
+        torch.autograd.grad((gx**2).sum(), bias)

@@ -80,13 +80,26 @@ def test_boolean_or_float_tags_point_to_tags_from_masks():
             ns.convert(model, {"0": bad})
 
 
-def test_a_layer_used_twice_stays_one_layer():
+def test_a_layer_used_twice_stays_one_layer_and_keeps_its_meaning():
+    # The ReLU follows only the first use: it must not be fused into the shared layer (the second use would gain
+    # it). The reference is the dense model with each level's weights, computed by hand.
     torch.manual_seed(3)
     shared = nn.Linear(12, 12)
     model = nn.Sequential(shared, nn.ReLU(), shared)
-    sparse = ns.convert(model, {"0": ns.magnitude_tags(shared.weight, LEVELS)}).eval()
+    tags = ns.magnitude_tags(shared.weight, LEVELS)
+    sparse = ns.convert(model, {"0": tags}).eval()
     assert isinstance(sparse[0], ns.NestedSparseLinear) and sparse[2] is sparse[0]
-    assert_levels_match_dense(sparse, torch.randn(4, 12))
+    assert isinstance(sparse[1], nn.ReLU) and sparse[0].activation == "none"
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        for level in range(len(LEVELS)):
+            ns.set_level(sparse, level)
+            w = shared.weight * (tags >= level)
+            expected = nn.functional.linear(torch.relu(nn.functional.linear(x, w, shared.bias)), w, shared.bias)
+            torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5)
+            dense = ns.to_dense(sparse, level)
+            assert dense[2] is dense[0]
+            torch.testing.assert_close(dense(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_tied_weights_are_refused_not_silently_untied():

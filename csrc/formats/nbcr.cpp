@@ -71,7 +71,7 @@ void check_packed_values(const char* op, const NbcrLevel& w) {
     TORCH_CHECK(vo == expected, op, ": block ", b, " has value offset ", vo, " but the blocks before it fill ",
                 expected, " values: blocks must be packed in order without sharing value slots (validate() the ",
                 "weight), or their gradients would overwrite each other");
-    expected += std::max<int64_t>(r0, 0) * std::max<int64_t>(cc0, 0);
+    expected += std::clamp<int64_t>(r0, 0, kMaxBlockDim) * std::clamp<int64_t>(cc0, 0, kMaxBlockDim);
   }
 }
 

@@ -135,23 +135,25 @@ class ProductFunction : public torch::autograd::Function<ProductFunction<Op>> {
     const at::Tensor gr = residual.defined() && ctx->needs_input_grad(residual_edge) ? gz : none;
     tensor_list result{ctx->needs_input_grad(kEdgeX) ? gx : none, ctx->needs_input_grad(kEdgeValues) ? gv : none, gb,
                        gr, none};
-    const bool create_graph = at::GradMode::is_enabled() &&
-                              (grads[0].requires_grad() || call.x.requires_grad() || call.w.values.requires_grad());
-    return create_graph ? refuse_double_backward(result, call.x, call.w.values, grads[0]) : result;
+    const auto wants = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+    const bool create_graph =
+        at::GradMode::is_enabled() && (grads[0].requires_grad() || call.x.requires_grad() ||
+                                       call.w.values.requires_grad() || wants(call.bias) || wants(call.residual));
+    return create_graph ? refuse_double_backward(result, call, grads[0]) : result;
   }
 
  private:
   // The backward ops have no derivative of their own: under create_graph the gradients get a grad_fn that raises
-  // when a second backward reaches it, wired to this product's inputs (x, values, the incoming gradient) so that a
+  // when a second backward reaches it, wired to every input of this product and the incoming gradient, so that a
   // second gradient with respect to any of them meets it, instead of second-order gradients that would silently
   // be zero.
-  static tensor_list refuse_double_backward(const tensor_list& grads, const at::Tensor& x, const at::Tensor& values,
-                                            const at::Tensor& grad_out) {
+  static tensor_list refuse_double_backward(const tensor_list& grads, const Call& call, const at::Tensor& grad_out) {
     auto error = c10::make_intrusive<torch::autograd::Error>(
         std::string(Op::name()) +
             ": no second derivative (double backward through a nested sparse product is not implemented); take "
             "second-order gradients on a dense copy (nestsparse.to_dense)",
-        torch::autograd::collect_next_edges(x, values, grad_out));
+        torch::autograd::collect_next_edges(call.x, call.w.values, grad_out, call.bias.value_or(at::Tensor()),
+                                            call.scale.value_or(at::Tensor()), call.residual.value_or(at::Tensor())));
     tensor_list out;
     out.reserve(grads.size());
     for (const at::Tensor& g : grads) {

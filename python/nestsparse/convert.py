@@ -63,7 +63,6 @@ def convert(
                 f"convert: tags[{name!r}] is {what}; tags are int8 levels (-1 pruned, l kept up to level l). For "
                 "per-level boolean masks use nestsparse.tags_from_masks([mask_level0, mask_level1, ...])"
             )
-    _refuse_untranslatable(model, modules, tags)
     if num_levels is None:
         num_levels = len(densities) or 1 + max((int(t.max()) for t in tags.values() if t.numel()), default=0)
     for name, t in tags.items():
@@ -74,6 +73,7 @@ def convert(
             raise ValueError(
                 f"convert: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}"
             )
+    _refuse_untranslatable(model, modules, tags)
     inputs = {}
     if format == "auto" and example_input is not None:
         inputs = {n: args[0] for n, (args, _) in _layer_calls(model, list(tags), example_input).items()}
@@ -81,7 +81,10 @@ def convert(
         m = modules[name]
         parent, child = parent_module(model, name)
         act, follower = "none", None
-        if fuse_activations and isinstance(parent, nn.Sequential):
+        refs = _references(model, m)
+        # A module registered at several places stays one module; the activation after one of its places is not
+        # the others', so it is not fused.
+        if fuse_activations and isinstance(parent, nn.Sequential) and len(refs) == 1:
             keys = list(parent._modules)
             i = keys.index(child)
             if i + 1 < len(keys):
@@ -98,7 +101,7 @@ def convert(
             new = _pick_faster(build, inputs.get(name), num_levels)
         else:
             new = build(format)
-        for p, c in _references(model, m):  # a module used at several places stays one module
+        for p, c in refs:
             setattr(p, c, new)
         if follower is not None:
             setattr(parent, follower, nn.Identity())
@@ -278,7 +281,7 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
         )
     if not inplace:
         model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
+    for m in list(model.modules()):
         if not isinstance(m, NestedSparseModule):
             continue
         w = m.nested().to_dense(level)
@@ -306,6 +309,7 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
             if bias is not None:
                 dense.bias.copy_(bias)
         act = ACTIVATIONS[m.activation]
-        parent, child = parent_module(model, name)
-        setattr(parent, child, nn.Sequential(dense, act.module()) if act is not None else dense)
+        replacement = nn.Sequential(dense, act.module()) if act is not None else dense
+        for parent, child in _references(model, m):  # a layer registered at several places stays one layer
+            setattr(parent, child, replacement)
     return model

@@ -21,13 +21,15 @@ constexpr int64_t kBlockCost = 16;  // per stored block (metadata, index checks)
 // Row r costs its non-zeros plus kRowCost; chunk c ends at the last row that ends before c/P of the total
 // (less half a row's fixed cost).
 void chunk_rows(const int32_t* start, const int32_t* stop, int64_t M, int64_t P, int32_t* out) {
+  // In int64: ncsr_plan reads the arrays after checking them, and another thread may have rewritten them since.
+  const auto len = [&](int64_t r) { return static_cast<int64_t>(stop[r]) - static_cast<int64_t>(start[r]); };
   int64_t total = 0;
-  for (int64_t r = 0; r < M; ++r) total += (stop[r] - start[r]) + kRowCost;
+  for (int64_t r = 0; r < M; ++r) total += len(r) + kRowCost;
   out[0] = 0;
   int64_t acc = 0, r = 0;
   for (int64_t c = 1; c < P; ++c) {
     const int64_t target = total * c / P;
-    while (r < M && acc + (stop[r] - start[r]) + kRowCost / 2 <= target) acc += (stop[r] - start[r]) + kRowCost, ++r;
+    while (r < M && acc + len(r) + kRowCost / 2 <= target) acc += len(r) + kRowCost, ++r;
     out[c] = static_cast<int32_t>(r);
   }
   out[P] = static_cast<int32_t>(M);

@@ -65,6 +65,11 @@ def shared_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose modules are new objects holding the same parameters and buffers: no tensor is
     copied, and its levels are its own. A module's level is plain state that ``set_level`` changes for every
     thread; to serve several levels at once from threads, give each thread its own shared copy (a change to the
-    weights, by training or loading, is seen by all of them)."""
+    weights, by training or loading, is seen by all of them). A rerouting executor's checkpoint hooks are not
+    copied: wrap the copy in an executor of its own."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
+    twin = copy.deepcopy(model, memo)
+    for m in twin.modules():  # a rerouting executor's checkpoints act on the original's inference, not the copy's
+        for key in [k for k, hook in m._forward_pre_hooks.items() if getattr(hook, "rerouting_checkpoint", False)]:
+            del m._forward_pre_hooks[key]
+    return twin

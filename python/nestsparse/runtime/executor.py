@@ -112,8 +112,11 @@ class ReroutingExecutor:
     Threads: an executor may be shared, and several executors may wrap one model. The levels are the model's
     state, so inferences on one model run one at a time: a call from a second thread waits for the running one to
     end (its latency is counted from when it starts), and a call from inside a running inference (the same
-    thread) raises RuntimeError. Calling the model directly while an executor runs it sees the executor's levels:
-    serve concurrent levels from copies that share the weights (nestsparse.shared_copy)."""
+    thread) raises RuntimeError. The guard belongs to the module object given as ``model``: executors on a model and
+    on one of its submodules do not exclude each other. ``measure_profile``, ``set_profile`` and ``close`` are not
+    to be called while another thread runs an inference. Calling the model directly while an executor runs it sees
+    the executor's levels: serve concurrent levels from copies that share the weights (nestsparse.shared_copy,
+    whose copies carry no checkpoint hooks)."""
 
     def __init__(
         self,
@@ -197,6 +200,7 @@ class ReroutingExecutor:
             if run is not None:
                 self._checkpoint(run, name)
 
+        pre_hook.rerouting_checkpoint = True  # nestsparse.shared_copy leaves these out of its copies
         return pre_hook
 
     def _now(self) -> float:

@@ -264,7 +264,8 @@ def test_model_with_arch_loads_without_skeleton(tmp_path, no_pickle):
     path = tmp_path / "resnet.safetensors"
     nsio.save(model, path)
     assert nsio.read_metadata(path)["arch"]["name"] == "resnet_small"
-    loaded = nsio.load(path).eval()  # like load_state_dict, load leaves the train/eval mode as built
+    loaded = nsio.load(path)
+    assert not loaded.training, "a model load builds itself is returned for inference"
     assert loaded.arch == nsio.read_metadata(path)["arch"]
     assert_same_state(model, loaded)
     assert all(m.level == 1 for m in loaded.modules() if isinstance(m, nestsparse.nn.LevelAware))

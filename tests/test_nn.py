@@ -217,3 +217,40 @@ def test_choose_dense_levels_measures_and_keeps_the_budget():
         for lvl in range(2):
             nestsparse.set_level(s, lvl)
             assert torch.allclose(s(x), nestsparse.to_dense(s, lvl)(x), atol=1e-5)
+
+
+def test_levels_given_as_numpy_ints_or_tensors_work_and_other_types_are_named():
+    import numpy as np  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    model = nestsparse.convert(dense, {"0": nestsparse.magnitude_tags(dense[0].weight, (0.5, 0.2))})
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        ref = model[0](x, level=1)
+        for level in (np.int64(1), torch.tensor(1), np.int32(1)):
+            nestsparse.set_level(model, level)
+            assert type(model[0].level) is int and model[0].level == 1
+            assert torch.equal(model(x), ref) and torch.equal(model[0](x, level=level), ref)
+    for bad in ("1", 1.0, np.float32(1), torch.tensor(1.0), True, None):
+        with pytest.raises(ValueError, match=r"a level is an int \(0 = densest \.\. 1\), got"):
+            nestsparse.set_level(model, bad)
+    with pytest.raises(ValueError, match="out of range for 2 levels"):
+        nestsparse.set_level(model, np.int64(2))
+
+
+def test_the_demo_data_names_its_optional_dependency(monkeypatch):
+    import builtins  # noqa: PLC0415
+
+    from nestsparse.apps import data  # noqa: PLC0415
+
+    real = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'nestsparse\[demo\]'"):
+        data.digits()

@@ -1,6 +1,8 @@
 """convert on the torch modules users already have: Transformer layers (whose eval fast path reads .weight),
 MultiheadAttention, torch.nn.utils.prune masks, boolean masks and tied or reused weights."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -116,3 +118,27 @@ def test_tied_weights_are_refused_not_silently_untied():
     model = TiedLM()
     with pytest.raises(ValueError, match=r"head.weight is tied to 'embed.weight'.*untie"):
         ns.convert(model, {"head": ns.magnitude_tags(model.head.weight.detach(), LEVELS)})
+
+
+def test_a_layer_that_keeps_nothing_at_a_level_is_named_in_a_warning():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    model[2].weight.data.mul_(1e-3)  # one global magnitude budget leaves the small classifier nothing at level 1
+    tags = ns.model_tags(model, LEVELS, scope="global")
+    assert int((tags["2"] >= 1).sum()) == 0
+    message = r"1 layer\(s\) keep no weight at some level.*: 2 \(levels? [0-9, ]*1\).*skip"
+    with pytest.warns(UserWarning, match=message):
+        ns.convert(model, tags)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ns.convert(model, ns.model_tags(model, LEVELS, skip=["2"]))  # classifier kept dense: no warning
+
+
+def test_a_deadline_that_looks_like_milliseconds_is_named():
+    from nestsparse.runtime import ReroutingExecutor  # noqa: PLC0415
+
+    dense = nn.Sequential(nn.Linear(8, 8))
+    model = ns.convert(dense, {"0": ns.magnitude_tags(dense[0].weight, LEVELS)})
+    with ReroutingExecutor(model, ["0"]) as ex:
+        with pytest.warns(UserWarning, match=r"deadline=40 is in seconds; for 40 ms pass 0.04"):
+            ex(torch.randn(2, 8), deadline=40, policy="static:0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -74,7 +75,7 @@ def convert(
                 f"convert: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}"
             )
     _refuse_untranslatable(model, modules, tags)
-    inputs = {}
+    inputs, empty = {}, []
     if format == "auto" and example_input is not None:
         inputs = {n: args[0] for n, (args, _) in _layer_calls(model, list(tags), example_input).items()}
     for name, t in tags.items():
@@ -105,6 +106,16 @@ def convert(
             setattr(p, c, new)
         if follower is not None:
             setattr(parent, follower, nn.Identity())
+        nothing = [lvl for lvl in range(num_levels) if new.nested().nnz(lvl) == 0]
+        if nothing and t.numel():
+            empty.append(f"{name} (level{'s' if len(nothing) > 1 else ''} {', '.join(map(str, nothing))})")
+    if empty:
+        warnings.warn(
+            f"convert: {len(empty)} layer(s) keep no weight at some level, so their output there is the bias alone: "
+            f"{'; '.join(empty[:6])}{' ...' if len(empty) > 6 else ''}. A global budget often empties the small "
+            "layers (the classifier): keep them dense (model_tags(..., skip=[...])) or use a per-layer budget",
+            stacklevel=2,
+        )
     _slow_path_for_converted_encoders(model)
     return model
 

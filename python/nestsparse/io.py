@@ -34,9 +34,9 @@ The ``"nestsparse"`` description (JSON object, compact, ``checksum`` first):
   before);
 - ``aliases``: ``{name: stored name}`` for tensors tied to another state-dict entry.
 
-Loading fills the skeleton in place and, like ``load_state_dict``, leaves its train/eval mode alone (a model
-built from the arch starts in training mode: call ``.eval()`` before inference). It never executes code from
-the file: safetensors parses a JSON header and copies raw bytes, and
+Loading fills the skeleton in place and, like ``load_state_dict``, leaves its train/eval mode alone; a model that
+``load`` builds from the arch itself is returned in eval mode (call ``.train()`` to fine-tune it). It never
+executes code from the file: safetensors parses a JSON header and copies raw bytes, and
 every index array is checked by its format's ``validate()`` before a kernel sees it.
 """
 
@@ -672,6 +672,7 @@ def load(
         if target not in tensors:
             raise CheckpointError(f"{path}: tensor {name!r} is an alias of {target!r}, which is not in the file")
         tensors[name] = tensors[target]
+    built = model is None
     if model is None:
         # Everything the file says is checked against a skeleton on the meta device first: building the real one
         # costs what the file's arguments ask for (a 52 KB file asked for 4.8 GB), so it is built only for a file
@@ -686,6 +687,8 @@ def load(
             _fill(path, meta, desc, tensors, check_only=True)
         model = _skeleton_from_arch(path, desc.get("arch"))
     model = _fill(path, model, desc, tensors)
+    if built:
+        model.eval()  # built here for inference: a fresh module is in training mode, whose BatchNorm changes outputs
     if desc.get("arch") is not None and getattr(model, "arch", None) is None:
         model.arch = desc["arch"]  # so that saving the loaded model again records it too
     return model.to(map_location) if map_location is not None else model

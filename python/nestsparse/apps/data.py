@@ -69,7 +69,13 @@ __all__ = [
 
 def digits(seed: int = 0):
     """scikit-learn's 8x8 digits (1797 images, shipped with the package), standardised, split 70/30."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "the digits data comes with scikit-learn, an optional dependency of the demo: "
+            "pip install 'nestsparse[demo]' (or pip install scikit-learn matplotlib)"
+        ) from e
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 from torch import nn
 
@@ -24,8 +25,19 @@ class LevelAware:
         self.level = self.checked_level(level)
 
     def checked_level(self, level: int) -> int:
-        """``level`` if it is an int in [0, num_levels); ValueError naming the module otherwise."""
-        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < self.num_levels:
+        """``level`` as an int if it is an integer in [0, num_levels) (numpy integers and one-element integer
+        tensors count); ValueError naming the module and the mistake otherwise."""
+        if not isinstance(level, int) or isinstance(level, bool):
+            try:
+                if isinstance(level, bool):
+                    raise TypeError
+                level = operator.index(level)
+            except TypeError:
+                raise ValueError(
+                    f"{type(self).__name__}: level {level!r} is out of range: a level is an int "
+                    f"(0 = densest .. {self.num_levels - 1}), got {type(level).__name__} {level!r}"
+                ) from None
+        if not 0 <= level < self.num_levels:
             raise ValueError(
                 f"{type(self).__name__}: level {level!r} is out of range for {self.num_levels} levels (0 = densest)"
             )
@@ -54,10 +66,9 @@ def set_level(model: nn.Module, level: int) -> nn.Module:
     mods = list(level_aware_modules(model).values())
     if not mods:
         raise ValueError("set_level: the model has no level-aware modules (convert it or apply level masks first)")
-    for m in mods:
-        m.checked_level(level)
-    for m in mods:
-        m.level = level
+    checked = [m.checked_level(level) for m in mods]
+    for m, lvl in zip(mods, checked):
+        m.level = lvl
     return model
 
 

@@ -13,6 +13,7 @@ import platform
 import statistics
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -290,6 +291,11 @@ class ReroutingExecutor:
             or not math.isfinite(deadline)
         ):
             raise ValueError(f"deadline must be a positive number of seconds, got {deadline!r}")
+        if deadline is not None and deadline >= 10:
+            warnings.warn(
+                f"ReroutingExecutor: deadline={deadline!r} is in seconds; for {deadline:g} ms pass {deadline / 1000:g}",
+                stacklevel=2,
+            )
         guard = self._guard
         if guard.owner == threading.get_ident():
             raise RuntimeError("ReroutingExecutor: already running an inference on this model (not re-entrant)")

@@ -70,6 +70,14 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
                 "gathered": gathered,
                 "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             }
+        # a converted model: DDP leaves its index buffers alone (gloo and NCCL cannot broadcast int16), one SGD step
+        # on this rank's half of the batch averages the value gradients like one process on the whole batch
+        model = converted_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x, y = converted_batch()
+        half = x.shape[0] // world
+        converted_step(ddp, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
+        results["converted"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         # a model wrapped before prepare() is refused, on every rank
         try:
             joint(nn.parallel.DistributedDataParallel(build_model()), make_task(), DENSITIES, 1, progress=False)
@@ -80,6 +88,22 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def converted_model() -> nn.Module:
+    model = build_model()
+    return nestsparse.convert(model, nestsparse.model_tags(model, DENSITIES))
+
+
+def converted_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def converted_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
 
 
 def free_port() -> int:
@@ -123,6 +147,9 @@ def ddp_results(tmp_path_factory):
             model = build_model()
             tags = train(model, name)
             single[name] = {"tags": tags, "state": model.state_dict()}
+        model = converted_model()
+        converted_step(model, *converted_batch())
+        single["converted"] = model.state_dict()
     finally:
         torch.set_num_threads(threads)
     return ranks, single
@@ -175,3 +202,16 @@ def test_unprepared_ddp_model_is_refused(ddp_results):
     ranks, _ = ddp_results
     for r in range(WORLD):
         assert "prepare" in ranks[r]["unprepared"], ranks[r]["unprepared"]
+
+
+def test_a_converted_model_trains_under_ddp(ddp_results):
+    # DistributedDataParallel of a converted model failed at construction ("Invalid scalar type": its int16 index
+    # buffers were broadcast). Now both ranks end equal, and equal to one process on the whole batch.
+    ranks, single = ddp_results
+    a, b, one = ranks[0]["converted"], ranks[1]["converted"], single["converted"]
+    assert set(a) == set(b) == set(one)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between ranks"
+        torch.testing.assert_close(a[k], one[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs from one process")
+    moved = [k for k in a if k.endswith("values") and not torch.equal(a[k], converted_model().state_dict()[k])]
+    assert moved, "the step changed no values"

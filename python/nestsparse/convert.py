@@ -12,7 +12,7 @@ from torch.nn.utils import prune
 
 from .activations import ACTIVATIONS, fusable_activation
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError
-from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, parent_module
+from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, keep_index_buffers_local, parent_module
 from .runtime.timing import median_time
 
 __all__ = ["convert", "to_dense", "choose_dense_levels"]
@@ -117,7 +117,7 @@ def convert(
             stacklevel=2,
         )
     _slow_path_for_converted_encoders(model)
-    return model
+    return keep_index_buffers_local(model)
 
 
 def _refuse_pruning_hooks(model: nn.Module) -> None:

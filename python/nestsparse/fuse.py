@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .activations import fusable_activation
-from .nn import LevelBatchNorm, NestedSparseModule
+from .nn import LevelBatchNorm, NestedSparseModule, keep_index_buffers_local
 from .ops import pair
 
 __all__ = ["fuse", "SeparableMaxPool2d"]
@@ -83,7 +83,7 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:
     # replaces is erased where it is replaced.
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm
+    return keep_index_buffers_local(gm)
 
 
 def _module_calls(graph: fx.Graph) -> dict[str, int]:

@@ -62,6 +62,7 @@ from .nn import (
     NestedSparseConv2d,
     NestedSparseLinear,
     NestedSparseModule,
+    keep_index_buffers_local,
     level_aware_modules,
     parent_module,
 )
@@ -691,4 +692,5 @@ def load(
         model.eval()  # built here for inference: a fresh module is in training mode, whose BatchNorm changes outputs
     if desc.get("arch") is not None and getattr(model, "arch", None) is None:
         model.arch = desc["arch"]  # so that saving the loaded model again records it too
+    keep_index_buffers_local(model)
     return model.to(map_location) if map_location is not None else model

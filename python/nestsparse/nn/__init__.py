@@ -2,7 +2,7 @@
 
 from .batchnorm import LevelBatchNorm, level_batchnorms
 from .levels import LevelAware, get_levels, level_aware_modules, set_level, shared_copy
-from .sparse import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule
+from .sparse import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, keep_index_buffers_local
 from .tree import parent_module
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "NestedSparseLinear",
     "NestedSparseConv2d",
     "NestedSparseModule",
+    "keep_index_buffers_local",
     "LevelBatchNorm",
     "level_batchnorms",
     "level_aware_modules",

@@ -13,7 +13,7 @@ from ..formats import from_dense as pack
 from .batchnorm import LevelBatchNorm
 from .levels import LevelAware
 
-__all__ = ["NestedSparseModule", "NestedSparseLinear", "NestedSparseConv2d"]
+__all__ = ["NestedSparseModule", "NestedSparseLinear", "NestedSparseConv2d", "keep_index_buffers_local"]
 
 
 class NestedSparseModule(LevelAware, nn.Module):
@@ -390,3 +390,20 @@ class NestedSparseConv2d(NestedSparseModule):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, {self._extra()}"
         )
+
+
+def keep_index_buffers_local(model: nn.Module) -> nn.Module:
+    """Lists every nested layer's index buffers in ``model._ddp_params_and_buffers_to_ignore``, the attribute
+    DistributedDataParallel reads on the module it wraps: gloo and NCCL cannot broadcast int16 (DDP failed at
+    construction with "Invalid scalar type"), and the indices are structure, not trained, the same on every rank
+    that converted the same tags. convert, load and fuse call it on what they return; call it again on a module
+    that wraps a converted model before handing that to DDP."""
+    names = [
+        f"{prefix}.{n}" if prefix else n
+        for prefix, m in model.named_modules()
+        if isinstance(m, NestedSparseModule)
+        for n in m._format.index_names
+    ]
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
+    return model

@@ -80,17 +80,20 @@ def test_scale_one_and_no_residual_are_bit_identical_to_the_plain_product(isa, f
         assert torch.equal(w.linear(x, 1, bias, "relu"), w.linear(x, 1, bias, "relu", None, torch.ones(33)))
 
 
+def float64_case(fmt, kind, g):
+    """A float64 weight with 6 output channels, an input that requires grad, and the output's shape: a 6x7 linear
+    on a batch of 4, or a 3x3 conv of 3 channels on 2 images of 5x5."""
+    if kind == "linear":
+        w = fmt.random((6, 7), 2, g, torch.float64, block_shape=(3, 5), density=0.6)
+        return w, torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True), (4, 6)
+    w = fmt.random((6, 3, 3, 3), 2, g, torch.float64, block_shape=(4, 4), density=0.6)
+    return w, torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True), (2, 6, 3, 3)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_gradients_of_bias_and_residual_and_scaled_inputs(fmt, kind):
     g = torch.Generator().manual_seed(5)
-    if kind == "linear":
-        w = fmt.random((6, 7), 2, g, torch.float64, block_shape=(3, 5), density=0.6)
-        x = torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True)
-        out_shape = (4, 6)
-    else:
-        w = fmt.random((6, 3, 3, 3), 2, g, torch.float64, block_shape=(4, 4), density=0.6)
-        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
-        out_shape = (2, 6, 3, 3)
+    w, x, out_shape = float64_case(fmt, kind, g)
     values = w.values.clone().requires_grad_(True)
     bias = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
     residual = torch.randn(out_shape, dtype=torch.float64, generator=g, requires_grad=True)
@@ -143,14 +146,8 @@ def test_bad_epilogue_operands_are_refused_with_their_name(fmt):
 def test_residual_gradient_without_bias(fmt, kind):
     # An absent bias has no autograd edge: the residual's edge index moves down by one.
     g = torch.Generator().manual_seed(6)
-    if kind == "linear":
-        w = fmt.random((6, 7), 2, g, torch.float64, block_shape=(3, 5), density=0.6)
-        x = torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True)
-        residual = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    else:
-        w = fmt.random((6, 3, 3, 3), 2, g, torch.float64, block_shape=(4, 4), density=0.6)
-        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
-        residual = torch.randn(2, 6, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w, x, out_shape = float64_case(fmt, kind, g)
+    residual = torch.randn(out_shape, dtype=torch.float64, generator=g, requires_grad=True)
     values = w.values.clone().requires_grad_(True)
     op = getattr(OPS, f"{fmt.name}_{kind}")
     opts = [list(a) if isinstance(a, tuple) else a for a in w.op_args()]

@@ -624,7 +624,7 @@ def _fill(
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: malformed nestsparse metadata ({type(e).__name__}: {e})") from e
-    undo, dtypes, target = [], [], model
+    undo, dtypes, target, filled = [], [], model, False
     try:
         for name, mod in new.items():
             if not name:  # the saved model was a single layer: it replaces the skeleton itself
@@ -636,21 +636,19 @@ def _fill(
         _check_state(path, target, tensors)
         _check_nested_layers(path, target, new, tensors)
         _restore_levels(path, target, desc.get("level"), check_only=True)
-        if not check_only:
-            dtypes = _match_dtypes(path, target, tensors)
-            target.load_state_dict(tensors, strict=True)
-            _restore_levels(path, target, desc.get("level"))
-    except BaseException:
-        for t, data in reversed(dtypes):
-            t.data = data
-        for parent, child, old in reversed(undo):
-            setattr(parent, child, old)
-        raise
-    if check_only:
-        for parent, child, old in reversed(undo):
-            setattr(parent, child, old)
-        return model
-    return target
+        if check_only:
+            return model
+        dtypes = _match_dtypes(path, target, tensors)
+        target.load_state_dict(tensors, strict=True)
+        _restore_levels(path, target, desc.get("level"))
+        filled = True
+        return target
+    finally:
+        if not filled:  # refused, or only checked: the model as it was
+            for t, data in reversed(dtypes):
+                t.data = data
+            for parent, child, old in reversed(undo):
+                setattr(parent, child, old)
 
 
 def load(

@@ -10,7 +10,7 @@ SOURCES := $(shell find csrc python cmake -type f \( -name '*.cpp' -o -name '*.h
 
 # Formatter and linter, pinned so that every machine formats alike (`make format` applies, `make lint` checks).
 LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
-CXX_SOURCES = $(shell find csrc -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc' \))
+CXX_SOURCES = $(shell find csrc examples -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc' \))
 
 .PHONY: demo test build bench bench-extras cuda-check sanitize lint format clean
 
@@ -63,7 +63,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==$(TORCH_VERSION)
 	$(PIP) install -q --disable-pip-version-check "scikit-build-core>=0.10" "pybind11>=2.12" numpy safetensors tqdm \
-		pytest hypothesis scikit-learn matplotlib
+		pytest hypothesis scikit-learn matplotlib onnx onnxscript onnxruntime transformers
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
@@ -71,4 +71,4 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build $(VENV) python/nestsparse/_C*.so python/nestsparse/_build_info.py
+	rm -rf build $(VENV) python/nestsparse/libnestsparse.so python/nestsparse/_build_info.py

@@ -186,7 +186,7 @@ def kernel_build() -> str:
 
     head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown commit"
     dirty = " + uncommitted csrc/ changes" if git("diff", "--quiet", "HEAD", "--", "csrc").returncode == 1 else ""
-    lib = Path(ns._C.__file__)
+    lib = Path(ns.library_path())
     return f"{head}{dirty}, {lib.name} built {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(lib.stat().st_mtime))}"
 
 

@@ -1,8 +1,10 @@
 // Every op schema of nestsparse, registered in one place from the op declarations (ops/linear.h, ops/conv2d.h,
-// ops/plan.h), plus the small Python module that reports how the library was built. Kernels register per device in
-// ops/<device>/*, autograd in ops/autograd.cpp.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+// ops/plan.h), and the library's few settings and build facts as ops without tensors. Kernels register per device
+// in ops/<device>/*, autograd in ops/autograd.cpp.
+//
+// The library is a plain torch op library (libnestsparse.so, no Python symbols): Python loads it with
+// torch.ops.load_library, a C++ program that runs an exported model dlopens it or links it. Nothing here may
+// include Python or pybind11 headers; the build facts Python needs before loading live in _build_info.py.
 #include <torch/library.h>
 
 #include <string>
@@ -27,46 +29,31 @@ TORCH_LIBRARY(nestsparse, m) {
   });
   m.def(NcsrPlan::schema());
   m.def(NbcrPlan::schema());
-}
 
-PYBIND11_MODULE(_C, mod) {
-  mod.doc() = "nestsparse compiled kernels; the ops register under torch.ops.nestsparse on import";
-  mod.def(
-      "torch_version", [] { return std::string(NESTSPARSE_TORCH_VERSION); },
-      "torch version this library was compiled against");
-  mod.def("with_cuda", [] {
+  // Settings and build facts: ops without tensor arguments, so they run under any dispatch key.
+  m.def("torch_version() -> str", [] { return std::string(NESTSPARSE_TORCH_VERSION); });
+  m.def("with_cuda() -> bool", [] {
 #ifdef NESTSPARSE_WITH_CUDA
     return true;
 #else
     return false;
 #endif
   });
-  mod.def(
-      "activations",
-      [] {
-        return std::vector<std::string>(nestsparse::kActivationNames,
-                                        nestsparse::kActivationNames + nestsparse::kNumActivations);
-      },
-      "the activations the ops fuse, in enum order");
-  mod.def(
-      "cpu_isa", [] { return std::string(nestsparse::cpu::active_isa_name()); },
-      "instruction set the CPU kernels use now");
-  mod.def(
-      "cpu_isas", [] { return nestsparse::cpu::supported_isa_names(); },
-      "instruction sets this processor can run, best last");
-  mod.def(
-      "set_cpu_isa", [](const std::string& name) { nestsparse::cpu::set_isa(name); },
-      "use the kernels of one instruction set ('generic', 'avx2', 'avx512'); for tests and benchmarks");
-  mod.def(
-      "set_poison_outputs", [](bool on) { nestsparse::set_poison_outputs(on); },
-      "fill op outputs with NaN before the kernels run, so an element a kernel forgets shows up");
-  mod.def("set_output_pool_limit", &nestsparse::set_output_pool_limit,
-          "the most bytes of freed large CPU outputs kept for reuse; returns the previous limit");
-  mod.def(
-      "output_pool_stats",
-      [] {
-        const auto s = nestsparse::output_pool_stats();
-        return std::make_tuple(s.cached_bytes, s.hits, s.misses);
-      },
-      "(bytes cached, hits, misses) of the CPU output pool");
+  // The activations the ops fuse, in enum order (nestsparse.activations refuses a Python list that differs).
+  m.def("activations() -> str[]",
+        [] { return std::vector<std::string>(kActivationNames, kActivationNames + kNumActivations); });
+  // The instruction set the CPU kernels use now, and those this processor can run (best last).
+  m.def("cpu_isa() -> str", [] { return std::string(cpu::active_isa_name()); });
+  m.def("cpu_isas() -> str[]", [] { return cpu::supported_isa_names(); });
+  // Use the kernels of one instruction set ('generic', 'avx2', 'avx512'): for tests and benchmarks.
+  m.def("set_cpu_isa(str name) -> ()", [](const std::string& name) { cpu::set_isa(name); });
+  // Fill op outputs with NaN before the kernels run, so an element a kernel forgets shows up (tests).
+  m.def("set_poison_outputs(bool on) -> ()", [](bool on) { set_poison_outputs(on); });
+  // The most bytes of freed large CPU outputs kept for reuse; returns the previous limit.
+  m.def("set_output_pool_limit(int nbytes) -> int", [](int64_t n) { return set_output_pool_limit(n); });
+  // (bytes cached, hits, misses) of the CPU output pool.
+  m.def("output_pool_stats() -> int[]", [] {
+    const auto s = output_pool_stats();
+    return std::vector<int64_t>{s.cached_bytes, s.hits, s.misses};
+  });
 }

@@ -82,18 +82,18 @@ trap 'rm -rf "$tmp"' EXIT
 (
   cd "$tmp"
   "$py" - <<'EOF'
-import torch
-import nestsparse._C as C
 import os, sys
-where = os.path.dirname(C.__file__)
-assert "site-packages" in where, f"imported nestsparse._C from {where}, not from the installed package"
-assert C.with_cuda(), "nestsparse._C was built without CUDA (with_cuda() is False)"
+import torch
+import nestsparse
+where = nestsparse.library_path()
+assert "site-packages" in where, f"loaded {where}, not the installed package's library"
+assert torch.ops.nestsparse.with_cuda(), f"{where} was built without CUDA (with_cuda() is False)"
 op = torch.ops.nestsparse.ncsr_linear
 assert torch._C._dispatch_has_kernel_for_dispatch_key("nestsparse::ncsr_linear", "CUDA"), \
     "nestsparse::ncsr_linear has no CUDA kernel registered"
 print(op)
-print(f"nestsparse._C: {C.__file__}")
-print(f"built against torch {C.torch_version()}, running torch {torch.__version__}, "
+print(f"op library: {where}")
+print(f"built against torch {torch.ops.nestsparse.torch_version()}, running torch {torch.__version__}, "
       f"cuda available here: {torch.cuda.is_available()}")
 EOF
 ) || die "import check failed"

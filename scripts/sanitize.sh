@@ -20,7 +20,7 @@ pkg="$build/pkg"
 rm -rf "$pkg"
 mkdir -p "$pkg"
 cp -r python/nestsparse "$pkg/"
-rm -rf "$pkg"/nestsparse/_C*.so "$pkg"/nestsparse/_build_info.py
+rm -rf "$pkg"/nestsparse/libnestsparse.so "$pkg"/nestsparse/_C*.so "$pkg"/nestsparse/_build_info.py
 find "$pkg" -depth -name '__pycache__' -exec rm -rf {} +
 
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNESTSPARSE_SANITIZE=ON -DNESTSPARSE_CUDA=OFF \
@@ -32,7 +32,7 @@ cmake --build "$build" -j "${MAX_JOBS:-$(nproc)}" >>"$build.log" 2>&1 || {
   tail -40 "$build.log"
   exit 1
 }
-echo "sanitize: built $(ls "$pkg"/nestsparse/_C*.so)"
+echo "sanitize: built $(ls "$pkg"/nestsparse/libnestsparse.so)"
 
 runtimes="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 # detect_leaks=0: CPython and torch keep allocations alive until exit by design, which LeakSanitizer reports.

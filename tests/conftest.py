@@ -8,25 +8,25 @@ from nestsparse import NestedCSR
 from nestsparse.activations import ACTIVATIONS
 from nestsparse.formats import FORMATS, NestedBCR
 
-ISAS = nestsparse._C.cpu_isas()
+ISAS = nestsparse.native.cpu_isas()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every op fills its output with NaN before its kernel runs, so an element it never writes fails."""
-    nestsparse._C.set_poison_outputs(True)
+    nestsparse.native.set_poison_outputs(True)
     yield
-    nestsparse._C.set_poison_outputs(False)
+    nestsparse.native.set_poison_outputs(False)
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Runs a test once per CPU instruction set this processor supports."""
-    before = nestsparse._C.cpu_isa()
-    nestsparse._C.set_cpu_isa(request.param)
+    before = nestsparse.native.cpu_isa()
+    nestsparse.native.set_cpu_isa(request.param)
     yield request.param
-    nestsparse._C.set_cpu_isa(before)
+    nestsparse.native.set_cpu_isa(before)
 
 
 @pytest.fixture(scope="module")

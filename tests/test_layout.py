@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "python" / "nestsparse"
 CSRC = ROOT / "csrc"
 APPS = "nestsparse.apps"
-# Written by the build, not in the source tree: the compiled extension and its build record.
-GENERATED = {"nestsparse._C", "nestsparse._build_info"}
+# Written by the build, not in the source tree: the build record.
+GENERATED = {"nestsparse._build_info"}
 
 
 def module_name(path: Path) -> str:
@@ -108,8 +108,7 @@ def test_no_private_name_is_imported_from_another_module():
         if path is None:
             continue
         for target, names in imports(name, path, modules):
-            # _C is the compiled extension module itself (as torch._C), the one private name the package shares.
-            private = [n for n in names if n.startswith("_") and not n.endswith("__") and n != "_C"]
+            private = [n for n in names if n.startswith("_") and not n.endswith("__")]
             assert not private, f"{name} imports private names {private} from {target}"
 
 
@@ -136,6 +135,6 @@ def test_cpp_headers_include_no_cycle():
 
 
 def test_activations_agree_between_python_and_the_library():
-    assert tuple(ACTIVATIONS) == tuple(nestsparse._C.activations())
+    assert tuple(ACTIVATIONS) == tuple(nestsparse.native.activations())
     for name, act in ACTIVATIONS.items():
         assert act is None or act.matches(act.module()), name

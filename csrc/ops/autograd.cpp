@@ -52,6 +52,7 @@ struct BackwardOf<Conv2d<F>> {
 struct SaveAttribute {
   AutogradContext* ctx;
   void operator()(const char* name, int64_t v) const { ctx->saved_data[name] = v; }
+  void operator()(const char* name, const c10::SymInt& v) const { ctx->saved_data[name] = v; }
   void operator()(const char* name, Act v) const { ctx->saved_data[name] = static_cast<int64_t>(v); }
   void operator()(const char* name, const std::array<int64_t, 2>& v) const {
     ctx->saved_data[name] = std::vector<int64_t>(v.begin(), v.end());
@@ -61,6 +62,7 @@ struct SaveAttribute {
 struct LoadAttribute {
   AutogradContext* ctx;
   void operator()(const char* name, int64_t& v) const { v = ctx->saved_data[name].toInt(); }
+  void operator()(const char* name, c10::SymInt& v) const { v = ctx->saved_data[name].toSymInt(); }
   void operator()(const char* name, Act& v) const { v = static_cast<Act>(ctx->saved_data[name].toInt()); }
   void operator()(const char* name, std::array<int64_t, 2>& v) const {
     const std::vector<int64_t> list = ctx->saved_data[name].toIntVector();

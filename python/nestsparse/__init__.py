@@ -8,8 +8,9 @@ datasets, training tasks) are in nestsparse.apps. ARCHITECTURE.md maps the code.
 """
 
 from . import formats, ops, pruning, runtime
-from ._library import _C
+from ._library import library_path, native
 from .convert import choose_dense_levels, convert, to_dense
+from .deploy import LevelInput, export
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError, NestedBCR, NestedCSR, NestedFormat
 from .fuse import fuse
 from .io import CheckpointError, load, register_architecture, save
@@ -42,7 +43,7 @@ from .version import __version__
 
 def cpu_isa() -> str:
     """The instruction set the CPU kernels use ('generic', 'avx2' or 'avx512')."""
-    return _C.cpu_isa()
+    return native.cpu_isa()
 
 
 def set_output_pool_limit(nbytes: int) -> int:
@@ -51,12 +52,12 @@ def set_output_pool_limit(nbytes: int) -> int:
     Reusing them saves the page faults of fresh memory on every forward (ResNet-50 at batch 16: 217k faults and
     a third of the CPU time without it). The default is 1 GiB; 0 gives every buffer back to the system at once.
     """
-    return _C.set_output_pool_limit(int(nbytes))
+    return native.set_output_pool_limit(int(nbytes))
 
 
 def output_pool_stats() -> dict:
     """The CPU output pool: bytes cached now, and allocations served from it (hits) or from the system (misses)."""
-    cached, hits, misses = _C.output_pool_stats()
+    cached, hits, misses = native.output_pool_stats()
     return {"cached_bytes": cached, "hits": hits, "misses": misses}
 
 
@@ -64,10 +65,11 @@ def build_info() -> dict:
     """How the compiled library was built and what it runs on here."""
     return {
         "version": __version__,
-        "torch_built": _C.torch_version(),
-        "with_cuda": _C.with_cuda(),
-        "cpu_isa": _C.cpu_isa(),
-        "cpu_isas": _C.cpu_isas(),
+        "torch_built": native.torch_version(),
+        "with_cuda": native.with_cuda(),
+        "cpu_isa": native.cpu_isa(),
+        "cpu_isas": native.cpu_isas(),
+        "library": library_path(),
     }
 
 
@@ -114,4 +116,8 @@ __all__ = [
     "runtime",
     "cpu_isa",
     "build_info",
+    "library_path",
+    "native",
+    "export",
+    "LevelInput",
 ]

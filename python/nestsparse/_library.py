@@ -1,10 +1,22 @@
-"""Loads the compiled library, refusing one built for another torch with a message that says what to do."""
+"""Loads the op library (libnestsparse.so), refusing one built for another torch with a message that says what to
+do. The library is a plain torch op library with no Python in it (a C++ program running an exported model loads the
+same file); the build facts Python checks before loading it are in the small generated module ``_build_info``."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 
 _REBUILD = "rebuild it against the torch you run: pip install --no-build-isolation --no-deps --force-reinstall ."
+LIBRARY_NAME = "libnestsparse.dylib" if sys.platform == "darwin" else "libnestsparse.so"
+
+
+def library_path() -> str:
+    """The op library's path: what ``torch.ops.load_library`` takes in a process that runs an exported model
+    without importing nestsparse, and what a C++ program dlopens or links next to libtorch."""
+    return str(Path(__file__).with_name(LIBRARY_NAME))
 
 
 def _load():
@@ -20,11 +32,15 @@ def _load():
             f"nestsparse: the compiled library was built for torch {built}, but torch {running} is installed; "
             f"{_REBUILD}"
         )
+    path = library_path()
+    if not Path(path).is_file():
+        raise ImportError(f"nestsparse: the compiled library {path} is missing; {_REBUILD}")
     try:
-        from . import _C
-    except ImportError as exc:
+        torch.ops.load_library(path)
+    except OSError as exc:
         raise ImportError(f"nestsparse: the compiled library failed to load ({exc}); {_REBUILD}") from exc
-    return _C
+    return torch.ops.nestsparse
 
 
-_C = _load()
+# The library's ops, its settings and build facts included (torch.ops.nestsparse.cpu_isa() and so on).
+native = _load()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._library import _C
+from ._library import native
 
 __all__ = ["Activation", "ACTIVATIONS", "fusable_activation"]
 
@@ -44,10 +44,10 @@ ACTIVATIONS: dict[str, Activation | None] = {
     "gelu": Activation(nn.GELU, F.gelu, {"approximate": "none"}),  # the kernels compute the exact (erf) GELU
 }
 
-if tuple(ACTIVATIONS) != tuple(_C.activations()):  # pragma: no cover - only when the two sides disagree
+if tuple(ACTIVATIONS) != tuple(native.activations()):  # pragma: no cover - only when the two sides disagree
     raise ImportError(
         f"nestsparse: the Python activations {tuple(ACTIVATIONS)} differ from the compiled library's "
-        f"{tuple(_C.activations())} (csrc/ops/activation.h); rebuild, or add the activation to both"
+        f"{tuple(native.activations())} (csrc/ops/activation.h); rebuild, or add the activation to both"
     )
 
 

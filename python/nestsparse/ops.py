@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import _C  # noqa: F401  (loading the library registers the ops)
+from ._library import native  # noqa: F401  (loading the library registers the ops)
 
 __all__ = ["ncsr_linear", "ncsr_conv2d", "ncsr_plan", "nbcr_linear", "nbcr_conv2d", "nbcr_plan", "pair"]
 
@@ -209,7 +209,9 @@ def _fake_product(fmt: str, kind: str):
         torch._check(x.dtype == values.dtype, lambda: f"{op}: x is {x.dtype} but values are {values.dtype}")
         dims = _LEVEL_TABLE_DIMS[_LEVEL_TABLE[fmt]]
         torch._check(table.dim() == dims, lambda: f"{op}: {_LEVEL_TABLE[fmt]} must have {dims} dimensions")
-        torch._check(0 <= level < table.shape[0], lambda: f"{op}: level {level} out of range")
+        # Two checks, not a chained comparison: an exported program's level is a symbolic int (nestsparse.export)
+        torch._check(level >= 0, lambda: f"{op}: level {level} out of range")
+        torch._check(level < table.shape[0], lambda: f"{op}: level {level} out of range")
         for name in ("bias", "scale"):
             t = a.get(name)
             if t is not None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .levels import LevelAware
+from .levels import LevelAware, refuse_baked_level
 from .tree import parent_module
 
 __all__ = ["LevelBatchNorm", "level_batchnorms"]
@@ -71,6 +71,7 @@ class LevelBatchNorm(LevelAware, nn.Module):
         if not 2 <= x.dim() <= 5 or x.shape[1] != self.num_features:
             raise ValueError(f"LevelBatchNorm: expected input (N, {self.num_features}, ...), got {tuple(x.shape)}")
         lvl = self.level
+        refuse_baked_level(self, lvl)
         weight, bias = self.weight, self.bias
         if self.per_level_affine:
             weight, bias = weight[lvl], bias[lvl]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import operator
 
+import torch
 from torch import nn
 
-__all__ = ["LevelAware", "level_aware_modules", "set_level", "get_levels", "shared_copy"]
+__all__ = ["LevelAware", "level_aware_modules", "set_level", "get_levels", "shared_copy", "refuse_baked_level"]
 
 
 class LevelAware:
@@ -42,6 +43,24 @@ class LevelAware:
                 f"{type(self).__name__}: level {level!r} is out of range for {self.num_levels} levels (0 = densest)"
             )
         return level
+
+
+def refuse_baked_level(module: nn.Module, level) -> None:
+    """Raises if ``module`` is being traced by torch.jit.trace or exported by a plain torch.export.export (or
+    torch.onnx.export, which uses one of them) with ``level`` a plain int: the artefact would run that level
+    forever, whatever set_level says later. nestsparse.export makes the level an input of the exported program
+    (a symbolic int here, which passes)."""
+    if isinstance(level, torch.SymInt):
+        return
+    how = "torch.jit.trace" if torch.jit.is_tracing() else "torch.export" if torch.compiler.is_exporting() else None
+    if how is not None:
+        how = "torch.onnx.export" if torch.onnx.is_in_onnx_export() else how
+        raise RuntimeError(
+            f"{type(module).__name__}: {how} would bake level {level} into the artefact (set_level would no longer "
+            f"change it). Export with nestsparse.export(model, args), whose program takes the level as its first "
+            f"input; for ONNX or another runtime without the nestsparse ops, export "
+            f"nestsparse.to_dense(model, level) (the level's weights, dense with zeros)"
+        )
 
 
 def level_aware_modules(model: nn.Module) -> dict[str, LevelAware]:

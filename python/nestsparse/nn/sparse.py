@@ -11,7 +11,7 @@ from ..activations import ACTIVATIONS
 from ..formats import DEFAULT_BLOCK_SHAPE, FORMATS, NestedFormat
 from ..formats import from_dense as pack
 from .batchnorm import LevelBatchNorm
-from .levels import LevelAware
+from .levels import LevelAware, refuse_baked_level
 
 __all__ = ["NestedSparseModule", "NestedSparseLinear", "NestedSparseConv2d", "keep_index_buffers_local"]
 
@@ -174,8 +174,11 @@ class NestedSparseModule(LevelAware, nn.Module):
         return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) if t is not None else None for t in ts)
 
     def _dense_weight(self, level: int) -> tuple[Tensor, Tensor] | None:
-        """(weight, bias) of ``level`` if it runs dense now (else None; stale dense weights are dropped)."""
-        if level not in self._dense_levels or (torch.is_grad_enabled() and self._parameters["values"].requires_grad):
+        """(weight, bias) of ``level`` if it runs dense now (else None; stale dense weights are dropped). In an
+        exported program (nestsparse.export) the level is an input, so every level runs the sparse kernel."""
+        if isinstance(level, torch.SymInt) or level not in self._dense_levels:
+            return None
+        if torch.is_grad_enabled() and self._parameters["values"].requires_grad:
             return None
         if not torch.compiler.is_compiling() and self._weight_key() != self._dense_key:
             self.set_dense_levels(())  # trained or reloaded since: the dense copies are stale
@@ -262,6 +265,7 @@ class NestedSparseLinear(NestedSparseModule):
     def forward(self, x: Tensor, level: int | None = None, residual: Tensor | None = None) -> Tensor:
         """act(W_level x + bias [+ residual]); ``residual`` (the output's shape) is added before the activation."""
         lvl = self.level if level is None else self.checked_level(level)
+        refuse_baked_level(self, lvl)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"NestedSparseLinear: expected input of shape (..., {self.in_features}), got {tuple(x.shape)}"
@@ -329,6 +333,7 @@ class NestedSparseConv2d(NestedSparseModule):
         """act(conv(x, W_level) + bias [+ residual]); ``residual`` (the output's shape) is added before the
         activation."""
         lvl = self.level if level is None else self.checked_level(level)
+        refuse_baked_level(self, lvl)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"

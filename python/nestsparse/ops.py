@@ -12,7 +12,16 @@ from torch import Tensor
 
 from ._library import native  # noqa: F401  (loading the library registers the ops)
 
-__all__ = ["ncsr_linear", "ncsr_conv2d", "ncsr_plan", "nbcr_linear", "nbcr_conv2d", "nbcr_plan", "pair"]
+__all__ = [
+    "ncsr_linear",
+    "ncsr_conv2d",
+    "ncsr_plan",
+    "nbcr_linear",
+    "nbcr_conv2d",
+    "nbcr_plan",
+    "pair",
+    "refuse_grad_transforms",
+]
 
 _ops = torch.ops.nestsparse
 
@@ -32,6 +41,7 @@ def ncsr_linear(
 ) -> Tensor:
     """act(scale * (x @ W_level^T) + bias + residual) for x of shape (..., K) and W in nested CSR (scale per output
     channel, residual of the output's shape; both optional)."""
+    refuse_grad_transforms("nestsparse.ops.ncsr_linear")
     return _ops.ncsr_linear(x, values, col_idx, row_ptr, row_end, level, bias, activation, plan, scale, residual)
 
 
@@ -54,6 +64,7 @@ def ncsr_conv2d(
     residual: Tensor | None = None,
 ) -> Tensor:
     """act(scale * conv2d(x, W_level) + bias + residual) for NCHW x, W (Cout, Cin/groups, kh, kw) in nested CSR."""
+    refuse_grad_transforms("nestsparse.ops.ncsr_conv2d")
     return _ops.ncsr_conv2d(
         x,
         values,
@@ -72,6 +83,22 @@ def ncsr_conv2d(
         scale,
         residual,
     )
+
+
+def refuse_grad_transforms(where: str) -> None:
+    """torch.func.grad / vjp / jvp / jacrev cannot transform the ops' autograd, a C++ autograd Function (torch
+    raises 'cannot use C++ torch::autograd::Function with functorch transforms'): say so with what works instead.
+    torch.func.vmap alone works (torch runs the op once per batch element)."""
+    if torch.compiler.is_compiling():  # torch.compile traces the op (and dynamo cannot trace this check)
+        return
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack and any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack):
+        raise RuntimeError(
+            f"{where}: torch.func transforms other than vmap (grad, vjp, jvp, jacrev, functionalize) "
+            f"cannot differentiate the nested sparse ops, whose autograd is C++; use torch.autograd.grad or "
+            f".backward() (for per-sample gradients, a loop over the samples), or differentiate "
+            f"nestsparse.to_dense(model, level) with torch.func"
+        )
 
 
 def ncsr_plan(row_ptr: Tensor, row_end: Tensor, num_chunks: int | None = None) -> Tensor:
@@ -96,6 +123,7 @@ def nbcr_linear(
     residual: Tensor | None = None,
 ) -> Tensor:
     """act(scale * (x @ W_level^T) + bias + residual) for x of shape (..., K) and W (``rows`` x K) in nested BCR."""
+    refuse_grad_transforms("nestsparse.ops.nbcr_linear")
     return _ops.nbcr_linear(
         x,
         values,
@@ -137,6 +165,7 @@ def nbcr_conv2d(
 ) -> Tensor:
     """act(scale * conv2d(x, W_level) + bias + residual) for NCHW x, W (Cout = ``rows``, Cin/groups, kh, kw) in
     nested BCR."""
+    refuse_grad_transforms("nestsparse.ops.nbcr_conv2d")
     return _ops.nbcr_conv2d(
         x,
         values,
@@ -248,3 +277,34 @@ for _fmt in _WEIGHT_ROWS:
         torch.library.register_fake(f"nestsparse::{_fmt}_{_kind}")(_fake_product(_fmt, _kind))
         torch.library.register_fake(f"nestsparse::{_fmt}_{_kind}_backward")(_fake_grads)
     torch.library.register_fake(f"nestsparse::{_fmt}_plan")(_fake_plan(_fmt))
+
+
+# ---- autocast: the ops run in the nested weight's dtype --------------------------------------------------------
+# Under torch.autocast a dense layer before a nested one hands it a lower-precision x. The values stay in their
+# own dtype (casting them every call would copy the weight), so the products cast x, bias, scale and residual to the
+# values' dtype, as autocast does for the ops it runs in float32; the next dense layer casts back down.
+_AUTOCAST_CAST = ("x", "bias", "scale", "residual")
+_autocast_lib = torch.library.Library("nestsparse", "IMPL")
+
+
+def _autocast_kernel(op: str, key: str):
+    overload = getattr(_ops, op).default
+    excluded = torch._C.DispatchKeySet(key)
+
+    def kernel(*args, **kwargs):
+        a = _arguments(op, args, kwargs)
+        dtype = a["values"].dtype
+        for name in _AUTOCAST_CAST:
+            t = a.get(name)
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype:
+                a[name] = t.to(dtype)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return overload(**a)
+
+    return kernel
+
+
+for _fmt in _WEIGHT_ROWS:
+    for _kind in ("linear", "conv2d"):
+        for _key in ("AutocastCPU", "AutocastCUDA"):
+            _autocast_lib.impl(f"{_fmt}_{_kind}", _autocast_kernel(f"{_fmt}_{_kind}", _key), _key)

@@ -202,6 +202,7 @@ class NestedSparseModule(LevelAware, nn.Module):
         """``product`` (the op) at ``level`` with this layer's epilogue. ``out_shape()`` gives the output's shape;
         a residual of another shape or dtype (an add that broadcasts or promotes) is added after the product, as
         the unfused model did, and the activation after it."""
+        ops.refuse_grad_transforms(type(self).__name__)
         bias, scale = self._epilogue(level)
         if residual is None:
             return product(x.contiguous(), level, bias, scale, self.activation, None)

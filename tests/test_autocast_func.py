@@ -1,0 +1,68 @@
+"""torch.autocast runs a converted model like a dense one (the ops run in the nested weight's dtype); torch.func's
+differentiating transforms are refused with a message naming what works, vmap works."""
+
+import pytest
+import torch
+from torch import nn
+
+import nestsparse
+
+
+def stem_and_nested(fmt_name="ncsr"):
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 10)
+    )
+    block = {"block_shape": (4, 4)} if fmt_name == "nbcr" else {}
+    structure = "bcr" if fmt_name == "nbcr" else "unstructured"
+    tags = nestsparse.model_tags(model, (0.5, 0.2), skip=["0"], structure=structure, **block)  # dense stem
+    return nestsparse.convert(model, tags, format=fmt_name, **block)
+
+
+@pytest.mark.parametrize("fmt_name", ["ncsr", "nbcr"])
+def test_autocast_with_a_dense_stem_runs_and_trains(fmt_name):
+    model = stem_and_nested(fmt_name)
+    x = torch.randn(4, 3, 9, 9)
+    want = model(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x)
+        assert model[0](x).dtype == torch.bfloat16  # the dense stem does run in bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    got.float().square().sum().backward()
+    for m in nestsparse.level_aware_modules(model).values():
+        assert m.values.grad is not None and m.values.grad.dtype == torch.float32 and m.values.grad.abs().sum() > 0
+
+
+def test_autocast_casts_the_op_inputs_to_the_weight_dtype():
+    lin = nestsparse.NestedSparseLinear.from_dense(nn.Linear(16, 8), torch.randint(-1, 2, (8, 16)), num_levels=2)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x is BFloat16 but values are Float"):
+        lin(x)  # outside autocast a mismatch is still an error
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x, residual=torch.randn(3, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda m, x: torch.func.grad(lambda x: m(x).sum())(x),
+        lambda m, x: torch.func.vjp(m, x),
+        lambda m, x: torch.func.jacrev(m)(x[:1]),
+        lambda m, x: torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).sum())(dict(m.named_parameters())),
+    ],
+    ids=["grad", "vjp", "jacrev", "grad-params"],
+)
+def test_torch_func_differentiation_is_refused_naming_the_alternative(transform):
+    model = stem_and_nested()
+    with pytest.raises(RuntimeError, match=r"torch\.func transforms other than vmap.*torch\.autograd\.grad.*to_dense"):
+        transform(model, torch.randn(2, 3, 9, 9))
+
+
+def test_torch_func_vmap_matches_a_loop():
+    model = stem_and_nested().eval()
+    xs = torch.randn(3, 2, 3, 9, 9)
+    with torch.no_grad():
+        got = torch.func.vmap(model)(xs)
+        want = torch.stack([model(x) for x in xs])
+    torch.testing.assert_close(got, want)

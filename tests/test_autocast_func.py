@@ -8,6 +8,10 @@ from torch import nn
 import nestsparse
 
 
+def params(m):
+    return dict(m.named_parameters())
+
+
 def stem_and_nested(fmt_name="ncsr"):
     torch.manual_seed(5)
     model = nn.Sequential(
@@ -49,7 +53,7 @@ def test_autocast_casts_the_op_inputs_to_the_weight_dtype():
         lambda m, x: torch.func.grad(lambda x: m(x).sum())(x),
         lambda m, x: torch.func.vjp(m, x),
         lambda m, x: torch.func.jacrev(m)(x[:1]),
-        lambda m, x: torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).sum())(dict(m.named_parameters())),
+        lambda m, x: torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).sum())(params(m)),
     ],
     ids=["grad", "vjp", "jacrev", "grad-params"],
 )

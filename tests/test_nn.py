@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -237,6 +239,30 @@ def test_levels_given_as_numpy_ints_or_tensors_work_and_other_types_are_named():
             nestsparse.set_level(model, bad)
     with pytest.raises(ValueError, match="out of range for 2 levels"):
         nestsparse.set_level(model, np.int64(2))
+
+
+def test_first_hour_mistakes_are_named_or_accepted():
+    import numpy as np  # noqa: PLC0415
+
+    from nestsparse import pruning  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    with pytest.raises(TypeError, match=r"densities is one number \(0.1\); give one density per level"):
+        nestsparse.model_tags(dense, 0.1)
+    # numpy integer tags are tags
+    tags = {k: t.numpy() for k, t in nestsparse.model_tags(dense, (0.5, 0.2)).items()}
+    model = nestsparse.convert(dense, tags)
+    want = nestsparse.convert(dense, {k: torch.from_numpy(t) for k, t in tags.items()})
+    x = torch.randn(3, 6)
+    assert torch.equal(model(x), want(x))
+    with pytest.raises(TypeError, match="tags are int8 levels"):
+        nestsparse.convert(dense, {"0": np.zeros((5, 6), np.float32)})
+    data = (torch.randn(8, 6), torch.zeros(8, dtype=torch.long))
+    core_first = functools.partial(pruning.core_first, prune_epochs=1, core_epochs=1, level_epochs=1)
+    for method, args in ((pruning.train_dense, (1,)), (pruning.joint, ((0.5, 0.2), 1)), (core_first, ((0.5,),))):
+        with pytest.raises(TypeError, match=r"task is a tuple without batches.*SupervisedTask\(\(x, y\)"):
+            method(dense, data, *args)
 
 
 def test_the_demo_data_names_its_optional_dependency(monkeypatch):

@@ -12,7 +12,16 @@ from torch.nn.utils import prune
 
 from .activations import ACTIVATIONS, fusable_activation
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError
-from .nn import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, keep_index_buffers_local, parent_module
+from .nn import (
+    LevelAware,
+    NestedSparseConv2d,
+    NestedSparseLinear,
+    NestedSparseModule,
+    is_transposed_linear,
+    keep_index_buffers_local,
+    parent_module,
+    tied_weight,
+)
 from .runtime.timing import median_time
 
 __all__ = ["convert", "to_dense", "choose_dense_levels"]
@@ -57,6 +66,7 @@ def convert(
     unknown = [k for k in tags if k not in modules]
     if unknown:
         raise KeyError(f"convert: no module named {unknown[0]!r} in the model")
+    tags = {name: _as_tensor(t) for name, t in tags.items()}
     for name, t in tags.items():
         if not isinstance(t, Tensor) or t.dtype == torch.bool or t.is_floating_point():
             what = t.dtype if isinstance(t, Tensor) else type(t).__name__
@@ -68,8 +78,10 @@ def convert(
         num_levels = len(densities) or 1 + max((int(t.max()) for t in tags.values() if t.numel()), default=0)
     for name, t in tags.items():
         m = modules[name]
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"convert: {name!r} is a {type(m).__name__}; only nn.Linear and nn.Conv2d convert")
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) and not is_transposed_linear(m):
+            raise TypeError(
+                f"convert: {name!r} is a {type(m).__name__}; only nn.Linear, nn.Conv2d and transformers' Conv1D convert"
+            )
         if tuple(t.shape) != tuple(m.weight.shape):
             raise ValueError(
                 f"convert: tags for {name!r} have shape {tuple(t.shape)}, weight has {tuple(m.weight.shape)}"
@@ -91,7 +103,7 @@ def convert(
             if i + 1 < len(keys):
                 act = fusable_activation(parent._modules[keys[i + 1]]) or "none"
                 follower = keys[i + 1] if act != "none" else None
-        cls = NestedSparseLinear if isinstance(m, nn.Linear) else NestedSparseConv2d
+        cls = NestedSparseConv2d if isinstance(m, nn.Conv2d) else NestedSparseLinear
 
         def build(fmt: str, m=m, t=t, cls=cls, act=act) -> NestedSparseModule:
             return cls.from_dense(
@@ -117,7 +129,15 @@ def convert(
             stacklevel=2,
         )
     _slow_path_for_converted_encoders(model)
+    _report_left_dense(model)
     return keep_index_buffers_local(model)
+
+
+def _as_tensor(t):
+    """Tags given as a numpy integer array become a tensor; anything else is checked as it is."""
+    if type(t).__module__ == "numpy" and getattr(t, "dtype", None) is not None and t.dtype.kind in "iu":
+        return torch.as_tensor(t).to(torch.int8)
+    return t
 
 
 def _refuse_pruning_hooks(model: nn.Module) -> None:
@@ -138,16 +158,11 @@ def _refuse_untranslatable(model: nn.Module, modules: Mapping[str, nn.Module], t
     """Layers that a nested module cannot stand in for: a weight shared with another module (tied weights: the
     nested values would be a new parameter, silently untied) and MultiheadAttention's out_proj (torch reads its
     .weight directly)."""
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    every = dict(model.named_modules(remove_duplicate=False))  # a module registered twice has two names
     for name in tags:
-        m = modules[name]
-        shared = [o for o in owners.get(id(m.weight), []) if every.get(o.rpartition(".")[0]) is not m]
-        if shared:
+        shared = tied_weight(model, name)
+        if shared is not None:
             raise ValueError(
-                f"convert: {name}.weight is tied to {shared[0]!r} (one parameter, two modules); a nested layer "
+                f"convert: {name}.weight is tied to {shared!r} (one parameter, two modules); a nested layer "
                 "holds its own values, so converting it would untie them: leave it out of the tags, or untie the "
                 "weights first"
             )
@@ -160,6 +175,21 @@ def _refuse_untranslatable(model: nn.Module, modules: Mapping[str, nn.Module], t
                     "through its .weight (F.multi_head_attention_forward), not as a module: it cannot be nested; "
                     "leave it out of the tags (nestsparse.model_tags does)"
                 )
+
+
+def _report_left_dense(model: nn.Module) -> None:
+    """One warning line naming the weight layers no nested kernel serves (embeddings, recurrent layers, 1-D / 3-D /
+    transposed convolutions, attention's packed projections), which stay dense. Linear / Conv2d layers left out of
+    the tags are the caller's choice and are not listed."""
+    left: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (LevelAware, nn.Linear, nn.Conv2d, nn.modules.batchnorm._NormBase)) or is_transposed_linear(m):
+            continue
+        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+            left.setdefault(type(m).__name__, []).append(name or "(root)")
+    if left:
+        kinds = "; ".join(f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in left.items())
+        warnings.warn(f"convert: left dense, no nested kernel for them: {kinds}", stacklevel=3)
 
 
 def _references(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:

@@ -62,6 +62,7 @@ from .nn import (
     NestedSparseConv2d,
     NestedSparseLinear,
     NestedSparseModule,
+    is_transposed_linear,
     keep_index_buffers_local,
     level_aware_modules,
     parent_module,
@@ -382,6 +383,8 @@ def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) ->
         shape, has_bias = tuple(old.weight_shape), old.bias is not None
     elif isinstance(old, dense_cls):
         shape, has_bias = tuple(old.weight.shape), old.bias is not None
+    elif kind == "linear" and is_transposed_linear(old):  # transformers' Conv1D: weight (in, out)
+        shape, has_bias = tuple(old.weight.shape[::-1]), old.bias is not None
     else:
         raise CheckpointError(
             f"{path}: skeleton mismatch at layer {name!r}: the file has a nested {kind} layer, "

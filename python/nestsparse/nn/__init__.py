@@ -3,7 +3,7 @@
 from .batchnorm import LevelBatchNorm, level_batchnorms
 from .levels import LevelAware, get_levels, level_aware_modules, set_level, shared_copy
 from .sparse import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, keep_index_buffers_local
-from .tree import parent_module
+from .tree import is_transposed_linear, parent_module, tied_weight
 
 __all__ = [
     "LevelAware",
@@ -18,4 +18,6 @@ __all__ = [
     "get_levels",
     "shared_copy",
     "parent_module",
+    "is_transposed_linear",
+    "tied_weight",
 ]

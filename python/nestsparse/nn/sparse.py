@@ -12,6 +12,7 @@ from ..formats import DEFAULT_BLOCK_SHAPE, FORMATS, NestedFormat
 from ..formats import from_dense as pack
 from .batchnorm import LevelBatchNorm
 from .levels import LevelAware, refuse_baked_level
+from .tree import is_transposed_linear
 
 __all__ = ["NestedSparseModule", "NestedSparseLinear", "NestedSparseConv2d", "keep_index_buffers_local"]
 
@@ -257,10 +258,12 @@ class NestedSparseLinear(NestedSparseModule):
         block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
     ) -> NestedSparseLinear:
         """``format`` "ncsr" stores any nested tags; "nbcr" needs block row/column structured tags
-        (nestsparse.bcr_tags) of ``block_shape``."""
-        w = pack(
-            format, linear.weight.detach(), tags, num_levels=num_levels, densities=densities, block_shape=block_shape
-        )
+        (nestsparse.bcr_tags) of ``block_shape``. ``linear`` may also be transformers' Conv1D (GPT-2), whose weight
+        and tags are (in, out): both are transposed."""
+        weight = linear.weight.detach()
+        if is_transposed_linear(linear):
+            weight, tags = weight.t().contiguous(), tags.t().contiguous()
+        w = pack(format, weight, tags, num_levels=num_levels, densities=densities, block_shape=block_shape)
         return cls(w, linear.bias, activation)
 
     def forward(self, x: Tensor, level: int | None = None, residual: Tensor | None = None) -> Tensor:

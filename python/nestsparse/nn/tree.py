@@ -4,10 +4,33 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["parent_module"]
+__all__ = ["parent_module", "is_transposed_linear", "tied_weight"]
 
 
 def parent_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module holding the submodule ``name`` of ``model`` ("" for the root), and the attribute name inside it."""
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def is_transposed_linear(m: nn.Module) -> bool:
+    """Whether ``m`` is transformers' Conv1D (GPT-2 and its kin): a linear layer y = x @ W + b whose weight is
+    stored (in, out), the transpose of nn.Linear's. Its tags follow its own weight's shape; the nested layer it
+    converts to stores the transpose."""
+    cls = type(m)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(getattr(m, "weight", None), nn.Parameter)
+    )
+
+
+def tied_weight(model: nn.Module, name: str) -> str | None:
+    """The name of another module's parameter that is the weight of the submodule ``name`` (tied weights: an LM
+    head sharing its embedding's matrix), or None."""
+    m = model.get_submodule(name)
+    every = dict(model.named_modules(remove_duplicate=False))  # a module registered twice has two names
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if p is m.weight and every.get(pname.rpartition(".")[0]) is not m:
+            return pname
+    return None

@@ -160,6 +160,17 @@ def _optimizer(
     return opt, sched
 
 
+def _check_task(where: str, task) -> None:
+    """TypeError naming the mistake unless ``task`` has what training calls (a Task)."""
+    missing = [m for m in ("batches", "logits", "loss", "evaluate") if not callable(getattr(task, m, None))]
+    if missing:
+        hint = " (data as (x, y) tuples: SupervisedTask((x, y), (x_test, y_test)))" if isinstance(task, tuple) else ""
+        raise TypeError(
+            f"{where}: task is a {type(task).__name__} without {', '.join(missing)}; a task is a "
+            f"nestsparse.pruning.Task, e.g. nestsparse.pruning.SupervisedTask{hint}"
+        )
+
+
 def _epochs(task: Task, epochs: int, desc: str, progress: bool):
     show = progress and _rank_world()[0] == 0
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not show, leave=False):
@@ -179,6 +190,7 @@ def train_dense(
 ) -> nn.Module:
     """Ordinary training (the dense baseline the methods start from). AdamW under a one-cycle schedule;
     ``max_grad_norm`` clips the gradient norm (recurrent models want it)."""
+    _check_task("train_dense", task)
     _check_counts("train_dense", epochs=epochs)
     torch.manual_seed(seed)
     steps = epochs * len(list(task.batches(0)))
@@ -272,6 +284,7 @@ def joint(
     L = spec.num_levels
     if grow_prune_every and structure != "unstructured":
         raise ValueError("joint: grow-and-prune moves single weights; use it with structure='unstructured'")
+    _check_task("joint", task)
     _check_counts("joint", epochs=epochs, tag_updates=tag_updates, grow_prune_every=grow_prune_every)
     if not 0.0 < prune_fraction <= 1.0 or not 0.0 <= distill <= 1.0 or temperature <= 0:
         raise ValueError(
@@ -396,6 +409,7 @@ def core_first(
     L = spec.num_levels
     if grow_prune_every and structure != "unstructured":
         raise ValueError("core_first: grow-and-prune moves single weights; use it with structure='unstructured'")
+    _check_task("core_first", task)
     _check_counts(
         "core_first",
         prune_epochs=prune_epochs,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..formats.blocks import DEFAULT_BLOCK_SHAPE, blocked, check_block_shape, element_tags, grid, inside, matrix_shape
+from ..nn import is_transposed_linear, tied_weight
 
 __all__ = [
     "LevelSpec",
@@ -59,7 +60,14 @@ class LevelSpec:
 
 def level_spec(densities) -> LevelSpec:
     """``densities`` as a LevelSpec (checked)."""
-    return densities if isinstance(densities, LevelSpec) else LevelSpec(tuple(densities))
+    if isinstance(densities, LevelSpec):
+        return densities
+    if isinstance(densities, (int, float)) or (isinstance(densities, Tensor) and densities.dim() == 0):
+        raise TypeError(
+            f"densities is one number ({densities!r}); give one density per level, densest first, e.g. "
+            f"({float(densities)},) for one level or (0.3, 0.1) for two"
+        )
+    return LevelSpec(tuple(densities))
 
 
 def tags_from_scores(scores: Tensor, spec: LevelSpec) -> Tensor:
@@ -213,9 +221,11 @@ def global_bcr_tags(
 
 
 def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """The nn.Linear and nn.Conv2d modules of ``model`` by qualified name, without those in ``skip``."""
+    """The modules of ``model`` a nested layer can stand in for, by qualified name, without those in ``skip``:
+    nn.Linear, nn.Conv2d and transformers' Conv1D (GPT-2), except nn.MultiheadAttention's projections (torch reads
+    out_proj.weight directly) and layers whose weight is tied to another module's (an LM head sharing its
+    embedding's matrix: converting it would untie them)."""
     skip = set(skip)
-    # nn.MultiheadAttention reads its out_proj.weight directly, so its projection must stay an nn.Linear.
     inside_mha = {
         f"{name}.{child}"
         for name, m in model.named_modules()
@@ -226,7 +236,10 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in skip and name not in inside_mha
+        if (isinstance(m, (nn.Linear, nn.Conv2d)) or is_transposed_linear(m))
+        and name not in skip
+        and name not in inside_mha
+        and tied_weight(model, name) is None
     }
 
 
@@ -242,8 +255,12 @@ def model_tags(
     (``scope="global"``): magnitude tags (``structure="unstructured"``, for NestedCSR) or block row/column
     tags (``structure="bcr"``, for NestedBCR with ``block_shape``). Keys are module names, ready for
     ``nestsparse.convert``. This is training method 1 (one-shot, no training)."""
-    weights = {name: m.weight for name, m in prunable_layers(model, skip).items()}
-    return weight_tags(weights, densities, scope, structure, block_shape)
+    layers = prunable_layers(model, skip)
+    # A transposed linear layer (Conv1D) is scored as the (out, in) matrix it converts to, so block tags have the
+    # converted layer's blocks; its tags are returned in its own weight's shape.
+    weights = {name: m.weight.t() if is_transposed_linear(m) else m.weight for name, m in layers.items()}
+    tags = weight_tags(weights, densities, scope, structure, block_shape)
+    return {name: t.t().contiguous() if is_transposed_linear(layers[name]) else t for name, t in tags.items()}
 
 
 def weight_tags(

@@ -62,11 +62,12 @@ $(VENV)/.lint-tools:
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check torch==$(TORCH_VERSION)
-	$(PIP) install -q --disable-pip-version-check "scikit-build-core>=0.10" "pybind11>=2.12" numpy safetensors tqdm \
+	$(PIP) install -q --disable-pip-version-check "scikit-build-core>=0.10" numpy safetensors tqdm \
 		pytest hypothesis scikit-learn matplotlib onnx onnxscript onnxruntime transformers
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	@echo "building the nestsparse op library (about 2 minutes on 2 cores; pip shows nothing until it is done)"
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps .
 	touch $@
 

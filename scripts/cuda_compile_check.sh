@@ -23,7 +23,7 @@ cd "$repo"
 
 venv="${VENV:-$repo/.venv-cuda}"
 torch_spec="${TORCH_SPEC:-torch==2.14.1}"
-deps=("$torch_spec" pybind11 scikit-build-core numpy safetensors tqdm)
+deps=("$torch_spec" scikit-build-core numpy safetensors tqdm)
 marker="$venv/.nestsparse-deps-ok"
 build_dir="build/cuda-check"
 log="$repo/$build_dir.log"

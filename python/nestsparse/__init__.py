@@ -17,6 +17,7 @@ from .io import CheckpointError, load, register_architecture, save
 from .nn import (
     LevelAware,
     LevelBatchNorm,
+    NestedSparseConv1d,
     NestedSparseConv2d,
     NestedSparseLinear,
     NestedSparseModule,
@@ -88,6 +89,7 @@ __all__ = [
     "global_bcr_tags",
     "NestedSparseLinear",
     "NestedSparseConv2d",
+    "NestedSparseConv1d",
     "NestedSparseModule",
     "LevelAware",
     "LevelBatchNorm",

@@ -13,7 +13,9 @@ from torch.nn.utils import prune
 from .activations import ACTIVATIONS, fusable_activation
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError
 from .nn import (
+    CONVERTIBLE,
     LevelAware,
+    NestedSparseConv1d,
     NestedSparseConv2d,
     NestedSparseLinear,
     NestedSparseModule,
@@ -78,9 +80,10 @@ def convert(
         num_levels = len(densities) or 1 + max((int(t.max()) for t in tags.values() if t.numel()), default=0)
     for name, t in tags.items():
         m = modules[name]
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) and not is_transposed_linear(m):
+        if not isinstance(m, CONVERTIBLE) and not is_transposed_linear(m):
             raise TypeError(
-                f"convert: {name!r} is a {type(m).__name__}; only nn.Linear, nn.Conv2d and transformers' Conv1D convert"
+                f"convert: {name!r} is a {type(m).__name__}; only nn.Linear, nn.Conv2d, nn.Conv1d and transformers' "
+                "Conv1D convert"
             )
         if tuple(t.shape) != tuple(m.weight.shape):
             raise ValueError(
@@ -103,7 +106,13 @@ def convert(
             if i + 1 < len(keys):
                 act = fusable_activation(parent._modules[keys[i + 1]]) or "none"
                 follower = keys[i + 1] if act != "none" else None
-        cls = NestedSparseConv2d if isinstance(m, nn.Conv2d) else NestedSparseLinear
+        cls = (
+            NestedSparseConv1d
+            if isinstance(m, nn.Conv1d)
+            else NestedSparseConv2d
+            if isinstance(m, nn.Conv2d)
+            else NestedSparseLinear
+        )
 
         def build(fmt: str, m=m, t=t, cls=cls, act=act) -> NestedSparseModule:
             return cls.from_dense(
@@ -183,7 +192,7 @@ def _report_left_dense(model: nn.Module) -> None:
     the tags are the caller's choice and are not listed."""
     left: dict[str, list[str]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, (LevelAware, nn.Linear, nn.Conv2d, nn.modules.batchnorm._NormBase)) or is_transposed_linear(m):
+        if isinstance(m, (LevelAware, *CONVERTIBLE, nn.modules.batchnorm._NormBase)) or is_transposed_linear(m):
             continue
         if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
             left.setdefault(type(m).__name__, []).append(name or "(root)")
@@ -333,6 +342,18 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
             bias = m.epilogue_shift[level]
         if isinstance(m, NestedSparseLinear):
             dense = nn.Linear(m.in_features, m.out_features, bias=bias is not None)
+        elif isinstance(m, NestedSparseConv1d):
+            w = w.squeeze(2)
+            dense = nn.Conv1d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size[1],
+                m.stride[1],
+                m.padding[1],
+                m.dilation[1],
+                m.groups,
+                bias=bias is not None,
+            )
         else:
             dense = nn.Conv2d(
                 m.in_channels,

@@ -26,7 +26,7 @@ The ``"nestsparse"`` description (JSON object, compact, ``checksum`` first):
   registers its models);
 - ``level``: the level of every level-aware module (one int), a ``{module name: level}`` map when they
   differ, or null when the model has none;
-- ``nested``: ``{module name: {kind: linear|conv2d, format: ncsr|nbcr, weight_shape, densities, activation, bias,
+- ``nested``: ``{module name: {kind: linear|conv2d|conv1d, format: ncsr|nbcr, weight_shape, densities, activation, bias,
   dtype, the format's options (block_shape for nbcr), stride, padding, dilation, groups}}`` (the geometry for
   conv2d only);
 - ``level_batchnorms``: ``{module name: LevelBatchNorm constructor arguments}``;
@@ -59,6 +59,7 @@ from torch.nn.utils import parametrize
 from .formats import FORMATS, FormatError
 from .nn import (
     LevelBatchNorm,
+    NestedSparseConv1d,
     NestedSparseConv2d,
     NestedSparseLinear,
     NestedSparseModule,
@@ -149,10 +150,24 @@ def _refuse_parametrized(model: nn.Module) -> None:
             )
 
 
+def _kind(m: NestedSparseModule) -> str:
+    """The layer kind a file records: "linear", "conv2d" or "conv1d" (a one-row conv2d, geometry as pairs)."""
+    if isinstance(m, NestedSparseConv1d):
+        return "conv1d"
+    return "conv2d" if isinstance(m, NestedSparseConv2d) else "linear"
+
+
+_KINDS = {
+    "linear": (nn.Linear, NestedSparseLinear),
+    "conv2d": (nn.Conv2d, NestedSparseConv2d),
+    "conv1d": (nn.Conv1d, NestedSparseConv1d),
+}
+
+
 def _describe_nested(m: NestedSparseModule) -> dict[str, Any]:
     """The constructor arguments of a nested layer, besides its tensors."""
     d: dict[str, Any] = {
-        "kind": "conv2d" if isinstance(m, NestedSparseConv2d) else "linear",
+        "kind": _kind(m),
         "format": m.format,
         "weight_shape": [int(s) for s in m.weight_shape],
         **{k: [int(v) for v in o] for k, o in m.options.items()},
@@ -357,13 +372,15 @@ def _skeleton_from_arch(path: str, arch: Any, device: str | None = None) -> nn.M
         ) from e
 
 
-def _conv_geometry(m: nn.Module) -> dict[str, Any]:
-    """Stride, padding, dilation and groups of a dense or nested conv as lists, comparable with the file's."""
-    padding = (0, 0) if m.padding == "valid" else m.padding
+def _conv_geometry(m: nn.Module, one_row: bool = False) -> dict[str, Any]:
+    """Stride, padding, dilation and groups of a dense or nested conv as lists, comparable with the file's; with
+    ``one_row``, a dense nn.Conv1d's as the one-row conv2d it runs as."""
+    padding = (0,) * len(m.stride) if m.padding == "valid" else m.padding
+    geo = {"stride": m.stride, "padding": padding, "dilation": m.dilation}
+    if one_row and not isinstance(padding, str):
+        geo = {k: (0 if k == "padding" else 1, *v) for k, v in geo.items()}
     return {
-        "stride": [int(x) for x in m.stride],
-        "padding": padding if isinstance(padding, str) else [int(x) for x in padding],
-        "dilation": [int(x) for x in m.dilation],
+        **{k: v if isinstance(v, str) else [int(x) for x in v] for k, v in geo.items()},
         "groups": int(m.groups),
     }
 
@@ -378,11 +395,15 @@ def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) ->
             "the model has no module of that name"
         ) from None
     kind = d["kind"]
-    dense_cls, nested_cls = (nn.Conv2d, NestedSparseConv2d) if kind == "conv2d" else (nn.Linear, NestedSparseLinear)
+    if kind not in _KINDS:
+        raise CheckpointError(f"{path}: layer {name!r} has unknown kind {kind!r} (expected one of {list(_KINDS)})")
+    dense_cls, nested_cls = _KINDS[kind]
     if isinstance(old, nested_cls):
         shape, has_bias = tuple(old.weight_shape), old.bias is not None
     elif isinstance(old, dense_cls):
         shape, has_bias = tuple(old.weight.shape), old.bias is not None
+        if kind == "conv1d":  # stored as the one-row conv2d it runs as
+            shape = (*shape[:2], 1, *shape[2:])
     elif kind == "linear" and is_transposed_linear(old):  # transformers' Conv1D: weight (in, out)
         shape, has_bias = tuple(old.weight.shape[::-1]), old.bias is not None
     else:
@@ -400,13 +421,13 @@ def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) ->
             f"{path}: skeleton mismatch at layer {name!r}: the file "
             f"{'has' if d['bias'] else 'has no'} bias, the model {'has' if has_bias else 'has no'}"
         )
-    if kind == "conv2d":
+    if kind in ("conv2d", "conv1d"):
         if getattr(old, "padding_mode", "zeros") != "zeros":
             raise CheckpointError(
                 f"{path}: skeleton mismatch at layer {name!r}: padding_mode {old.padding_mode!r}; "
                 "nested convs pad with zeros"
             )
-        got = _conv_geometry(old)
+        got = _conv_geometry(old, one_row=kind == "conv1d" and not isinstance(old, nested_cls))
         want_geo = {k: d[k] for k in ("stride", "padding", "dilation", "groups")}
         if got != want_geo:
             raise CheckpointError(
@@ -438,8 +459,8 @@ def _nested_module(path: str, name: str, d: Mapping[str, Any], tensors: Mapping[
     bias = tensors[_key(name, "bias")] if d["bias"] else None
     if bias is not None:
         _check_bias(path, name, bias, weight.values, int(weight.weight_shape[0]))
-    if d["kind"] == "conv2d":
-        return NestedSparseConv2d(
+    if d["kind"] in ("conv2d", "conv1d"):
+        return _KINDS[d["kind"]][1](
             weight, bias, d["stride"], d["padding"], d["dilation"], int(d["groups"]), d["activation"]
         )
     return NestedSparseLinear(weight, bias, d["activation"])

@@ -2,13 +2,21 @@
 
 from .batchnorm import LevelBatchNorm, level_batchnorms
 from .levels import LevelAware, get_levels, level_aware_modules, set_level, shared_copy
-from .sparse import NestedSparseConv2d, NestedSparseLinear, NestedSparseModule, keep_index_buffers_local
+from .sparse import (
+    CONVERTIBLE,
+    NestedSparseConv1d,
+    NestedSparseConv2d,
+    NestedSparseLinear,
+    NestedSparseModule,
+    keep_index_buffers_local,
+)
 from .tree import is_transposed_linear, parent_module, tied_weight
 
 __all__ = [
     "LevelAware",
     "NestedSparseLinear",
     "NestedSparseConv2d",
+    "NestedSparseConv1d",
     "NestedSparseModule",
     "keep_index_buffers_local",
     "LevelBatchNorm",
@@ -18,6 +26,7 @@ __all__ = [
     "get_levels",
     "shared_copy",
     "parent_module",
+    "CONVERTIBLE",
     "is_transposed_linear",
     "tied_weight",
 ]

@@ -14,7 +14,17 @@ from .batchnorm import LevelBatchNorm
 from .levels import LevelAware, refuse_baked_level
 from .tree import is_transposed_linear
 
-__all__ = ["NestedSparseModule", "NestedSparseLinear", "NestedSparseConv2d", "keep_index_buffers_local"]
+__all__ = [
+    "NestedSparseModule",
+    "NestedSparseLinear",
+    "NestedSparseConv2d",
+    "NestedSparseConv1d",
+    "keep_index_buffers_local",
+    "CONVERTIBLE",
+]
+
+# The torch layers a nested module stands in for (besides transformers' Conv1D, see tree.is_transposed_linear).
+CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Conv1d)
 
 
 class NestedSparseModule(LevelAware, nn.Module):
@@ -398,6 +408,84 @@ class NestedSparseConv2d(NestedSparseModule):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, {self._extra()}"
+        )
+
+
+def _one_row(v, first: int) -> tuple[int, int]:
+    """A 1-D convolution argument (an int or a 1-tuple) as the (h, w) pair of a one-row 2-D convolution; a pair
+    passes unchanged."""
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+    return (first, int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
+
+
+class NestedSparseConv1d(NestedSparseConv2d):
+    """NCL convolution (nn.Conv1d) run as a one-row 2-D convolution by the same kernels: the weight
+    (Cout, Cin/groups, k) is stored as (Cout, Cin/groups, 1, k) and x (N, C, L) is viewed as (N, C, 1, L), no copy."""
+
+    def __init__(
+        self,
+        weight: NestedFormat,
+        bias: Tensor | None = None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        activation: str = "none",
+    ):
+        if len(weight.weight_shape) != 4 or weight.weight_shape[2] != 1:
+            raise ValueError(f"NestedSparseConv1d needs a (Cout, Cin/groups, 1, k) weight, got {weight.weight_shape}")
+        super().__init__(
+            weight, bias, _one_row(stride, 1), _one_row(padding, 0), _one_row(dilation, 1), groups, activation
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        conv: nn.Conv1d,
+        tags: Tensor,
+        activation: str = "none",
+        densities: tuple[float, ...] = (),
+        num_levels: int | None = None,
+        format: str = "ncsr",
+        block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+    ) -> NestedSparseConv1d:
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"NestedSparseConv1d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding != "valid":
+                raise ValueError("NestedSparseConv1d: padding='same' is not supported; give explicit padding")
+            padding = 0
+        w = pack(
+            format,
+            conv.weight.detach().unsqueeze(2),
+            tags.unsqueeze(2),
+            num_levels=num_levels,
+            densities=densities,
+            block_shape=block_shape,
+        )
+        return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
+
+    def forward(self, x: Tensor, level: int | None = None, residual: Tensor | None = None) -> Tensor:
+        """act(conv1d(x, W_level) + bias [+ residual]) for x (N, C, L) or (C, L)."""
+        if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
+            raise ValueError(
+                f"NestedSparseConv1d: expected (N, {self.in_channels}, L) or ({self.in_channels}, L) input, "
+                f"got shape {tuple(x.shape)}"
+            )
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0)
+            residual = residual.unsqueeze(0) if isinstance(residual, Tensor) else residual
+        if isinstance(residual, Tensor) and residual.dim() == 3:
+            residual = residual.unsqueeze(2)
+        out = super().forward(x.unsqueeze(2), level, residual).squeeze(2)
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, stride={self.stride[1:]}, "
+            f"padding={self.padding[1:]}, dilation={self.dilation[1:]}, groups={self.groups}, {self._extra()}"
         )
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..formats.blocks import DEFAULT_BLOCK_SHAPE, blocked, check_block_shape, element_tags, grid, inside, matrix_shape
-from ..nn import is_transposed_linear, tied_weight
+from ..nn import CONVERTIBLE, is_transposed_linear, tied_weight
 
 __all__ = [
     "LevelSpec",
@@ -222,9 +222,9 @@ def global_bcr_tags(
 
 def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.Module]:
     """The modules of ``model`` a nested layer can stand in for, by qualified name, without those in ``skip``:
-    nn.Linear, nn.Conv2d and transformers' Conv1D (GPT-2), except nn.MultiheadAttention's projections (torch reads
-    out_proj.weight directly) and layers whose weight is tied to another module's (an LM head sharing its
-    embedding's matrix: converting it would untie them)."""
+    nn.Linear, nn.Conv2d, nn.Conv1d and transformers' Conv1D (GPT-2), except nn.MultiheadAttention's projections
+    (torch reads out_proj.weight directly) and layers whose weight is tied to another module's (an LM head sharing
+    its embedding's matrix: converting it would untie them)."""
     skip = set(skip)
     inside_mha = {
         f"{name}.{child}"
@@ -236,7 +236,7 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.
     return {
         name: m
         for name, m in model.named_modules()
-        if (isinstance(m, (nn.Linear, nn.Conv2d)) or is_transposed_linear(m))
+        if (isinstance(m, CONVERTIBLE) or is_transposed_linear(m))
         and name not in skip
         and name not in inside_mha
         and tied_weight(model, name) is None

@@ -1,0 +1,93 @@
+"""nn.Conv1d converts to NestedSparseConv1d, a one-row 2-D convolution on the same kernels: against a float64
+reference on odd shapes at every level and ISA, unbatched input, residual, gradients, save / load, to_dense, fuse."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nestsparse
+from nestsparse import NestedSparseConv1d
+
+from conftest import value_positions
+
+# (Cin, Cout, k, stride, padding, dilation, groups, L)
+GEOMETRIES = [
+    (3, 17, 3, 1, 1, 1, 1, 1),
+    (8, 5, 5, 2, 3, 1, 1, 41),
+    (6, 9, 3, 1, 0, 2, 3, 17),
+    (16, 16, 1, 1, 0, 1, 1, 1000),
+]
+
+
+def conv1d_pair(fmt, geometry, num_levels=3, seed=0, **tag_options):
+    cin, cout, k, s, p, d, g, _ = geometry
+    gen = torch.Generator().manual_seed(seed)
+    dense = nn.Conv1d(cin, cout, k, s, p, d, g).double()
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(dense.weight.shape, generator=gen, dtype=torch.float64))
+    tags = fmt.tags(dense.weight.shape, num_levels, gen, block_shape=(4, 4), **tag_options)
+    block = {"block_shape": (4, 4)} if fmt.name == "nbcr" else {}
+    nested = NestedSparseConv1d.from_dense(dense, tags, num_levels=num_levels, format=fmt.name, **block)
+    return dense, tags, nested
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g)))
+def test_conv1d_matches_a_float64_reference_at_every_level(fmt, isa, geometry):
+    dense, tags, nested = conv1d_pair(fmt, geometry, empty_level=2)
+    x = torch.randn(3, geometry[0], geometry[7], dtype=torch.float64)
+
+    def reference(level):
+        geometry = (*dense.stride, *dense.padding, *dense.dilation, dense.groups)
+        return F.conv1d(x, dense.weight * (tags >= level), dense.bias, *geometry)
+
+    for level in range(3):
+        want = reference(level)
+        torch.testing.assert_close(nested(x, level=level), want)
+        torch.testing.assert_close(nested(x[0], level=level), want[0])  # unbatched (C, L)
+    res = torch.randn_like(want)
+    nested.activation = "relu"
+    torch.testing.assert_close(nested(x, level=1, residual=res), torch.relu(reference(1) + res))
+
+
+def test_conv1d_gradients_match_the_dense_reference(fmt):
+    dense, tags, nested = conv1d_pair(fmt, GEOMETRIES[1])
+    x = torch.randn(2, 8, 41, dtype=torch.float64, requires_grad=True)
+    nested(x, level=1).square().sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    w = dense.weight.detach().clone().requires_grad_(True)
+    F.conv1d(xr, w * (tags >= 1), dense.bias, 2, 3).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    # each stored value's gradient is the dense weight's at its position if level 1 keeps it, else zero
+    idx, rows, cols = value_positions(nested.nested(), 1)
+    want = torch.zeros_like(nested.values)
+    want[idx] = w.grad.reshape(w.shape[0], -1)[rows, cols]
+    torch.testing.assert_close(nested.values.grad, want)
+
+
+def test_conv1d_model_converts_saves_loads_and_goes_back_to_dense(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(4, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(), nn.Conv1d(16, 8, 3, stride=2), nn.Flatten()
+    ).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    tags = nestsparse.model_tags(model, (0.5, 0.2))
+    assert set(tags) == {"0", "3"}
+    sparse = nestsparse.convert(model, tags).eval()
+    assert isinstance(sparse[0], NestedSparseConv1d) and isinstance(sparse[3], NestedSparseConv1d)
+    x = torch.randn(2, 4, 23)
+    nestsparse.save(sparse, tmp_path / "m.safetensors")
+    loaded = nestsparse.load(tmp_path / "m.safetensors", model=model).eval()  # a dense skeleton
+    fused = nestsparse.fuse(sparse)
+    with torch.no_grad():
+        for level in range(2):
+            for m in (sparse, loaded, fused):
+                nestsparse.set_level(m, level)
+            want = sparse(x)
+            assert torch.equal(loaded(x), want)
+            torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+            dense = nestsparse.to_dense(sparse, level)
+            assert isinstance(dense[0], nn.Conv1d)
+            torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected \(N, 4, L\) or \(4, L\) input"):
+        sparse(torch.randn(2, 3, 23))

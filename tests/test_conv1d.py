@@ -91,3 +91,25 @@ def test_conv1d_model_converts_saves_loads_and_goes_back_to_dense(tmp_path):
             torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"expected \(N, 4, L\) or \(4, L\) input"):
         sparse(torch.randn(2, 3, 23))
+
+
+def test_conv1d_broadcasting_residual_and_what_does_not_convert():
+    torch.manual_seed(0)
+    lin = nn.Conv1d(4, 16, 3, padding=1)
+    nested = NestedSparseConv1d.from_dense(lin, torch.randint(-1, 2, lin.weight.shape, dtype=torch.int8), num_levels=2)
+    x, res = torch.randn(2, 4, 20), torch.randn(16, 1)  # broadcasts over the batch and the length
+    want = F.conv1d(x, lin.weight * (nested.nested().to_dense(0).squeeze(2) != 0), lin.bias, padding=1) + res
+    torch.testing.assert_close(nested(x, level=0, residual=res), want, rtol=1e-5, atol=1e-5)
+    same = nn.Sequential(nn.Conv1d(4, 4, 3, padding="same"), nn.Conv1d(4, 4, 3, padding_mode="circular", padding=1))
+    assert nestsparse.model_tags(same, (0.5,)) == {}  # kernels pad with zeros, explicitly: these stay dense
+    with pytest.raises(ValueError, match=r"convert: '0': .*padding='same' is not supported"):
+        nestsparse.convert(same, {"0": torch.zeros(4, 4, 3, dtype=torch.int8)})
+
+
+def test_a_file_of_conv1d_layers_does_not_fill_conv2d_slots(tmp_path):
+    model = nn.Sequential(nn.Conv1d(4, 8, 3))
+    sparse = nestsparse.convert(model, nestsparse.model_tags(model, (0.5,)))
+    nestsparse.save(sparse, tmp_path / "c.safetensors")
+    wrong = nestsparse.convert(nn.Sequential(nn.Conv2d(4, 8, (1, 3))), {"0": torch.zeros(8, 4, 1, 3, dtype=torch.int8)})
+    with pytest.raises(nestsparse.CheckpointError, match="file has a nested conv1d layer, the model a nested conv2d"):
+        nestsparse.load(tmp_path / "c.safetensors", model=wrong)

@@ -98,3 +98,15 @@ def test_from_pretrained_names_what_is_missing(tmp_path):
         hf.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="expected a transformers PreTrainedModel"):
         hf.save_pretrained(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_gpt2_block_tags_are_the_converted_layers_blocks():
+    torch.manual_seed(3)
+    dense = SMALL["gpt2"]().eval()
+    tags = nestsparse.model_tags(dense, (0.5, 0.25), structure="bcr", block_shape=(8, 16))
+    model = nestsparse.convert(dense, tags, format="nbcr", block_shape=(8, 16))  # refused if the blocks were (in, out)
+    assert model.transformer.h[0].attn.c_attn.format == "nbcr"
+    # the training methods score the same way: weight_tags transposes the layers transformers stores (in, out)
+    weights = {"c": dense.transformer.h[0].attn.c_attn.weight}
+    scored = nestsparse.pruning.weight_tags(weights, (0.5,), structure="bcr", block_shape=(8, 16), transposed={"c"})
+    assert torch.equal(scored["c"], tags["transformer.h.0.attn.c_attn"].clamp(max=0))

@@ -248,8 +248,9 @@ def test_first_hour_mistakes_are_named_or_accepted():
 
     torch.manual_seed(0)
     dense = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
-    with pytest.raises(TypeError, match=r"densities is one number \(0.1\); give one density per level"):
-        nestsparse.model_tags(dense, 0.1)
+    for scalar in (0.1, np.float32(0.1), torch.tensor(0.1)):
+        with pytest.raises(TypeError, match=r"densities is one number .*; give one density per level"):
+            nestsparse.model_tags(dense, scalar)
     # numpy integer tags are tags
     tags = {k: t.numpy() for k, t in nestsparse.model_tags(dense, (0.5, 0.2)).items()}
     model = nestsparse.convert(dense, tags)
@@ -258,6 +259,8 @@ def test_first_hour_mistakes_are_named_or_accepted():
     assert torch.equal(model(x), want(x))
     with pytest.raises(TypeError, match="tags are int8 levels"):
         nestsparse.convert(dense, {"0": np.zeros((5, 6), np.float32)})
+    with pytest.raises(ValueError, match=r"tags range over \[0, 290\]"):
+        nestsparse.convert(dense, {"0": np.arange(30).reshape(5, 6) * 10})
     data = (torch.randn(8, 6), torch.zeros(8, dtype=torch.long))
     core_first = functools.partial(pruning.core_first, prune_epochs=1, core_epochs=1, level_epochs=1)
     for method, args in ((pruning.train_dense, (1,)), (pruning.joint, ((0.5, 0.2), 1)), (core_first, ((0.5,),))):

@@ -16,7 +16,9 @@ LIBRARY_NAME = "libnestsparse.dylib" if sys.platform == "darwin" else "libnestsp
 def library_path() -> str:
     """The op library's path: what ``torch.ops.load_library`` takes in a process that runs an exported model
     without importing nestsparse, and what a C++ program dlopens or links next to libtorch."""
-    return str(Path(__file__).with_name(LIBRARY_NAME))
+    from . import _build_info  # noqa: PLC0415  (installed next to the library, also in an editable install)
+
+    return str(Path(_build_info.__file__).with_name(LIBRARY_NAME))
 
 
 def _load():

@@ -14,15 +14,18 @@ from .activations import ACTIVATIONS, fusable_activation
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError
 from .nn import (
     CONVERTIBLE,
+    RECURRENT,
     LevelAware,
     NestedSparseConv1d,
     NestedSparseConv2d,
     NestedSparseLinear,
     NestedSparseModule,
+    NestedSparseRNN,
     is_transposed_linear,
     keep_index_buffers_local,
     parent_module,
-    tied_weight,
+    recurrent_weights,
+    tied_weights,
 )
 from .runtime.timing import median_time
 
@@ -65,7 +68,8 @@ def convert(
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
-    unknown = [k for k in tags if k not in modules]
+    recurrent = _recurrent_tags(modules, tags)
+    unknown = [k for k in tags if k not in modules and k.rpartition(".")[0] not in recurrent]
     if unknown:
         raise KeyError(f"convert: no module named {unknown[0]!r} in the model")
     tags = {name: _as_tensor(t) for name, t in tags.items()}
@@ -78,6 +82,7 @@ def convert(
             )
     if num_levels is None:
         num_levels = len(densities) or 1 + max((int(t.max()) for t in tags.values() if t.numel()), default=0)
+    recurrent = {rnn: {w: tags.pop(f"{rnn}.{w}" if rnn else w) for w in weights} for rnn, weights in recurrent.items()}
     for name, t in tags.items():
         m = modules[name]
         if not isinstance(m, CONVERTIBLE) and not is_transposed_linear(m):
@@ -119,10 +124,10 @@ def convert(
                 m, t, activation=act, densities=densities, num_levels=num_levels, format=fmt, block_shape=block_shape
             )
 
-        if format == "auto":
-            new = _pick_faster(build, inputs.get(name), num_levels)
-        else:
-            new = build(format)
+        try:
+            new = _pick_faster(build, inputs.get(name), num_levels) if format == "auto" else build(format)
+        except ValueError as e:
+            raise ValueError(f"convert: {name!r}: {e}") from e
         for p, c in refs:
             setattr(p, c, new)
         if follower is not None:
@@ -130,6 +135,23 @@ def convert(
         nothing = [lvl for lvl in range(num_levels) if new.nested().nnz(lvl) == 0]
         if nothing and t.numel():
             empty.append(f"{name} (level{'s' if len(nothing) > 1 else ''} {', '.join(map(str, nothing))})")
+    for name, rnn_tags in recurrent.items():
+        m = modules[name]
+        for w, t in rnn_tags.items():
+            if tuple(t.shape) != tuple(getattr(m, w).shape):
+                raise ValueError(
+                    f"convert: tags for {name}.{w} have shape {tuple(t.shape)}, weight has {tuple(getattr(m, w).shape)}"
+                )
+        new = NestedSparseRNN.from_dense(
+            m,
+            rnn_tags,
+            densities=densities,
+            num_levels=num_levels,
+            format="ncsr" if format == "auto" else format,
+            block_shape=block_shape,
+        )
+        for p, c in _references(model, m):
+            setattr(p, c, new)
     if empty:
         warnings.warn(
             f"convert: {len(empty)} layer(s) keep no weight at some level, so their output there is the bias alone: "
@@ -142,10 +164,37 @@ def convert(
     return keep_index_buffers_local(model)
 
 
+def _recurrent_tags(modules: Mapping[str, nn.Module], tags: Mapping[str, Tensor]) -> dict[str, list[str]]:
+    """The nn.LSTM / nn.GRU layers the tags name through their weights ("rnn.weight_ih_l0", ...), with the weight
+    names; ValueError if only some of a layer's weights have tags (all of them nest, or none)."""
+    found: dict[str, set[str]] = {}
+    for key in tags:
+        owner, _, weight = key.rpartition(".")
+        m = modules.get(owner)
+        if isinstance(m, tuple(cls for cls, _ in RECURRENT.values())):
+            if weight not in recurrent_weights(m):
+                raise KeyError(f"convert: {key!r}: {owner!r} is an {type(m).__name__} without a weight {weight!r}")
+            found.setdefault(owner, set()).add(weight)
+    out = {}
+    for owner, weights in found.items():
+        every = recurrent_weights(modules[owner])
+        missing = [w for w in every if w not in weights]
+        if missing:
+            raise ValueError(
+                f"convert: tags name some weights of the {type(modules[owner]).__name__} {owner!r} but not "
+                f"{missing}: give tags for all of its gate matrices (nestsparse.model_tags does), or none"
+            )
+        out[owner] = every
+    return out
+
+
 def _as_tensor(t):
     """Tags given as a numpy integer array become a tensor; anything else is checked as it is."""
     if type(t).__module__ == "numpy" and getattr(t, "dtype", None) is not None and t.dtype.kind in "iu":
-        return torch.as_tensor(t).to(torch.int8)
+        t = torch.as_tensor(t)
+        if t.numel() and (int(t.min()) < -1 or int(t.max()) > 127):
+            raise ValueError(f"convert: tags range over [{int(t.min())}, {int(t.max())}]; tags are -1 .. 127")
+        return t.to(torch.int8)
     return t
 
 
@@ -167,8 +216,9 @@ def _refuse_untranslatable(model: nn.Module, modules: Mapping[str, nn.Module], t
     """Layers that a nested module cannot stand in for: a weight shared with another module (tied weights: the
     nested values would be a new parameter, silently untied) and MultiheadAttention's out_proj (torch reads its
     .weight directly)."""
+    tied = tied_weights(model)
     for name in tags:
-        shared = tied_weight(model, name)
+        shared = tied.get(name)
         if shared is not None:
             raise ValueError(
                 f"convert: {name}.weight is tied to {shared!r} (one parameter, two modules); a nested layer "
@@ -192,9 +242,11 @@ def _report_left_dense(model: nn.Module) -> None:
     the tags are the caller's choice and are not listed."""
     left: dict[str, list[str]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, (LevelAware, *CONVERTIBLE, nn.modules.batchnorm._NormBase)) or is_transposed_linear(m):
+        if isinstance(m, (LevelAware, NestedSparseRNN, *CONVERTIBLE, nn.modules.batchnorm._NormBase)):
             continue
-        if any(p.dim() >= 2 for p in m.parameters(recurse=False)):
+        if is_transposed_linear(m):
+            continue
+        if any(p.dim() >= 2 and "weight" in n for n, p in m.named_parameters(recurse=False)):
             left.setdefault(type(m).__name__, []).append(name or "(root)")
     if left:
         kinds = "; ".join(f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in left.items())
@@ -331,6 +383,11 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
         )
     if not inplace:
         model = copy.deepcopy(model)
+    for m in list(model.modules()):  # recurrent layers first: their cells are nested modules
+        if isinstance(m, NestedSparseRNN):
+            replacement = m.to_dense(level)
+            for parent, child in _references(model, m):
+                setattr(parent, child, replacement)
     for m in list(model.modules()):
         if not isinstance(m, NestedSparseModule):
             continue

@@ -43,8 +43,10 @@ class LevelInput(nn.Module):
                 f"LevelInput: the level is a one-element integer tensor, e.g. torch.tensor(1), got {level!r}"
             )
         lvl = level.item()
-        torch._check(lvl >= 0, lambda: f"LevelInput: level {lvl} is out of range (0 = densest)")
-        torch._check(lvl < self.num_levels, lambda: f"LevelInput: level {lvl} is out of range ({self.num_levels})")
+        # constant messages: a message built from the symbolic level cannot be traced (strict export)
+        out_of_range = f"LevelInput: the level is out of range (0 = densest .. {self.num_levels - 1})"
+        torch._check(lvl >= 0, lambda: out_of_range)
+        torch._check(lvl < self.num_levels, lambda: out_of_range)
         before = [m.level for m in self._level_aware]
         for m in self._level_aware:  # a plain int when called, a symbolic one while exported
             m.level = lvl
@@ -61,12 +63,13 @@ def export(
     kwargs: dict | None = None,
     *,
     dynamic_shapes: Sequence | None = None,
-    strict: bool = False,
 ) -> torch.export.ExportedProgram:
     """``torch.export.export`` of a converted (or fused) model whose program takes the level first:
     ``program.module()(torch.tensor(level), *args)``. ``args`` and ``kwargs`` are an example call of ``model``;
     ``dynamic_shapes``, if given, is one entry per element of ``args`` (e.g. ``({0: torch.export.Dim("batch")},)``
-    for a dynamic batch). Export in eval mode, as for any inference program."""
+    for a dynamic batch). Export in eval mode, as for any inference program. The export is torch's default,
+    non-strict one (it runs the model's Python with the level symbolic; strict mode's bytecode tracing does not
+    carry the symbolic level through the modules' attributes)."""
     if not isinstance(args, tuple):
         raise TypeError(f"nestsparse.export: args is a tuple of example inputs, got {type(args).__name__}")
     if not level_aware_modules(model):
@@ -80,4 +83,4 @@ def export(
                 f"got {dynamic_shapes!r}"
             )
         dynamic_shapes = (None, tuple(dynamic_shapes))  # the level, then forward's *args as one group
-    return torch.export.export(wrapped, example, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    return torch.export.export(wrapped, example, kwargs, dynamic_shapes=dynamic_shapes, strict=False)

@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .activations import fusable_activation
-from .nn import LevelBatchNorm, NestedSparseModule, keep_index_buffers_local
+from .nn import LevelBatchNorm, NestedSparseModule, NestedSparseRNN, keep_index_buffers_local
 from .ops import pair
 
 __all__ = ["fuse", "SeparableMaxPool2d"]
@@ -49,7 +49,8 @@ class _Tracer(fx.Tracer):
     """Traces through everything but the level-aware leaves, whose forward checks shapes in Python."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (NestedSparseModule, LevelBatchNorm)) or super().is_leaf_module(m, qualname)
+        leaf = isinstance(m, (NestedSparseModule, NestedSparseRNN, LevelBatchNorm))
+        return leaf or super().is_leaf_module(m, qualname)
 
 
 def fuse(model: nn.Module, *, inplace: bool = False) -> fx.GraphModule:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .io import CheckpointError, load, read_metadata, save
+from .io import CheckpointError, load, save
 
 __all__ = ["save_pretrained", "from_pretrained", "WEIGHTS_NAME"]
 
@@ -65,7 +66,11 @@ def from_pretrained(directory: str | os.PathLike, model_class: type | None = Non
         hint = f" (it has {', '.join(found)}: a dense save_pretrained? load that with transformers)" if found else ""
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (written by nestsparse.hf.save_pretrained){hint}")
     if model_class is None:
-        name = read_metadata(path).get("user", {}).get(_CLASS_KEY)
+        try:
+            with safe_open(path, "pt") as f:  # the header only: load() reads and verifies the whole file once
+                name = (f.metadata() or {}).get(_CLASS_KEY)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
         model_class = getattr(transformers, name, None) if isinstance(name, str) else None
         if model_class is None:
             raise CheckpointError(

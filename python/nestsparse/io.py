@@ -26,9 +26,12 @@ The ``"nestsparse"`` description (JSON object, compact, ``checksum`` first):
   registers its models);
 - ``level``: the level of every level-aware module (one int), a ``{module name: level}`` map when they
   differ, or null when the model has none;
-- ``nested``: ``{module name: {kind: linear|conv2d|conv1d, format: ncsr|nbcr, weight_shape, densities, activation, bias,
-  dtype, the format's options (block_shape for nbcr), stride, padding, dilation, groups}}`` (the geometry for
-  conv2d only);
+- ``nested``: ``{module name: {kind: linear|conv2d|conv1d, format: ncsr|nbcr, weight_shape, densities,
+  activation, bias, dtype, the format's options (block_shape for nbcr), stride, padding, dilation, groups}}``
+  (the geometry for the convolutions only; a conv1d is stored as the one-row conv2d it runs as: a (Cout,
+  Cin/groups, 1, k) weight and pairs);
+- ``recurrent`` (when there are any): ``{module name: NestedSparseRNN constructor arguments}``, its gate matrices
+  under ``nested`` as ``<module name>.cells.<torch weight name>``;
 - ``level_batchnorms``: ``{module name: LevelBatchNorm constructor arguments}``;
 - ``identities``: names of the nn.Identity modules (where ``convert`` fused an activation into the layer
   before);
@@ -58,11 +61,13 @@ from torch.nn.utils import parametrize
 
 from .formats import FORMATS, FormatError
 from .nn import (
+    RECURRENT,
     LevelBatchNorm,
     NestedSparseConv1d,
     NestedSparseConv2d,
     NestedSparseLinear,
     NestedSparseModule,
+    NestedSparseRNN,
     is_transposed_linear,
     keep_index_buffers_local,
     level_aware_modules,
@@ -203,10 +208,12 @@ def _describe(model: nn.Module) -> dict[str, Any]:
             arch = json.loads(json.dumps(arch))
         except (TypeError, ValueError) as e:
             raise ValueError(f"save: model.arch must be JSON-serialisable, got {arch!r}") from e
-    nested, bns, identities = {}, {}, []
+    nested, bns, identities, recurrent = {}, {}, [], {}
     for name, m in model.named_modules():
         if isinstance(m, (NestedSparseLinear, NestedSparseConv2d)):
             nested[name] = _describe_nested(m)
+        elif isinstance(m, NestedSparseRNN):
+            recurrent[name] = m.describe()
         elif isinstance(m, LevelBatchNorm):
             bns[name] = {
                 "num_features": int(m.num_features),
@@ -226,6 +233,7 @@ def _describe(model: nn.Module) -> dict[str, Any]:
         "nested": nested,
         "level_batchnorms": bns,
         "identities": identities,
+        **({"recurrent": recurrent} if recurrent else {}),
     }
 
 
@@ -398,6 +406,11 @@ def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) ->
     if kind not in _KINDS:
         raise CheckpointError(f"{path}: layer {name!r} has unknown kind {kind!r} (expected one of {list(_KINDS)})")
     dense_cls, nested_cls = _KINDS[kind]
+    if isinstance(old, NestedSparseModule) and _kind(old) != kind:
+        raise CheckpointError(
+            f"{path}: skeleton mismatch at layer {name!r}: the file has a nested {kind} layer, the model a "
+            f"nested {_kind(old)} layer"
+        )
     if isinstance(old, nested_cls):
         shape, has_bias = tuple(old.weight_shape), old.bias is not None
     elif isinstance(old, dense_cls):
@@ -535,12 +548,59 @@ def _level_batchnorm(
     return LevelBatchNorm(**{k: args[k] for k in _BN_ARGS})
 
 
+_RNN_ARGS = ("mode", "input_size", "hidden_size", "num_layers", "batch_first", "dropout", "bidirectional")
+
+
+def _recurrent_module(
+    path: str, model: nn.Module, name: str, args: Mapping[str, Any], cells: dict[str, NestedSparseModule]
+) -> NestedSparseRNN:
+    """The nested LSTM / GRU ``name`` from its recorded arguments and its cells, checked against the skeleton's
+    layer (a torch LSTM / GRU of the same configuration, or a nested one)."""
+    if not isinstance(args, Mapping) or set(args) != set(_RNN_ARGS) or args["mode"] not in RECURRENT:
+        raise CheckpointError(f"{path}: malformed recurrent layer {name!r}: {args!r}")
+    try:
+        new = NestedSparseRNN(cells=cells, **args)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: recurrent layer {name!r}: {e}") from e
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(
+            f"{path}: skeleton mismatch: the file has a nested {args['mode']} {name!r}, the model has no such module"
+        ) from None
+    if isinstance(old, NestedSparseRNN):
+        got = old.describe()
+    elif isinstance(old, RECURRENT[args["mode"]][0]) and not getattr(old, "proj_size", 0):
+        got = {k: old.mode if k == "mode" else getattr(old, k) for k in _RNN_ARGS}
+        got["dropout"] = float(got["dropout"])
+        if old.bias != all(c.bias is not None for c in cells.values()):
+            raise CheckpointError(
+                f"{path}: skeleton mismatch at {name!r}: bias={old.bias} in the model, not in the file"
+            )
+    else:
+        raise CheckpointError(
+            f"{path}: skeleton mismatch at {name!r}: the file has a nested {args['mode']}, "
+            f"the model a {type(old).__name__}"
+        )
+    want = {k: args[k] for k in _RNN_ARGS}
+    if got != want:
+        raise CheckpointError(f"{path}: skeleton mismatch at {name!r}: {want} in the file, {got} in the model")
+    return new
+
+
 def _replacements(
     path: str, model: nn.Module, desc: Mapping[str, Any], tensors: Mapping[str, Tensor]
 ) -> dict[str, nn.Module]:
     """Every module to put into the skeleton, by name, all built and checked before any is put in."""
     new: dict[str, nn.Module] = {}
-    for name, d in desc.get("nested", {}).items():
+    nested = dict(desc.get("nested", {}))
+    for name, args in desc.get("recurrent", {}).items():  # a shell before its cells, which it holds
+        prefix = f"{name}.cells." if name else "cells."
+        mine = [k for k in nested if k.startswith(prefix)]
+        cells = {k.removeprefix(prefix): _nested_module(path, k, nested.pop(k), tensors) for k in mine}
+        new[name] = _recurrent_module(path, model, name, args, cells)
+        new.update({prefix + k: cell for k, cell in cells.items()})
+    for name, d in nested.items():
         _check_slot(path, model, name, d)
         new[name] = _nested_module(path, name, d, tensors)
     for name, args in desc.get("level_batchnorms", {}).items():

@@ -89,8 +89,8 @@ def refuse_grad_transforms(where: str) -> None:
     """torch.func.grad / vjp / jvp / jacrev cannot transform the ops' autograd, a C++ autograd Function (torch
     raises 'cannot use C++ torch::autograd::Function with functorch transforms'): say so with what works instead.
     torch.func.vmap alone works (torch runs the op once per batch element)."""
-    if torch.compiler.is_compiling():  # torch.compile traces the op (and dynamo cannot trace this check)
-        return
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return  # torch.compile traces the op (and dynamo cannot trace the check below); or no transform at all
     stack = torch._C._functorch.get_interpreter_stack()
     if stack and any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack):
         raise RuntimeError(

@@ -2,6 +2,7 @@
 
 from .batchnorm import LevelBatchNorm, level_batchnorms
 from .levels import LevelAware, get_levels, level_aware_modules, set_level, shared_copy
+from .recurrent import RECURRENT, NestedSparseRNN, recurrent_weights
 from .sparse import (
     CONVERTIBLE,
     NestedSparseConv1d,
@@ -10,7 +11,7 @@ from .sparse import (
     NestedSparseModule,
     keep_index_buffers_local,
 )
-from .tree import is_transposed_linear, parent_module, tied_weight
+from .tree import is_transposed_linear, parent_module, tied_weights
 
 __all__ = [
     "LevelAware",
@@ -27,6 +28,9 @@ __all__ = [
     "shared_copy",
     "parent_module",
     "CONVERTIBLE",
+    "NestedSparseRNN",
+    "RECURRENT",
+    "recurrent_weights",
     "is_transposed_linear",
-    "tied_weight",
+    "tied_weights",
 ]

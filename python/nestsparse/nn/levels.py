@@ -52,8 +52,13 @@ def refuse_baked_level(module: nn.Module, level) -> None:
     (a symbolic int here, which passes)."""
     if isinstance(level, torch.SymInt):
         return
-    how = "torch.jit.trace" if torch.jit.is_tracing() else "torch.export" if torch.compiler.is_exporting() else None
-    if how is not None:
+    if torch.compiler.is_exporting():
+        how = "torch.export"
+    elif torch.compiler.is_compiling() or torch._C._get_tracing_state() is None:
+        return  # eager or torch.compile: the fast path of every call (about 0.1 us)
+    else:
+        how = "torch.jit.trace"
+    if how:
         how = "torch.onnx.export" if torch.onnx.is_in_onnx_export() else how
         raise RuntimeError(
             f"{type(module).__name__}: {how} would bake level {level} into the artefact (set_level would no longer "

@@ -477,8 +477,8 @@ class NestedSparseConv1d(NestedSparseConv2d):
         if unbatched:
             x = x.unsqueeze(0)
             residual = residual.unsqueeze(0) if isinstance(residual, Tensor) else residual
-        if isinstance(residual, Tensor) and residual.dim() == 3:
-            residual = residual.unsqueeze(2)
+        if isinstance(residual, Tensor) and residual.dim() >= 2:  # the row dimension, second from the end
+            residual = residual.unsqueeze(-2)
         out = super().forward(x.unsqueeze(2), level, residual).squeeze(2)
         return out.squeeze(0) if unbatched else out
 

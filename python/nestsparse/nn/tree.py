@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["parent_module", "is_transposed_linear", "tied_weight"]
+__all__ = ["parent_module", "is_transposed_linear", "tied_weights"]
 
 
 def parent_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -25,12 +25,19 @@ def is_transposed_linear(m: nn.Module) -> bool:
     )
 
 
-def tied_weight(model: nn.Module, name: str) -> str | None:
-    """The name of another module's parameter that is the weight of the submodule ``name`` (tied weights: an LM
-    head sharing its embedding's matrix), or None."""
-    m = model.get_submodule(name)
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """For every submodule whose ``weight`` is also another module's parameter (tied weights: an LM head sharing
+    its embedding's matrix), its name -> the other parameter's name. One pass over the model."""
     every = dict(model.named_modules(remove_duplicate=False))  # a module registered twice has two names
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
-        if p is m.weight and every.get(pname.rpartition(".")[0]) is not m:
-            return pname
-    return None
+        owners.setdefault(id(p), []).append((pname, every.get(pname.rpartition(".")[0])))
+    tied = {}
+    for name, m in every.items():
+        weight = m._parameters.get("weight") if isinstance(m, nn.Module) else None
+        if weight is None:
+            continue
+        others = [pname for pname, owner in owners.get(id(weight), []) if owner is not m]
+        if others:
+            tied[name] = others[0]
+    return tied

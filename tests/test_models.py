@@ -58,7 +58,8 @@ CASES = {
 
 
 def test_registry():
-    assert set(models.MODELS) == {"resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn", "mobilenet_v2", "mnist_cnn"}
+    zoo = {"resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn", "mobilenet_v2", "mnist_cnn"}
+    assert set(models.MODELS) == zoo
     with pytest.raises(KeyError, match="resnet50.*resnet_small|known models"):
         build("vgg16")
     with pytest.raises(ValueError, match="arch"):

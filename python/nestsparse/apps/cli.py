@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     qos.add_argument(
         "--model",
         default="resnet50",
-        help="resnet50 (default), digits (trained here, scored), or a nestsparse .safetensors checkpoint",
+        help="resnet50 (default), digits or fashion-mnist (trained here, scored; fashion-mnist needs make "
+        "real-data), or a nestsparse .safetensors checkpoint",
     )
     qos.add_argument(
         "--deadline",

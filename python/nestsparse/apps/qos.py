@@ -5,6 +5,9 @@ Models:
   magnitude tags per layer (stem and classifier dense), nested CSR. No labels: latency only.
 - ``digits``: the demo's CNN on scikit-learn's digits, trained and its levels trained jointly (about a minute
   on 2 cores); one inference classifies a batch of test digits and is scored by its share of correct answers.
+- ``fashion-mnist``: the 28x28 CNN trained from scratch on 20,000 real Fashion-MNIST training images (``make
+  real-data``), its levels trained jointly (about two minutes on 2 cores); one inference classifies a batch of
+  real test images and is scored by its share of correct answers.
 - a path to a nestsparse checkpoint (``nestsparse.save``) with ``input_shape``: random inputs, latency only.
 """
 
@@ -32,12 +35,14 @@ from ..runtime import (
     run_qos,
 )
 from .data import digits, labelled_batches
-from .models import dense_layers, digits_cnn, resnet50
+from .models import dense_layers, digits_cnn, mnist_cnn, resnet50
+from .real_data import fashion_mnist
 from .scenarios import make_scenario
 
 __all__ = ["Workload", "workload", "run"]
 
-DEFAULT_LEVELS = {"resnet50": (0.3, 0.13, 0.05), "digits": (0.3, 0.03, 0.005)}
+DEFAULT_LEVELS = {"resnet50": (0.3, 0.13, 0.05), "digits": (0.3, 0.03, 0.005), "fashion-mnist": (0.3, 0.05, 0.01)}
+DEFAULT_EPOCHS = {"digits": 25, "fashion-mnist": 3}  # dense training, then as many epochs of joint training
 
 
 @dataclass
@@ -67,15 +72,19 @@ def _resnet50(levels: Sequence[float], seed: int) -> Workload:
     )
 
 
+def _trained(model: nn.Module, task: SupervisedTask, spec: LevelSpec, epochs: int, seed: int, scope: str) -> nn.Module:
+    """``model`` trained dense, then its levels trained jointly, converted."""
+    nested = train_dense(model, task, epochs, lr=2e-3, seed=seed)
+    joint(nested, task, spec, epochs, scope=scope, skip=dense_layers(nested), seed=seed)
+    plain, tags = unmask(nested)
+    return convert(plain, tags, densities=spec.densities).eval()
+
+
 def _digits(levels: Sequence[float], seed: int, batch: int, epochs: int) -> Workload:
     spec = LevelSpec(tuple(levels))
     torch.manual_seed(seed)
     train_set, test_set = digits(seed)
-    task = SupervisedTask(train_set, test_set, seed=seed)
-    nested = train_dense(digits_cnn(64), task, epochs, lr=2e-3, seed=seed)
-    joint(nested, task, spec, epochs, scope="global", skip=dense_layers(nested), seed=seed)
-    plain, tags = unmask(nested)
-    model = convert(plain, tags, densities=spec.densities).eval()
+    model = _trained(digits_cnn(64), SupervisedTask(train_set, test_set, seed=seed), spec, epochs, seed, "global")
     inputs, score = labelled_batches(test_set, batch)
     return Workload(
         "digits",
@@ -83,6 +92,25 @@ def _digits(levels: Sequence[float], seed: int, batch: int, epochs: int) -> Work
         inputs,
         score,
         f"digits CNN, batches of {batch} test digits, levels {tuple(levels)} trained jointly",
+    )
+
+
+def _fashion_mnist(levels: Sequence[float], seed: int, batch: int, epochs: int) -> Workload:
+    spec = LevelSpec(tuple(levels))
+    torch.manual_seed(seed)
+    (x, y), test_set = fashion_mnist()
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:20_000]
+    task = SupervisedTask((x[keep], y[keep]), test_set, batch_size=128, seed=seed)
+    # Per-layer budgets: a global one at 1% would empty the first fully connected layer (the most weights).
+    model = _trained(mnist_cnn(), task, spec, epochs, seed, "layer")
+    inputs, score = labelled_batches(test_set, batch)
+    return Workload(
+        "fashion-mnist",
+        model,
+        inputs,
+        score,
+        f"Fashion-MNIST CNN (20k real training images), batches of {batch} real test images, levels "
+        f"{tuple(levels)} trained jointly",
     )
 
 
@@ -100,16 +128,22 @@ def workload(
     levels: Sequence[float] | None = None,
     seed: int = 0,
     batch: int = 16,
-    epochs: int = 25,
+    epochs: int | None = None,
     input_shape: Sequence[int] = (),
 ) -> Workload:
-    """The model named ``model`` ("resnet50", "digits") or loaded from the checkpoint file ``model``."""
+    """The model named ``model`` ("resnet50", "digits", "fashion-mnist") or loaded from the checkpoint file
+    ``model``; ``epochs`` of training for the trained ones (default DEFAULT_EPOCHS)."""
     if model in DEFAULT_LEVELS:
         levels = tuple(levels or DEFAULT_LEVELS[model])
-        return _resnet50(levels, seed) if model == "resnet50" else _digits(levels, seed, batch, epochs)
+        if model == "resnet50":
+            return _resnet50(levels, seed)
+        build = _digits if model == "digits" else _fashion_mnist
+        return build(levels, seed, batch, DEFAULT_EPOCHS[model] if epochs is None else epochs)
     if model.endswith(".safetensors"):
         return _checkpoint(model, input_shape, seed)
-    raise ValueError(f"unknown model {model!r}: 'resnet50', 'digits' or a nestsparse checkpoint (.safetensors)")
+    raise ValueError(
+        f"unknown model {model!r}: 'resnet50', 'digits', 'fashion-mnist' or a nestsparse checkpoint (.safetensors)"
+    )
 
 
 def run(
@@ -127,7 +161,7 @@ def run(
     repeats: int = 50,
     plot: str | None = None,
     batch: int = 16,
-    epochs: int = 25,
+    epochs: int | None = None,
     input_shape: Sequence[int] = (),
     period: float | None = None,
     progress: bool = True,
@@ -145,7 +179,9 @@ def run(
     if stages not in ("block", "layer"):
         raise ValueError(f"stages must be 'block' or 'layer', got {stages!r}")
     if model not in DEFAULT_LEVELS and not model.endswith(".safetensors"):
-        raise ValueError(f"unknown model {model!r}: 'resnet50', 'digits' or a nestsparse checkpoint (.safetensors)")
+        raise ValueError(
+            f"unknown model {model!r}: 'resnet50', 'digits', 'fashion-mnist' or a nestsparse checkpoint (.safetensors)"
+        )
     scen = make_scenario(scenario, seed=seed)
     t0 = time.perf_counter()
     wl = workload(model, levels, seed, batch, epochs, input_shape)

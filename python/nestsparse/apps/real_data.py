@@ -19,6 +19,11 @@ that installs it.
 ``word_similarity(name)``
     ``"wordsim353"`` or ``"simlex999"`` (from gensim's test data): a list of (word, word, human score).
 
+``photos()``
+    The photos of the data directory's ``photos/`` (scikit-image's, scikit-learn's and matplotlib's bundled
+    photos): a list of (file name, uint8 RGB tensor (3, H, W)), grey ones repeated over the three channels.
+    Reading them needs Pillow (matplotlib's dependency).
+
 ``read_idx(path)``
     One IDX file (optionally gzipped) as a tensor, its header checked against its size: a truncated or damaged
     file raises ValueError naming the file.
@@ -45,6 +50,7 @@ __all__ = [
     "mnist_raw",
     "rotten_tomatoes",
     "word_similarity",
+    "photos",
     "INSTALL_HINT",
 ]
 
@@ -173,3 +179,19 @@ def word_similarity(name: str) -> list[tuple[str, str, float]]:
             continue
         pairs.append((parts[0], parts[1], float(parts[2])))
     return pairs
+
+
+def photos() -> list[tuple[str, Tensor]]:
+    """Every .png / .jpg of the photos directory, sorted by name: (name, uint8 (3, H, W) RGB)."""
+    d = _find("photos", [data_dir() / "photos"], ["chelsea.png"])
+    from PIL import Image  # noqa: PLC0415  (matplotlib's dependency)
+
+    out = []
+    for path in sorted(p for p in d.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")):
+        try:
+            with Image.open(path) as img:
+                rgb = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+                out.append((path.name, rgb.view(img.height, img.width, 3).permute(2, 0, 1).contiguous()))
+        except OSError as e:  # a damaged or truncated file names itself
+            raise ValueError(f"{path}: not a readable image ({e})") from e
+    return out

@@ -10,6 +10,7 @@ the sets `make real-data` installs (nestsparse.apps.real_data).
 | graph | stochastic block model, class-dependent features | GAT | test node accuracy |
 | fashion_mnist_task | Fashion-MNIST (60k / 10k, real) | the 28x28 CNN (mnist_cnn) | test accuracy |
 | mnist_task | MNIST (60k / 10k, real) | the 28x28 CNN, pretrained or not | test accuracy |
+| rotten_tomatoes_task | Rotten Tomatoes fresh / rotten snippets (real) | all-MiniLM-L6-v2 + head | test accuracy |
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "graph_task",
     "fashion_mnist_task",
     "mnist_task",
+    "rotten_tomatoes_task",
 ]
 
 
@@ -61,6 +63,25 @@ def mnist_task(seed: int = 0, batch_size: int = 128, n_train: int | None = None)
     """MNIST classification (real data): 60k training images (or ``n_train`` of them), the 10k test images."""
     train, test = real_data.mnist()
     return SupervisedTask(_subsample(train, n_train, seed), test, batch_size, seed)
+
+
+def rotten_tomatoes_task(
+    seed: int = 0, batch_size: int = 32, n_train: int | None = None, max_length: int = 48
+) -> SupervisedTask:
+    """Rotten Tomatoes fresh (1) / rotten (0) (real data): the fixed split of real_data.rotten_tomatoes (10,246 /
+    2,562 snippets; ``n_train`` of the training ones), tokenized by all-MiniLM-L6-v2's tokenizer into (N,
+    ``max_length``) token ids, 0-padded (48 tokens hold 95% of the snippets whole; longer ones are cut)."""
+    from .models import minilm_tokenizer  # noqa: PLC0415  (needs transformers)
+
+    tokenizer = minilm_tokenizer()
+    (train_text, train_y), (test_text, test_y) = real_data.rotten_tomatoes()
+
+    def ids(texts: list[str]) -> Tensor:
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        return enc["input_ids"]
+
+    train = _subsample((ids(train_text), train_y), n_train, seed)
+    return SupervisedTask(train, (ids(test_text), test_y), batch_size, seed)
 
 
 def point_cloud_task(

@@ -1,5 +1,5 @@
-"""Model zoo: the paper's four families (ResNet, PointNet++, GNMT, GAT), MobileNetV2 and the demo's CNN, in
-plain PyTorch.
+"""Model zoo: the paper's four families (ResNet, PointNet++, GNMT, GAT), MobileNetV2, the demo's CNN and the 28x28
+CNN in plain PyTorch; the pretrained all-MiniLM-L6-v2 with a classification head (transformers).
 
 Every weight matrix worth sparsifying is an nn.Linear or nn.Conv2d (what nestsparse.prunable_layers and
 nestsparse.convert handle), normalisation is nn.BatchNorm1d / nn.BatchNorm2d only, and no nn.ReLU module is
@@ -23,12 +23,14 @@ from ...io import register_architecture
 from . import cnn as _cnn
 from . import gat as _gat
 from . import gnmt as _gnmt
+from . import minilm as _minilm
 from . import mobilenet as _mobilenet
 from . import pointnet as _pointnet
 from . import resnet as _resnet
 from .cnn import MnistCNN, digits_cnn, mnist_cnn
 from .gat import GAT, GATConv, gat
 from .gnmt import GNMT, LSTM, gnmt
+from .minilm import MiniLMClassifier, minilm_classifier, minilm_path, minilm_tokenizer
 from .mobilenet import MobileNetV2, mobilenet_v2
 from .mobilenet import pretrained_path as mobilenet_pretrained_path
 from .pointnet import PointNet2, pointnet2
@@ -49,6 +51,10 @@ __all__ = [
     "digits_cnn",
     "mnist_cnn",
     "MnistCNN",
+    "minilm_classifier",
+    "minilm_tokenizer",
+    "minilm_path",
+    "MiniLMClassifier",
     "ResNet",
     "PointNet2",
     "GNMT",
@@ -66,6 +72,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "gat": gat,
     "digits_cnn": digits_cnn,
     "mnist_cnn": mnist_cnn,
+    "minilm_classifier": minilm_classifier,
 }
 
 _DENSE = {
@@ -77,6 +84,7 @@ _DENSE = {
     "gat": _gat.dense_layers,
     "digits_cnn": _cnn.dense_layers,
     "mnist_cnn": _cnn.mnist_cnn_dense_layers,
+    "minilm_classifier": _minilm.dense_layers,
 }
 
 for _name, _builder in MODELS.items():

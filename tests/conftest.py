@@ -237,6 +237,7 @@ def tiny_minilm(tmp_path, monkeypatch):
     """A 2-layer, hidden-16 BERT with its tokenizer saved as the all-MiniLM-L6-v2 package's model directory is, and
     nestsparse.apps.models.minilm pointed at it (the real 84 MB model is optional and not in CI)."""
     transformers = pytest.importorskip("transformers", reason="the MiniLM tests need transformers (nestsparse[test])")
+    from nestsparse.apps import models  # noqa: PLC0415
     from nestsparse.apps.models import minilm  # noqa: PLC0415
 
     d = tmp_path / "minilm"
@@ -248,9 +249,11 @@ def tiny_minilm(tmp_path, monkeypatch):
         intermediate_size=32,
         max_position_embeddings=64,
     )
-    torch.manual_seed(0)
-    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(d)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        transformers.BertModel(config, add_pooling_layer=False).save_pretrained(d)
     (d / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
     transformers.BertTokenizer(str(d / "vocab.txt")).save_pretrained(d)
-    monkeypatch.setattr(minilm, "minilm_path", lambda: d)
+    monkeypatch.setattr(minilm, "minilm_path", lambda: d)  # what minilm_classifier / minilm_tokenizer call
+    monkeypatch.setattr(models, "minilm_path", lambda: d)  # the package's re-export, what callers see
     return d

@@ -281,3 +281,28 @@ def test_state_dict_round_trip():
     # a plain BatchNorm's state does not load into a LevelBatchNorm model
     with pytest.raises(RuntimeError):
         fresh.load_state_dict(_bn_model().state_dict())
+
+
+def test_to_dense_sets_level_batchnorm_to_its_level():
+    """to_dense(model, l) computes level l: the LevelBatchNorms it keeps are set to l, whatever level the converted
+    model is at."""
+    torch.manual_seed(0)
+    model = _bn_model()
+    level_batchnorms(model, 2, per_level_affine=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LevelBatchNorm):  # level 1's statistics and affine differ from level 0's
+                m.running_mean[1].normal_()
+                m.weight[1].uniform_(0.5, 1.5)
+    tags = nestsparse.model_tags(model, (0.5, 0.2))
+    sparse = nestsparse.convert(model, tags).eval()
+    x = torch.randn(3, 3, 8, 8)
+    nestsparse.set_level(sparse, 1)
+    want = sparse(x)
+    nestsparse.set_level(sparse, 0)  # the converted model at another level
+    dense = nestsparse.to_dense(sparse, 1).eval()
+    assert all(m.level == 1 for m in dense.modules() if isinstance(m, LevelBatchNorm))
+    torch.testing.assert_close(dense(x), want, rtol=1e-4, atol=1e-5)
+    assert all(m.level == 0 for m in sparse.modules() if isinstance(m, LevelBatchNorm))  # the original is untouched
+    with pytest.raises(ValueError, match="level"):
+        nestsparse.to_dense(sparse, 2)

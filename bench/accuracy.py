@@ -75,6 +75,11 @@ class Family:
     about: str = ""  # model and data, for the summary table
 
 
+def first_test_inputs(task, n: int) -> tuple:
+    """The first ``n`` test inputs of a SupervisedTask, as model(*example)."""
+    return (task.test[0][:n].contiguous(),)
+
+
 def _seq_example(task, n):
     src, tgt = task.data.src_test[:n], task.data.tgt_test[:n]
     return src, task.decoder_input(tgt)
@@ -84,7 +89,7 @@ FAMILIES = {
     "digits": Family(
         task=lambda seed, quick: tasks.digits_task(seed),
         model=lambda: models.resnet_small(num_classes=10, in_channels=1, width=16),
-        example=lambda t, n: (t.test[0][:n].contiguous(),),
+        example=first_test_inputs,
         dense_epochs=30,
         prune_epochs=10,
         core_epochs=10,
@@ -94,7 +99,7 @@ FAMILIES = {
     "pointcloud": Family(
         task=lambda seed, quick: tasks.point_cloud_task(seed, n_per_class=40 if quick else 150),
         model=lambda: models.pointnet2(num_classes=len(data.POINT_CLOUD_CLASSES)),
-        example=lambda t, n: (t.test[0][:n].contiguous(),),
+        example=first_test_inputs,
         dense_epochs=25,
         prune_epochs=10,
         core_epochs=10,
@@ -137,7 +142,7 @@ REAL_FAMILIES = {
         task=lambda seed, quick: tasks.fashion_mnist_task(seed, n_train=10_000 if quick else None),
         about="28x28 CNN from scratch; Fashion-MNIST 60k / 10k",
         model=lambda: models.mnist_cnn(),
-        example=lambda t, n: (t.test[0][:n].contiguous(),),
+        example=first_test_inputs,
         dense_epochs=6,
         prune_epochs=2,
         core_epochs=2,
@@ -148,7 +153,7 @@ REAL_FAMILIES = {
         task=lambda seed, quick: tasks.mnist_task(seed, n_train=10_000 if quick else None),
         about="pretrained 28x28 CNN (digit-recognizer-py); MNIST 60k / 10k",
         model=lambda: models.mnist_cnn(pretrained=True),
-        example=lambda t, n: (t.test[0][:n].contiguous(),),
+        example=first_test_inputs,
         dense_epochs=0,
         prune_epochs=1,
         core_epochs=1,
@@ -163,7 +168,7 @@ REAL_FAMILIES = {
         task=lambda seed, quick: tasks.rotten_tomatoes_task(seed, n_train=1_000 if quick else 4_000),
         about="pretrained all-MiniLM-L6-v2 + head; Rotten Tomatoes 4k of 10,246 / 2,562",
         model=lambda: models.minilm_classifier(),
-        example=lambda t, n: (t.test[0][:n].contiguous(),),
+        example=first_test_inputs,
         dense_epochs=1,
         prune_epochs=1,
         core_epochs=1,

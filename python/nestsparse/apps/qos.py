@@ -36,8 +36,8 @@ from ..runtime import (
 )
 from .data import digits, labelled_batches
 from .models import dense_layers, digits_cnn, mnist_cnn, resnet50
-from .real_data import fashion_mnist
 from .scenarios import make_scenario
+from .tasks import fashion_mnist_task
 
 __all__ = ["Workload", "workload", "run"]
 
@@ -102,12 +102,10 @@ def _digits(levels: Sequence[float], seed: int, batch: int, epochs: int) -> Work
 def _fashion_mnist(levels: Sequence[float], seed: int, batch: int, epochs: int) -> Workload:
     spec = LevelSpec(tuple(levels))
     torch.manual_seed(seed)
-    (x, y), test_set = fashion_mnist()
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:20_000]
-    task = SupervisedTask((x[keep], y[keep]), test_set, batch_size=128, seed=seed)
+    task = fashion_mnist_task(seed, batch_size=128, n_train=20_000)
     # Per-layer budgets: a global one at 1% would empty the first fully connected layer (the most weights).
     model = _trained(mnist_cnn(), task, spec, epochs, seed, "layer")
-    inputs, score = labelled_batches(test_set, batch)
+    inputs, score = labelled_batches(task.test, batch)
     return Workload(
         "fashion-mnist",
         model,

@@ -6,11 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-SOURCES := $(shell find csrc python cmake -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.py' -o -name '*.cmake' -o -name '*.in' \) -not -name '_build_info.py') CMakeLists.txt pyproject.toml
+SOURCES := $(shell find csrc python cmake -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh' -o -name '*.py' -o -name '*.cmake' -o -name '*.in' \) -not -name '_build_info.py') CMakeLists.txt pyproject.toml
 
 # Formatter and linter, pinned so that every machine formats alike (`make format` applies, `make lint` checks).
 LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
-CXX_SOURCES = $(shell find csrc examples -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.inc' \))
+CXX_SOURCES = $(shell find csrc examples -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc' \))
 
 .PHONY: demo test build bench bench-extras real-data cuda-check sanitize lint format clean
 

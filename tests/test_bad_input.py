@@ -5,6 +5,8 @@ contiguity, bad plans, convolution geometry, the backward ops, int lists of the 
 checks. Where only a format's array names differ, the expected message is written per format. Corrupted index
 arrays, which each format has its own way of getting wrong, are in test_corrupted_weights.py."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -569,3 +571,22 @@ def test_nbcr_value_gradients_refuse_blocks_that_share_value_slots():
     y = OPS.nbcr_linear(x, values, w.indices, w.block_ptr, blocks, w.counts, 0, *args)
     with pytest.raises(RuntimeError, match=r"block 1 has value offset 0 but the blocks before it fill \d+ values"):
         y.sum().backward()
+
+
+def test_deferred_checks_leave_the_cpu_ops_raising_at_once(fmt):
+    # Deferred checks are the CUDA ops' (no host sync there); a CPU op raises at the call in either mode, and the
+    # switch and check work on every build, with or without CUDA.
+    w = fmt.random((9, 12), 2, odd=False)
+    bad = dataclasses.replace(w, values=w.values.clone())
+    if fmt.name == "ncsr":
+        bad.col_idx = w.col_idx.clone()
+        bad.col_idx[-1] = 12  # read by the kernel, found there
+    before = nestsparse.set_deferred_checks(True)
+    try:
+        with pytest.raises(RuntimeError, match="col_idx" if fmt.name == "ncsr" else "level"):
+            bad.linear(torch.randn(3, 12), 0 if fmt.name == "ncsr" else 7)
+        nestsparse.check_errors()
+    finally:
+        nestsparse.set_deferred_checks(before)
+    with nestsparse.deferred_checks():
+        w.linear(torch.randn(3, 12), 1)

@@ -1,6 +1,7 @@
 // <format>_plan: the per-weight partition of every level into `num_chunks` pieces of about equal work, int32
-// (L, num_chunks+1), built once per weight (and thread count) and passed to the products as `plan`. CPU only: it
-// is the CPU kernels' load balance. The kernels are ops/cpu/plan.cpp.
+// (L, num_chunks+1), built once per weight (and thread count) and passed to the products as `plan`: the CPU
+// kernels' load balance (ops/cpu/plan.cpp). On CUDA, ncsr_plan gives instead each level's rows ordered by length
+// for the CUDA kernels' schedule (ops/cuda/plan.cu), (L, header + M); nbcr_plan is CPU only.
 #pragma once
 
 #include <ATen/core/Tensor.h>

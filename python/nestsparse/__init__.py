@@ -29,6 +29,7 @@ from .nn import (
     set_level,
     shared_copy,
 )
+from .ops import check_errors, deferred_checks, set_deferred_checks
 from .pruning import (
     LevelSpec,
     bcr_tags,
@@ -76,6 +77,9 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "check_errors",
+    "deferred_checks",
+    "set_deferred_checks",
     "fuse",
     "choose_dense_levels",
     "set_output_pool_limit",

@@ -7,10 +7,12 @@ csrc/ops/autograd.cpp (a Python autograd kernel would run on every call, gradien
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
-from ._library import native  # noqa: F401  (loading the library registers the ops)
+from ._library import native  # (loading the library registers the ops)
 
 __all__ = [
     "ncsr_linear",
@@ -21,6 +23,9 @@ __all__ = [
     "nbcr_plan",
     "pair",
     "refuse_grad_transforms",
+    "set_deferred_checks",
+    "deferred_checks",
+    "check_errors",
 ]
 
 _ops = torch.ops.nestsparse
@@ -85,6 +90,39 @@ def ncsr_conv2d(
     )
 
 
+def set_deferred_checks(on: bool) -> bool:
+    """Deferred index checks for the CUDA ops on or off; returns the previous setting.
+
+    Off (the default), a CUDA op copies its four error counters to the host after its kernels, so a corrupted index
+    array raises at that op, naming the index, at the cost of one synchronisation per call. On, the ops count into a
+    per-device block and never wait: nothing stalls the stream and the calls can be captured in a CUDA graph (a call
+    captured into a graph is always deferred). Errors then surface at ``check_errors()``, naming the first bad
+    position but not the op, and the outputs in between are wrong. The CPU ops always raise at once."""
+    if not native.with_cuda():
+        return False
+    return bool(_ops.cuda_set_deferred_checks(bool(on)))
+
+
+def check_errors(device: torch.device | str | int | None = None) -> None:
+    """Raises if a CUDA op on ``device`` (default: the current one) met a bad index since the last check, and clears
+    the record. Waits for the device. Does nothing without CUDA."""
+    if not native.with_cuda() or not torch.cuda.is_available():
+        return
+    d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+    _ops.cuda_check_errors(torch.cuda.current_device() if d.index is None else d.index)
+
+
+@contextlib.contextmanager
+def deferred_checks(device: torch.device | str | int | None = None):
+    """Runs the block with deferred CUDA index checks (``set_deferred_checks``) and checks once at its end."""
+    before = set_deferred_checks(True)
+    try:
+        yield
+    finally:
+        set_deferred_checks(before)
+    check_errors(device)
+
+
 def refuse_grad_transforms(where: str) -> None:
     """torch.func.grad / vjp / jvp / jacrev cannot transform the ops' autograd, a C++ autograd Function (torch
     raises 'cannot use C++ torch::autograd::Function with functorch transforms'): say so with what works instead.
@@ -102,7 +140,9 @@ def refuse_grad_transforms(where: str) -> None:
 
 
 def ncsr_plan(row_ptr: Tensor, row_end: Tensor, num_chunks: int | None = None) -> Tensor:
-    """Per-level row partition of equal work, to cache per weight and pass as ``plan``."""
+    """The per-weight plan to cache and pass as ``plan``: on the CPU, each level's rows split into ``num_chunks``
+    pieces of equal work; on CUDA, each level's rows ordered by length for the kernels' sub-warp schedule
+    (``num_chunks`` is ignored)."""
     return _ops.ncsr_plan(row_ptr, row_end, _chunks(num_chunks))
 
 
@@ -267,7 +307,10 @@ def _fake_grads(grad_z, x, values, *rest):
 def _fake_plan(fmt: str):
     def fake(*args, **kwargs):
         a = _arguments(f"{fmt}_plan", args, kwargs)
-        return a[_PLAN_INPUT[fmt]].new_empty((a[_LEVEL_TABLE[fmt]].shape[0], a["num_chunks"] + 1))
+        index, levels = a[_PLAN_INPUT[fmt]], a[_LEVEL_TABLE[fmt]].shape[0]
+        if fmt == "ncsr" and index.device.type == "cuda":  # a header, then the M rows in order (ops/cuda/plan.cu)
+            return index.new_empty((levels, _ops.cuda_plan_header() + index.shape[0] - 1))
+        return index.new_empty((levels, a["num_chunks"] + 1))
 
     return fake
 

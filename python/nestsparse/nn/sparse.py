@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +27,14 @@ __all__ = [
 
 # The torch layers a nested module stands in for (besides transformers' Conv1D, see tree.is_transposed_linear).
 CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Conv1d)
+
+
+@functools.cache
+def _has_plan(fmt: str, device_type: str) -> bool:
+    """Whether <fmt>_plan has a kernel for the device type (NBCR has no CUDA plan yet)."""
+    if device_type not in ("cpu", "cuda"):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"nestsparse::{fmt}_plan", device_type.upper())
 
 
 class NestedSparseModule(LevelAware, nn.Module):
@@ -92,24 +102,45 @@ class NestedSparseModule(LevelAware, nn.Module):
         )
 
     def plan(self, index: tuple[Tensor, ...] | None = None) -> Tensor | None:
-        """The row (or block-row) partition for the CPU kernels, built once per weight and thread count.
+        """The format's per-weight plan for the device the weight is on (CPU: the row or block-row partition of
+        equal work; CUDA: the rows ordered by length per level), built once per weight (and CPU thread count).
         ``index``: the index tensors, when the caller has them already (forward)."""
-        if self.values.device.type != "cpu" or torch.compiler.is_compiling():
+        device = self.values.device
+        if torch.compiler.is_compiling() or not _has_plan(self._format.name, device.type):
             return None
         # A buffer replaced, reloaded in place or moved invalidates the plan. Inference tensors (a module copied
         # under torch.inference_mode) keep no version counter: for them only a replaced buffer does. Memory safety
         # never rests on this cache: the op checks the plan and the kernels bound every index they read.
-        idx = self.index_tensors() if index is None else index
-        key = (
-            *(t.data_ptr() for t in idx),
-            *(-1 if t.is_inference() else t._version for t in idx),
-            idx[-1].shape,
-            torch.get_num_threads(),
-        )
+        key = self._plan_key_of(self.index_tensors() if index is None else index)
         if self._plan is None or self._plan_key != key:
             self._plan = self.nested().plan()
             self._plan_key = key
         return self._plan
+
+    @staticmethod
+    def _plan_key_of(idx: tuple[Tensor, ...]) -> tuple:
+        device = idx[0].device
+        return (
+            device,
+            *(t.data_ptr() for t in idx),
+            *(-1 if t.is_inference() else t._version for t in idx),
+            idx[-1].shape,
+            torch.get_num_threads() if device.type == "cpu" else 0,
+        )
+
+    def _apply(self, fn, recurse=True):
+        # A CUDA plan depends on the weight only, so .to() another CUDA device moves it with the buffers; a CPU
+        # plan (a partition per thread count) and a move between CPU and CUDA rebuild it on the next call.
+        plan = (
+            self._plan if self._plan is not None and self._plan_key == self._plan_key_of(self.index_tensors()) else None
+        )
+        out = super()._apply(fn, recurse)
+        self._plan = self._plan_key = None
+        if plan is not None and plan.device.type == "cuda":
+            moved = fn(plan)
+            if isinstance(moved, Tensor) and moved.device.type == "cuda" and moved.device == self.values.device:
+                self._plan, self._plan_key = moved, self._plan_key_of(self.index_tensors())
+        return out
 
     def fold_batchnorm(self, bn: nn.Module) -> None:
         """Folds ``bn``, an eval-mode nn.BatchNorm1d/2d or LevelBatchNorm applied to this layer's output, into the

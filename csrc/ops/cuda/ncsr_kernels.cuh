@@ -297,12 +297,12 @@ __device__ __forceinline__ void stage(const Rows<scalar_t, index_t>& w, const Op
   }
 }
 
-// Forward: one block per (row, 128 output columns; grid.y strides over the column tiles).
-template <typename scalar_t, typename index_t, typename Operand>
-__global__ void __launch_bounds__(kSpmmThreads)
-    spmm_kernel(const Rows<scalar_t, index_t> w, const Operand op, const scalar_t* __restrict__ x,
-                const Epilogue<scalar_t> ep, int* __restrict__ flags) {
-  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+// The schedule of spmm_kernel and its backward: one block per (row, 128 output columns; grid.y strides over the
+// column tiles). The row's entries are staged 128 at a time; each thread calls body.begin(r, column, active) per
+// tile, body.visit(v, index) for every staged entry that meets its column, and body.end(r, column) when active.
+template <typename scalar_t, typename index_t, typename Operand, typename acc_t, typename Body>
+__device__ __forceinline__ void staged_row(const Rows<scalar_t, index_t>& w, const Operand& op, Body& body,
+                                           int* flags) {
   __shared__ acc_t sv[kSpmmThreads];
   __shared__ typename Operand::Entry se[kSpmmThreads];
   int64_t b, e;
@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(kSpmmThreads)
     const int64_t j = j0 + threadIdx.x;
     const bool active = j < ncols;
     const typename Operand::Column col = op.column(active ? j : j0, r);
-    acc_t acc = acc_t(0);
+    body.begin(r, col, active);
     for (int64_t p0 = b; p0 < e; p0 += kSpmmThreads) {
       stage(w, op, p0, e, j0 == 0, sv, se, flags);
       __syncthreads();
@@ -322,45 +322,58 @@ __global__ void __launch_bounds__(kSpmmThreads)
       if (active) {
         for (int i = 0; i < cnt; ++i) {
           const int64_t idx = op.at(se[i], col);
-          if (idx >= 0) acc += sv[i] * static_cast<acc_t>(x[idx]);
+          if (idx >= 0) body.visit(sv[i], idx);
         }
       }
       __syncthreads();
     }
-    if (active) ep.store(r, op.out(col, r), acc);
+    if (active) body.end(r, col);
   }
 }
 
+// Forward: y[out(column, r)] = epilogue(sum v * x[at(entry, column)]).
+template <typename scalar_t, typename Operand, typename acc_t>
+struct Accumulate {
+  const Operand& op;
+  const scalar_t* __restrict__ x;
+  const Epilogue<scalar_t>& ep;
+  acc_t acc;
+  __device__ __forceinline__ void begin(int64_t, const typename Operand::Column&, bool) { acc = acc_t(0); }
+  __device__ __forceinline__ void visit(acc_t v, int64_t idx) { acc += v * static_cast<acc_t>(x[idx]); }
+  __device__ __forceinline__ void end(int64_t r, const typename Operand::Column& col) {
+    ep.store(r, op.out(col, r), acc);
+  }
+};
+
+template <typename scalar_t, typename index_t, typename Operand>
+__global__ void __launch_bounds__(kSpmmThreads)
+    spmm_kernel(const Rows<scalar_t, index_t> w, const Operand op, const scalar_t* __restrict__ x,
+                const Epilogue<scalar_t> ep, int* __restrict__ flags) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  Accumulate<scalar_t, Operand, acc_t> body{op, x, ep, acc_t(0)};
+  staged_row<scalar_t, index_t, Operand, acc_t>(w, op, body, flags);
+}
+
 // Backward to the input: gx[at(entry, column)] += v * gz[out(column, r)], atomics into an acc_t buffer.
+template <typename scalar_t, typename Operand, typename acc_t>
+struct Scatter {
+  const Operand& op;
+  const scalar_t* __restrict__ gz;
+  acc_t* __restrict__ gx;
+  acc_t g;
+  __device__ __forceinline__ void begin(int64_t r, const typename Operand::Column& col, bool active) {
+    g = active ? static_cast<acc_t>(gz[op.out(col, r)]) : acc_t(0);
+  }
+  __device__ __forceinline__ void visit(acc_t v, int64_t idx) { atomicAdd(gx + idx, v * g); }
+  __device__ __forceinline__ void end(int64_t, const typename Operand::Column&) {}
+};
+
 template <typename scalar_t, typename index_t, typename Operand, typename acc_t>
 __global__ void __launch_bounds__(kSpmmThreads)
     spmm_scatter_kernel(const Rows<scalar_t, index_t> w, const Operand op, const scalar_t* __restrict__ gz,
                         acc_t* __restrict__ gx, int* __restrict__ flags) {
-  __shared__ acc_t sv[kSpmmThreads];
-  __shared__ typename Operand::Entry se[kSpmmThreads];
-  int64_t b, e;
-  const int64_t r = block_row(w, b, e, flags);
-  if (r < 0) return;
-  const int64_t ncols = op.columns();
-  for (int64_t j0 = static_cast<int64_t>(blockIdx.y) * kSpmmThreads; j0 < ncols;
-       j0 += static_cast<int64_t>(gridDim.y) * kSpmmThreads) {
-    const int64_t j = j0 + threadIdx.x;
-    const bool active = j < ncols;
-    const typename Operand::Column col = op.column(active ? j : j0, r);
-    const acc_t g = active ? static_cast<acc_t>(gz[op.out(col, r)]) : acc_t(0);
-    for (int64_t p0 = b; p0 < e; p0 += kSpmmThreads) {
-      stage(w, op, p0, e, j0 == 0, sv, se, flags);
-      __syncthreads();
-      const int cnt = static_cast<int>(imin(e - p0, kSpmmThreads));
-      if (active) {
-        for (int i = 0; i < cnt; ++i) {
-          const int64_t idx = op.at(se[i], col);
-          if (idx >= 0) atomicAdd(gx + idx, sv[i] * g);
-        }
-      }
-      __syncthreads();
-    }
-  }
+  Scatter<scalar_t, Operand, acc_t> body{op, gz, gx, acc_t(0)};
+  staged_row<scalar_t, index_t, Operand, acc_t>(w, op, body, flags);
 }
 
 // Backward to the values: gv[p] = sum_j gz[out(j, r)] * x[at(entry_p, j)] for the level's entries (the rest of gv

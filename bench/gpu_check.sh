@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of the CUDA kernels, for a machine with a GPU, a CUDA torch, nvcc and no network (about 6 minutes
-# on an H200): builds and installs nestsparse with CUDA, runs the CUDA tests, runs compute-sanitizer memcheck and
-# racecheck on a small run of every op (bench/gpu_sanitize.py), runs the GPU benchmark (bench/gpu.py) and prints a
-# short table last. Logs go to $OUT (default /tmp/nestsparse-gpu-check).
+# The GPU check of the CUDA kernels, for a machine with a GPU, a CUDA torch, nvcc and no network (8-10 minutes on
+# an H200 with both benchmarks; BENCHES=gpu_nbcr or BENCHES=gpu runs one): builds and installs nestsparse with CUDA, runs the CUDA tests, runs compute-sanitizer memcheck and
+# racecheck on a small run of every op (bench/gpu_sanitize.py), runs the GPU benchmarks (bench/gpu.py: nested CSR;
+# bench/gpu_nbcr.py: nested BCR on tensor cores) and prints a short table last. Logs go to $OUT (default /tmp/nestsparse-gpu-check).
 #
 #   bash bench/gpu_check.sh            # PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), QUICK=0 for
-#                                      # the full benchmark
+#                                      # the full benchmarks, BENCHES (default "gpu gpu_nbcr")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
@@ -27,7 +27,8 @@ else
 fi
 
 step "CUDA tests (log: $out/tests.log)"
-timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py "tests/test_linear.py::test_every_level_matches_float64_reference" \
+timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_nbcr.py \
+  "tests/test_linear.py::test_every_level_matches_float64_reference" \
   tests/test_bad_input.py -k "cuda or device or test_cuda" > "$out/tests.log" 2>&1
 result[tests]="$(tail -n 1 "$out/tests.log")"
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 20
@@ -35,7 +36,7 @@ grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 20
 for tool in memcheck racecheck; do
   step "compute-sanitizer --tool $tool (log: $out/$tool.log)"
   if command -v compute-sanitizer > /dev/null; then
-    timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 "$py" bench/gpu_sanitize.py > "$out/$tool.log" 2>&1
+    timeout 120 compute-sanitizer --tool "$tool" --error-exitcode 3 "$py" bench/gpu_sanitize.py > "$out/$tool.log" 2>&1
     rc=$?
     summary="$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$out/$tool.log" | tail -n 1)"
     result[$tool]="rc=$rc ${summary:-no summary (see log)}; $(grep -c 'sanitize run: ok' "$out/$tool.log") ok line"
@@ -44,16 +45,16 @@ for tool in memcheck racecheck; do
   fi
 done
 
-step "benchmark (log: $out/bench.log)"
-quick=(--quick)
-[[ "${QUICK:-1}" == 0 ]] && quick=()
-timeout 240 "$py" bench/gpu.py "${quick[@]}" --csv "$out/layers.csv" > "$out/bench.log" 2>&1
-result[bench]="rc=$?"
-cat "$out/bench.log" | grep -v "^\s*$" | tail -n 40
+for b in ${BENCHES:-gpu gpu_nbcr}; do
+  step "benchmark bench/$b.py (log: $out/$b.log)"
+  timeout 150 "$py" "bench/$b.py" "${quick[@]}" --csv "$out/$b.csv" > "$out/$b.log" 2>&1
+  result[$b]="rc=$?"
+  grep -v "^\s*$" "$out/$b.log" | tail -n 40
+done
 
 echo
 echo "## gpu_check summary ($(( $(date +%s) - t0 )) s, $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1))"
 echo
 echo "| step | result |"
 echo "|---|---|"
-for k in build tests memcheck racecheck bench; do echo "| $k | ${result[$k]:-not run} |"; done
+for k in build tests memcheck racecheck ${BENCHES:-gpu gpu_nbcr}; do echo "| $k | ${result[$k]:-not run} |"; done

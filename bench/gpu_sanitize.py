@@ -1,10 +1,39 @@
-"""A small run of every CUDA nested CSR op for compute-sanitizer (bench/gpu_check.sh): forward (both kernels, with
-and without plan, every dtype), backward, convolution, a corrupted index (which must raise, not fault), deferred
-checks and a CUDA graph. Prints 'sanitize run: ok' at the end."""
+"""A small run of every CUDA op of both formats for compute-sanitizer (bench/gpu_check.sh): forward (every kernel,
+with and without plan, every dtype), backward, convolution (grouped too), a corrupted index (which must raise, not
+fault), deferred checks and a CUDA graph. Prints 'sanitize run: ok' at the end."""
 
 import torch
 
 import nestsparse as ns
+
+
+def nbcr(g: torch.Generator) -> None:
+    """Nested BCR: the tile kernel at one and several tiles of p, blocks of 8 and 48 (both tile heights), every
+    dtype, both backward passes, a grouped convolution, and a corrupted local row."""
+    w = torch.randn(100, 70, generator=g)
+    for bs in ((8, 8), (48, 16)):
+        tags = ns.bcr_tags(w, (0.5, 0.2), bs)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            nw = ns.NestedBCR.from_dense(w.to(dtype), tags, bs, densities=(0.5, 0.2)).to("cuda")
+            for n in (3, 136):
+                x = torch.randn(n, 70, device="cuda", dtype=dtype, requires_grad=True)
+                v = nw.values.clone().requires_grad_()
+                for level, plan in ((0, None), (1, nw.plan())):
+                    y = ns.ops.nbcr_linear(x, v, *nw.index_tensors(), level, 100, bs, None, "gelu", plan)
+                    y.float().sum().backward()
+    cw = torch.randn(8, 2, 3, 3, generator=g)
+    cnw = ns.NestedBCR.from_dense(cw, ns.bcr_tags(cw, (0.5, 0.2), (4, 6)), (4, 6), densities=(0.5, 0.2)).to("cuda")
+    x = torch.randn(2, 4, 9, 7, device="cuda", requires_grad=True)
+    v = cnw.values.clone().requires_grad_()
+    y = ns.ops.nbcr_conv2d(x, v, *cnw.index_tensors(), 1, 8, (4, 6), (3, 3), None, 2, 1, 1, 2, "relu")
+    y.sum().backward()
+    bad = ns.NestedBCR.from_dense(w, ns.bcr_tags(w, (0.5, 0.2), (8, 8)), (8, 8), densities=(0.5, 0.2))
+    bad.indices[0] = 1000
+    try:
+        bad.to("cuda").linear(torch.randn(2, 70, device="cuda"), 0)
+        raise SystemExit("a corrupted local row did not raise")
+    except RuntimeError as e:
+        assert "block" in str(e), e
 
 
 def main() -> None:
@@ -27,6 +56,7 @@ def main() -> None:
     v = cnw.values.clone().requires_grad_()
     y = ns.ops.ncsr_conv2d(x, v, cnw.col_idx, cnw.row_ptr, cnw.row_end, 1, (3, 3), None, 2, 1, 1, 1, "relu")
     y.sum().backward()
+    nbcr(g)
     bad = ns.NestedCSR.from_dense(w, tags, densities=(0.4, 0.1))
     bad.col_idx[3] = 1000
     bad = bad.to("cuda")

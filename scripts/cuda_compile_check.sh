@@ -5,7 +5,7 @@
 # 2. Builds and installs nestsparse into it with NESTSPARSE_CUDA=ON, in its own build directory
 #    (build/cuda-check) so that it never clashes with the CPU build under build/.
 # 3. Imports the installed package from outside the repository and checks that the library was built with
-#    CUDA and that every nested CSR op has a CUDA kernel registered. Nothing runs on a GPU.
+#    CUDA and that every op of both formats has a CUDA kernel registered. Nothing runs on a GPU.
 #
 # Idempotent: a re-run reuses the environment and the CMake build directory (an incremental build).
 # Environment:
@@ -88,7 +88,8 @@ import nestsparse
 where = nestsparse.library_path()
 assert "site-packages" in where, f"loaded {where}, not the installed package's library"
 assert torch.ops.nestsparse.with_cuda(), f"{where} was built without CUDA (with_cuda() is False)"
-ops = ["ncsr_linear", "ncsr_linear_backward", "ncsr_conv2d", "ncsr_conv2d_backward", "ncsr_plan"]
+ops = [f"{fmt}_{op}" for fmt in ("ncsr", "nbcr")
+       for op in ("linear", "linear_backward", "conv2d", "conv2d_backward", "plan")]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"nestsparse::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 assert torch.ops.nestsparse.cuda_plan_header() > 0 and hasattr(torch.ops.nestsparse, "cuda_check_errors")
@@ -99,4 +100,4 @@ print(f"built against torch {torch.ops.nestsparse.torch_version()}, running torc
 EOF
 ) || die "import check failed"
 
-echo "cuda_compile_check: PASS (CUDA build compiles, links, imports; every nested CSR op has a CUDA kernel) in $(( $(date +%s) - t_start )) s"
+echo "cuda_compile_check: PASS (CUDA build compiles, links, imports; every op of both formats has a CUDA kernel) in $(( $(date +%s) - t_start )) s"

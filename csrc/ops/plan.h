@@ -1,7 +1,8 @@
 // <format>_plan: the per-weight partition of every level into `num_chunks` pieces of about equal work, int32
 // (L, num_chunks+1), built once per weight (and thread count) and passed to the products as `plan`: the CPU
 // kernels' load balance (ops/cpu/plan.cpp). On CUDA, ncsr_plan gives instead each level's rows ordered by length
-// for the CUDA kernels' schedule (ops/cuda/plan.cu), (L, header + M); nbcr_plan is CPU only.
+// for the CUDA kernels' schedule (ops/cuda/plan.cu), (L, header + M), and nbcr_plan each level's block rows ordered
+// by work, (L, MB).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -230,7 +230,9 @@ def nbcr_conv2d(
 
 
 def nbcr_plan(block_ptr: Tensor, counts: Tensor, rows_per_block: int, num_chunks: int | None = None) -> Tensor:
-    """Per-level block-row partition of equal work, to cache per weight and pass as ``plan``."""
+    """The per-weight plan to cache and pass as ``plan``: on the CPU, each level's block rows split into
+    ``num_chunks`` pieces of equal work; on CUDA, each level's block rows ordered by work, heaviest first
+    (``num_chunks`` is ignored)."""
     return _ops.nbcr_plan(block_ptr, counts, rows_per_block, _chunks(num_chunks))
 
 
@@ -310,6 +312,8 @@ def _fake_plan(fmt: str):
         index, levels = a[_PLAN_INPUT[fmt]], a[_LEVEL_TABLE[fmt]].shape[0]
         if fmt == "ncsr" and index.device.type == "cuda":  # a header, then the M rows in order (ops/cuda/plan.cu)
             return index.new_empty((levels, _ops.cuda_plan_header() + index.shape[0] - 1))
+        if fmt == "nbcr" and index.device.type == "cuda":  # the MB block rows in order
+            return index.new_empty((levels, index.shape[0] - 1))
         return index.new_empty((levels, a["num_chunks"] + 1))
 
     return fake

@@ -66,6 +66,18 @@ void raise_if_bad(const char* op, const CallFlags& flags, const NcsrLevel& w, in
   if (hf[kBadCol] != 0) fail_column_out_of_range(op, w, K);
 }
 
+void raise_if_bad(const char* op, const CallFlags& flags, const NbcrLevel& w, int64_t K) {
+  if (flags.deferred) return;
+  const at::Tensor h = flags.own.cpu();
+  const int* hf = h.const_data_ptr<int>();
+  TORCH_CHECK(hf[kBadRow] == 0, op, ": ", hf[kBadRow], " block row(s) have a block range [block_ptr[i], ",
+              "block_ptr[i+1]) outside [0, B=", w.num_blocks, "] or reversed");
+  TORCH_CHECK(hf[kBadPlan] == 0, op, ": the plan names ", hf[kBadPlan], " block row(s) outside [0, MB=", w.block_rows,
+              ") (was it built for another weight? rebuild it with nbcr_plan)");
+  // The host-side search copies every array and checks each offset before it uses it; it names the first bad block.
+  if (hf[kBadBlock] != 0) fail_bad_block(op, w, K);
+}
+
 }  // namespace nestsparse::cuda
 
 TORCH_LIBRARY_FRAGMENT(nestsparse, m) {
@@ -76,17 +88,19 @@ TORCH_LIBRARY_FRAGMENT(nestsparse, m) {
   // Waits for the device.
   m.def("cuda_check_errors(int device) -> ()", [](int64_t device) {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    int h[kNumFlags] = {0, 0, 0, 0};
-    const int zero[kNumFlags] = {0, 0, 0, 0};
+    int h[kNumFlags] = {};
+    const int zero[kNumFlags] = {};
     C10_CUDA_CHECK(cudaDeviceSynchronize());
     C10_CUDA_CHECK(cudaMemcpyFromSymbol(h, g_deferred_flags, sizeof(h)));
     C10_CUDA_CHECK(cudaMemcpyToSymbol(g_deferred_flags, zero, sizeof(zero)));
     const int first = h[kFirstBadEntry] - 1;
-    TORCH_CHECK(h[kBadRow] == 0 && h[kBadCol] == 0 && h[kBadPlan] == 0,
+    TORCH_CHECK(h[kBadRow] == 0 && h[kBadCol] == 0 && h[kBadPlan] == 0 && h[kBadBlock] == 0,
                 "nestsparse: since the last check, nested sparse ops on cuda:", device, " met ", h[kBadRow],
-                " row slice(s) outside the values buffer, ", h[kBadCol], " column index(es) outside [0, K)",
-                first >= 0 ? " (one at col_idx[" + std::to_string(first) + "])" : std::string(), " and ", h[kBadPlan],
-                " plan entries outside [0, M); their outputs are wrong. Validate the weights "
-                "(NestedCSR.validate()) or run without deferred checks to find the op");
+                " row slice(s) or block range(s) outside the weight's buffers, ", h[kBadCol],
+                " column index(es) outside [0, K)",
+                first >= 0 ? " (one at col_idx[" + std::to_string(first) + "])" : std::string(), ", ", h[kBadBlock],
+                " block(s) outside their bounds and ", h[kBadPlan],
+                " plan entries outside the matrix; their outputs are wrong. Validate the weights "
+                "(NestedCSR.validate(), NestedBCR.validate()) or run without deferred checks to find the op");
   });
 }

@@ -1,8 +1,11 @@
 // How the CUDA kernels report a bad index, and when the host learns of it.
 //
-// A kernel never reads through a bad index: a row slice outside [0, nnz0] or reversed is computed as an empty row, a
-// column outside [0, K) and a plan entry outside [0, M) are skipped. Each is counted in four int32 flags (Flag) in
-// device memory, and the host turns a non-zero count into an exception naming the problem.
+// A kernel never reads through a bad index. Nested CSR: a row slice outside [0, nnz0] or reversed is computed as an
+// empty row, a column outside [0, K) and a plan entry outside [0, M) are skipped. Nested BCR: a block row whose block
+// range [block_ptr[i], block_ptr[i+1]) is outside [0, B] or reversed is computed as empty, a block whose counts,
+// offsets, block column or local indices break the contract (formats/nbcr.h) is skipped, and so is a plan entry
+// outside [0, MB). Each is counted in int32 flags (Flag) in device memory, and the host turns a non-zero count into
+// an exception naming the problem.
 //
 // Two modes (errors.cu):
 //   immediate (the default)  each call zeroes its own flags, runs, and copies them to the host: one small
@@ -16,20 +19,24 @@
 // allowed there). The trade-off: in deferred mode a corrupted weight gives wrong outputs until the caller checks,
 // and the message names the first bad position only, not the op.
 //
-// What the per-call checks do not catch (NestedCSR.validate() does, once per weight): a plan whose order repeats
-// or leaves out rows (one not from ncsr_plan) leaves those outputs unwritten; row slices that overlap (row_ptr not
-// non-decreasing) give a value gradient that depends on the order of the writes. Neither reads out of bounds.
+// What the per-call checks do not catch (NestedCSR.validate() and NestedBCR.validate() do, once per weight): a plan
+// whose order repeats or leaves out rows (one not from ncsr_plan) leaves those outputs unwritten; row slices that
+// overlap (row_ptr not non-decreasing) give a value gradient that depends on the order of the writes; in nested BCR,
+// block ranges that overlap, repeated local rows or columns and blocks that share value slots give wrong results. None
+// reads out of bounds.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
+#include "formats/nbcr.h"
 #include "formats/ncsr.h"
 
 namespace nestsparse::cuda {
 
-enum Flag : int { kBadRow = 0, kBadCol = 1, kBadPlan = 2, kFirstBadEntry = 3, kNumFlags = 4 };
+// kBadRow: a CSR row slice or a BCR block range; kFirstBadEntry: 1 + the first bad col_idx position (CSR).
+enum Flag : int { kBadRow = 0, kBadCol = 1, kBadPlan = 2, kFirstBadEntry = 3, kBadBlock = 4, kNumFlags = 5 };
 
 // The flags one call counts into.
 struct CallFlags {
@@ -44,5 +51,6 @@ CallFlags call_flags(const at::Tensor& like);
 // Immediate mode: copies the flags to the host and raises naming the first problem (the column is searched on the
 // host, from `w`); deferred: returns at once.
 void raise_if_bad(const char* op, const CallFlags& flags, const NcsrLevel& w, int64_t K);
+void raise_if_bad(const char* op, const CallFlags& flags, const NbcrLevel& w, int64_t K);
 
 }  // namespace nestsparse::cuda

@@ -1,4 +1,6 @@
-// ncsr_plan on CUDA tensors (ops/plan.h): the schedule of the CUDA kernels, built once per weight on the host (one
+// ncsr_plan and nbcr_plan on CUDA tensors (ops/plan.h).
+//
+// ncsr_plan: the schedule of the CUDA kernels, built once per weight on the host (one
 // copy of row_ptr and row_end there and of the plan back) and cached by the caller. Per level: the rows ordered by
 // their length at that level, longest first, split into the classes of ncsr_kernels.cuh (32, 16, 8 or 4 lanes per
 // row) with each class's first position and first task (the layout is at kPlanHeader there). `num_chunks` is the
@@ -6,6 +8,10 @@
 //
 // Rows ordered by length keep the warps of a block on rows of about equal work (real pruned layers vary by 10x per
 // row), and the spmm kernels start the longest rows first, so the last wave is short rows.
+//
+// nbcr_plan: per level, the block rows ordered by their work at that level (the sum of r_l x c_l over their blocks),
+// most first, int32 (L, MB): tile_kernel starts the heaviest block rows first. `rows_per_block` and `num_chunks` are
+// the CPU partition's and are ignored.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -14,6 +20,7 @@
 #include <numeric>
 #include <vector>
 
+#include "formats/nbcr.h"
 #include "ops/cuda/ncsr_kernels.cuh"
 #include "ops/plan.h"
 
@@ -63,11 +70,47 @@ at::Tensor ncsr_plan(const NcsrPlan::Call& c) {
   return plan.to(c.row_ptr.device());
 }
 
+at::Tensor nbcr_plan(const NbcrPlan::Call& c) {
+  const char* op = NbcrPlan::name();
+  TORCH_CHECK(c.block_ptr.scalar_type() == at::kInt && c.counts.scalar_type() == at::kInt, op,
+              ": block_ptr and counts must be int32, got ", c.block_ptr.scalar_type(), " and ", c.counts.scalar_type());
+  TORCH_CHECK(c.block_ptr.dim() == 1 && c.block_ptr.numel() >= 1, op,
+              ": block_ptr must be 1-D of length MB+1, got shape ", c.block_ptr.sizes());
+  TORCH_CHECK(c.counts.dim() == 3 && c.counts.size(0) >= 1 && c.counts.size(2) == 2, op,
+              ": counts must have shape (L, B, 2), got ", c.counts.sizes());
+  TORCH_CHECK(c.counts.device() == c.block_ptr.device(), op, ": counts is on ", c.counts.device(),
+              " but block_ptr is on ", c.block_ptr.device());
+  const int64_t MB = c.block_ptr.numel() - 1, L = c.counts.size(0), B = c.counts.size(1);
+  TORCH_CHECK(MB <= INT32_MAX, op, ": too many block rows (", MB, ")");
+  const c10::cuda::CUDAGuard guard(c.block_ptr.device());
+  const at::Tensor bp = c.block_ptr.cpu().contiguous(), cn = c.counts.cpu().contiguous();
+  const int32_t* ptr = bp.const_data_ptr<int32_t>();
+  at::Tensor plan = at::empty({L, MB}, bp.options());
+  std::vector<int64_t> work(MB);
+  for (int64_t l = 0; l < L; ++l) {
+    const int32_t* cl = cn.const_data_ptr<int32_t>() + l * B * 2;
+    // A range or count outside the weight costs nothing here: the kernels find and report it per call.
+    for (int64_t i = 0; i < MB; ++i) {
+      const int64_t lo = std::clamp<int64_t>(ptr[i], 0, B), hi = std::clamp<int64_t>(ptr[i + 1], lo, B);
+      work[i] = 0;
+      for (int64_t b = lo; b < hi; ++b) {
+        work[i] +=
+            std::clamp<int64_t>(cl[2 * b], 0, kMaxBlockDim) * std::clamp<int64_t>(cl[2 * b + 1], 0, kMaxBlockDim);
+      }
+    }
+    int32_t* order = plan.mutable_data_ptr<int32_t>() + l * MB;
+    std::iota(order, order + MB, 0);
+    std::stable_sort(order, order + MB, [&](int32_t a, int32_t b) { return work[a] > work[b]; });
+  }
+  return plan.to(c.block_ptr.device());
+}
+
 }  // namespace
 }  // namespace nestsparse::cuda
 
 TORCH_LIBRARY_IMPL(nestsparse, CUDA, m) {
   m.impl(nestsparse::NcsrPlan::name(), nestsparse::impl<nestsparse::NcsrPlan, &nestsparse::cuda::ncsr_plan>);
+  m.impl(nestsparse::NbcrPlan::name(), nestsparse::impl<nestsparse::NbcrPlan, &nestsparse::cuda::nbcr_plan>);
 }
 
 TORCH_LIBRARY_FRAGMENT(nestsparse, m) {

@@ -31,7 +31,7 @@ CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Conv1d)
 
 @functools.cache
 def _has_plan(fmt: str, device_type: str) -> bool:
-    """Whether <fmt>_plan has a kernel for the device type (NBCR has no CUDA plan yet)."""
+    """Whether <fmt>_plan has a kernel for the device type."""
     if device_type not in ("cpu", "cuda"):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"nestsparse::{fmt}_plan", device_type.upper())

@@ -13,11 +13,10 @@
 
 #include "formats/ncsr.h"
 #include "ops/cuda/errors.h"
+#include "ops/cuda/launch_common.cuh"
 #include "ops/cuda/ncsr_kernels.cuh"
 
 namespace nestsparse::cuda {
-
-constexpr int64_t kMaxGridY = 65535;
 
 // The level's row of a CUDA plan (ncsr_plan on this device), checked to be one: int32 (L, kPlanHeader + M),
 // contiguous, on `device`. Null without a plan. Its contents need no check here: the kernels bound every entry.
@@ -44,15 +43,6 @@ Rows<scalar_t, index_t> device_rows(const NcsrLevel& w, int64_t K, const int32_t
   return {v, c, w.row_start(), w.row_stop(), plan, w.rows, K, w.values.numel(), aligned};
 }
 
-template <typename scalar_t>
-Epilogue<scalar_t> epilogue(const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                            const std::optional<at::Tensor>& residual, Act act, at::Tensor& y) {
-  const auto ptr = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? t->const_data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr);
-  };
-  return {ptr(bias), ptr(scale), ptr(residual), y.mutable_data_ptr<scalar_t>(), act};
-}
-
 // fn.template operator()<scalar_t, index_t>() for the values' and the column indices' types.
 template <typename Fn>
 void dispatch_types(const NcsrLevel& w, Fn&& fn) {
@@ -64,8 +54,6 @@ void dispatch_types(const NcsrLevel& w, Fn&& fn) {
     }
   });
 }
-
-inline cudaStream_t stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()); }
 
 // One block per row (in the plan's order) and 128-column tile.
 inline dim3 spmm_grid(int64_t M, int64_t ncols) {

@@ -195,6 +195,7 @@ def test_gradcheck_linear_and_conv_float64():
                 "relu",
             ),
             (xc, vc),
+            nondet_tol=1e-12,  # kernels larger than 1x1 add overlapping taps with atomics
         )
 
 
@@ -205,9 +206,13 @@ def cpu_grads(op, grad_z, x, w, *rest):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,bs", [(1, (8, 8)), (33, (32, 32)), (300, (64, 16))])
-def test_linear_gradients_match_the_cpu_op(dtype, n, bs):
-    M, K = 90, 130
+@pytest.mark.parametrize(
+    "n,M,K,bs",
+    # The last: block columns wider than a tile (TM-slices over W^T), more kept rows per block column than one piece
+    # holds, and a batch that takes 16-byte loads.
+    [(1, 90, 130, (8, 8)), (33, 90, 130, (32, 32)), (300, 90, 130, (64, 16)), (256, 600, 300, (32, 128))],
+)
+def test_linear_gradients_match_the_cpu_op(dtype, n, M, K, bs):
     w = weight(M, K, bs, dtype=dtype)
     level = 1
     g = torch.Generator().manual_seed(n)
@@ -243,9 +248,14 @@ def test_conv_gradients_match_the_cpu_op(case):
 
 
 def test_linear_and_1x1_backward_are_deterministic_3x3_alerts():
+    # Under torch.use_deterministic_algorithms the linear and 1x1 backward ops run (no alert) and repeat bit for bit;
+    # a 3x3 kernel's adds overlapping taps with atomics and raises.
     w = weight(40, 50, (8, 8)).to(DEVICE)
     x = torch.randn(6, 50, device=DEVICE)
     gy = torch.randn(6, 40, device=DEVICE)
+    w1 = weight(40, (50, 1, 1), (8, 8)).to(DEVICE)
+    x1 = torch.randn(2, 50, 5, 5, device=DEVICE)
+    gy1 = torch.randn(2, 40, 4, 4, device=DEVICE)
     wc = weight(8, (4, 3, 3), (8, 8)).to(DEVICE)
     xc = torch.randn(1, 4, 6, 6, device=DEVICE)
     before = torch.are_deterministic_algorithms_enabled()
@@ -253,6 +263,10 @@ def test_linear_and_1x1_backward_are_deterministic_3x3_alerts():
     try:
         a = torch.ops.nestsparse.nbcr_linear_backward(gy, x, *args_of(w), 0, 40, [8, 8])
         b = torch.ops.nestsparse.nbcr_linear_backward(gy, x, *args_of(w), 0, 40, [8, 8])
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+        geometry = ([1, 1], [2, 2], [1, 1], [1, 1], 1)  # strided and padded: still one tap per input element
+        a = torch.ops.nestsparse.nbcr_conv2d_backward(gy1, x1, *args_of(w1), 0, 40, [8, 8], *geometry)
+        b = torch.ops.nestsparse.nbcr_conv2d_backward(gy1, x1, *args_of(w1), 0, 40, [8, 8], *geometry)
         assert all(torch.equal(u, v) for u, v in zip(a, b))
         with pytest.raises(RuntimeError, match="nbcr_conv2d_backward"):
             torch.ops.nestsparse.nbcr_conv2d_backward(
@@ -349,6 +363,10 @@ def test_bad_indices_raise_naming_the_block(kind, n):
         torch.ops.nestsparse.nbcr_conv2d(xc, *a, 1, 40, [8, 8], [1, 1], None, [1, 1], [0, 0], [1, 1], 1, "none", None)
     with pytest.raises(RuntimeError, match=r"block \d+"):
         torch.ops.nestsparse.nbcr_linear_backward(torch.randn(n, 40, device=DEVICE), x, *a, 1, 40, [8, 8])
+    with pytest.raises(RuntimeError, match=r"block \d+"):
+        torch.ops.nestsparse.nbcr_conv2d_backward(
+            torch.randn(1, 40, 3, 3, device=DEVICE), xc, *a, 1, 40, [8, 8], [1, 1], [1, 1], [0, 0], [1, 1], 1
+        )
 
 
 def test_bad_block_ptr_and_plan_raise():
@@ -356,8 +374,15 @@ def test_bad_block_ptr_and_plan_raise():
     x = torch.randn(3, 60, device=DEVICE)
     bad_ptr = w.block_ptr.clone()
     bad_ptr[2] = w.num_blocks + 5
-    with pytest.raises(RuntimeError, match="block range"):
-        torch.ops.nestsparse.nbcr_linear(x, w.values, w.indices, bad_ptr, w.blocks, w.counts, 0, 40, [8, 8])
+    short = w.block_ptr.clone()
+    short[-1] -= 1  # the last block belongs to no block row
+    for ptr in (bad_ptr, short):
+        with pytest.raises(RuntimeError, match="block_ptr is not non-decreasing from 0 to B"):
+            torch.ops.nestsparse.nbcr_linear(x, w.values, w.indices, ptr, w.blocks, w.counts, 0, 40, [8, 8])
+        with pytest.raises(RuntimeError, match="block_ptr is not non-decreasing from 0 to B"):
+            torch.ops.nestsparse.nbcr_linear_backward(
+                torch.randn(3, 40, device=DEVICE), x, w.values, w.indices, ptr, w.blocks, w.counts, 0, 40, [8, 8]
+            )
     plan = w.plan().clone()
     plan[0, 1] = 1000
     with pytest.raises(RuntimeError, match="plan names"):

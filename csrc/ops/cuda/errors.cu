@@ -70,8 +70,8 @@ void raise_if_bad(const char* op, const CallFlags& flags, const NbcrLevel& w, in
   if (flags.deferred) return;
   const at::Tensor h = flags.own.cpu();
   const int* hf = h.const_data_ptr<int>();
-  TORCH_CHECK(hf[kBadRow] == 0, op, ": ", hf[kBadRow], " block row(s) have a block range [block_ptr[i], ",
-              "block_ptr[i+1]) outside [0, B=", w.num_blocks, "] or reversed");
+  TORCH_CHECK(hf[kBadRow] == 0, op, ": block_ptr is not non-decreasing from 0 to B=", w.num_blocks, ": ", hf[kBadRow],
+              " block row range(s) [block_ptr[i], block_ptr[i+1]) or block(s) lie outside it");
   TORCH_CHECK(hf[kBadPlan] == 0, op, ": the plan names ", hf[kBadPlan], " block row(s) outside [0, MB=", w.block_rows,
               ") (was it built for another weight? rebuild it with nbcr_plan)");
   // The host-side search copies every array and checks each offset before it uses it; it names the first bad block.

@@ -2,7 +2,8 @@
 //
 // A kernel never reads through a bad index. Nested CSR: a row slice outside [0, nnz0] or reversed is computed as an
 // empty row, a column outside [0, K) and a plan entry outside [0, M) are skipped. Nested BCR: a block row whose block
-// range [block_ptr[i], block_ptr[i+1]) is outside [0, B] or reversed is computed as empty, a block whose counts,
+// range [block_ptr[i], block_ptr[i+1]) is outside [0, B] or reversed (or, for the first and last, does not start at 0
+// or end at B) is computed as empty, a block whose counts,
 // offsets, block column or local indices break the contract (formats/nbcr.h) is skipped, and so is a plan entry
 // outside [0, MB). Each is counted in int32 flags (Flag) in device memory, and the host turns a non-zero count into
 // an exception naming the problem.

@@ -264,7 +264,7 @@ struct EpilogueSink {
 template <typename acc_t>
 struct GradSink {
   acc_t* g;
-  bool atomic;  // false when no two (k, p) meet the same element (a linear layer, a 1x1 stride-1 convolution)
+  bool atomic;  // false when no two (k, p) meet the same element (a linear layer, any 1x1 convolution)
   template <typename Operand, typename z_t>
   __device__ __forceinline__ void put(const Operand& op, const typename Operand::Column& col, int64_t k, z_t z) const {
     const int64_t idx = op.at(op.entry(k), col);
@@ -356,7 +356,9 @@ __global__ void __launch_bounds__(kTileThreads)
       if (ok) {
         lo = w.block_ptr[idx];
         hi = w.block_ptr[idx + 1];
-        if (lo < 0 || hi < lo || hi > w.B) {
+        // Each block row checks its range, the first and last also the ends: together, block_ptr is
+        // non-decreasing from 0 to B, as the CPU checks it per call.
+        if (lo < 0 || hi < lo || hi > w.B || (idx == 0 && lo != 0) || (idx == w.MB - 1 && hi != w.B)) {
           if (counts) atomicAdd(&flags[kBadRow], 1);
           lo = hi = 0;  // an empty block row: the epilogue of zero
         }
@@ -405,7 +407,6 @@ __global__ void __launch_bounds__(kTileThreads)
           } else {
             s = read_block(w, cur + lb, tline, -1);
           }
-          if (!s.ok && counting) atomicAdd(&flags[kBadBlock], 1);
           bool use = s.ok && s.r > 0 && s.c > 0;  // an empty block adds nothing at this level
           if (kT && use && (s.i * w.bm >= grow1 || (s.i + 1) * w.bm <= grow0)) use = false;  // another group's rows
           pc.blk[lb] = s;
@@ -433,6 +434,11 @@ __global__ void __launch_bounds__(kTileThreads)
         }
         __syncthreads();
         const int nblk = pc.blocks, slots = pc.slots, entries = pc.entries;
+        if (counting && threadIdx.x == 0) {  // the piece's blocks whose counts or offsets are out of bounds
+          for (int lb = 0; lb < nblk; ++lb) {
+            if (!pc.blk[lb].ok) atomicAdd(&flags[kBadBlock], 1);
+          }
+        }
         // (c) Every kept index of the piece, one per thread: read once, checked, then placed (tile side: the slot
         // map; reduction side: the slot's dense position). Forward, the tile side is the rows and the reduction side
         // the columns; transposed, the other way round.
@@ -598,7 +604,7 @@ __global__ void __launch_bounds__(kSddmmThreads)
     __syncthreads();
     const int n = s.r * s.c;
     // The groups the block's rows meet (one unless a grouped convolution's groups are narrower than a block).
-    const int64_t g_first = rows[0] / grid.group_rows;
+    const int64_t g_first = s.i * w.bm / grid.group_rows;  // rows[] is ordered by level, not by number
     for (int64_t g = g_first; g < grid.groups && g * grid.group_rows < (s.i + 1) * w.bm; ++g) {
       const int64_t grow0 = g * grid.group_rows, grow1 = grow0 + grid.group_rows;
       for (int e0 = 0; e0 < n; e0 += kSddmmThreads * kSddmmPerThread) {

@@ -173,7 +173,7 @@ def layers(args, bw: float) -> list[dict]:
 
 
 def resnet(args) -> list[dict]:
-    from nestsparse.apps.models import zoo  # noqa: PLC0415
+    from nestsparse.apps import models as zoo  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = zoo.build("resnet50").eval()

@@ -116,7 +116,7 @@ def layer_rows(name: str, M: int, K: int, dtype: torch.dtype, batches, args, pea
 
 
 def resnet(args) -> list[dict]:
-    from nestsparse.apps.models import zoo  # noqa: PLC0415
+    from nestsparse.apps import models as zoo  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = zoo.build("resnet50").eval()

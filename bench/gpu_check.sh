@@ -47,7 +47,7 @@ done
 
 for b in ${BENCHES:-gpu gpu_nbcr}; do
   step "benchmark bench/$b.py (log: $out/$b.log)"
-  timeout 150 "$py" "bench/$b.py" "${quick[@]}" --csv "$out/$b.csv" > "$out/$b.log" 2>&1
+  timeout 240 "$py" "bench/$b.py" "${quick[@]}" --csv "$out/$b.csv" > "$out/$b.log" 2>&1
   result[$b]="rc=$?"
   grep -v "^\s*$" "$out/$b.log" | tail -n 40
 done

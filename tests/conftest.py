@@ -211,6 +211,18 @@ def activation_reference(name):
     return (lambda z: z) if a is None else a.module()
 
 
+def linear_reference(x, w, level, bias=None, activation="none", scale=None, residual=None):
+    """act(scale * x W_level^T + bias + residual) in float64 on the CPU, for a nested weight on any device."""
+    z = x.double().cpu() @ w.to("cpu").to_dense(level).double().T
+    if scale is not None:
+        z = z * scale.double().cpu()
+    if bias is not None:
+        z = z + bias.double().cpu()
+    if residual is not None:
+        z = z + residual.double().cpu()
+    return activation_reference(activation)(z)
+
+
 def value_mask(w, level):
     """Boolean over w.values: whether each stored value belongs to level ``level``, in any format (each value is
     numbered, the level densified, and the numbers that appear are the level's)."""

@@ -13,7 +13,13 @@ import nestsparse
 from nestsparse import NestedCSR, NestedSparseConv2d, NestedSparseLinear
 from nestsparse.activations import ACTIVATIONS
 
-from conftest import activation_reference, assert_close_to_reference, has_kernel, random_tags
+from conftest import (
+    activation_reference,
+    assert_close_to_reference,
+    has_kernel,
+    linear_reference,
+    random_tags,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not has_kernel("ncsr_conv2d", "cuda"),
@@ -32,17 +38,6 @@ def weight(M, K, levels=3, density=0.4, seed=0, dtype=torch.float32, index_dtype
     if index_dtype is not None:
         nw.col_idx = nw.col_idx.to(index_dtype)
     return nw.validate()
-
-
-def linear_reference(x, w, level, bias=None, activation="none", scale=None, residual=None):
-    z = x.double() @ w.to("cpu").to_dense(level).double().T
-    if scale is not None:
-        z = z * scale.double().cpu()
-    if bias is not None:
-        z = z + bias.double().cpu()
-    if residual is not None:
-        z = z + residual.double().cpu()
-    return activation_reference(activation)(z)
 
 
 # (batch, M, K): batch <= 32 runs the sub-warp kernel (NB = 1, 2, 4, 8, 16, 32), larger the staged one. Rows of

@@ -15,7 +15,13 @@ import nestsparse
 from nestsparse import NestedBCR, NestedSparseConv2d, NestedSparseLinear
 from nestsparse.activations import ACTIVATIONS
 
-from conftest import activation_reference, assert_close_to_reference, has_kernel, random_bcr_tags
+from conftest import (
+    activation_reference,
+    assert_close_to_reference,
+    has_kernel,
+    linear_reference,
+    random_bcr_tags,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not has_kernel("nbcr_conv2d", "cuda"),
@@ -36,17 +42,6 @@ def weight(M, K, block_shape=(8, 8), levels=3, keep=0.6, seed=0, dtype=torch.flo
 
 def args_of(w):
     return (w.values, w.indices, w.block_ptr, w.blocks, w.counts)
-
-
-def linear_reference(x, w, level, bias=None, activation="none", scale=None, residual=None):
-    z = x.double() @ w.to("cpu").to_dense(level).double().T
-    if scale is not None:
-        z = z * scale.double().cpu()
-    if bias is not None:
-        z = z + bias.double().cpu()
-    if residual is not None:
-        z = z + residual.double().cpu()
-    return activation_reference(activation)(z)
 
 
 # (batch, M, K, block shape): blocks from 1x1 to 256x256, partial edge blocks, K not a multiple of any width, blocks

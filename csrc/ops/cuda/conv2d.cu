@@ -68,17 +68,9 @@ void launch_conv2d_backward(const NbcrLevel& w, const ConvShape& s, const at::Te
   // A 1x1 kernel meets each input element from one (column, pixel) only: plain stores. Larger kernels overlap.
   const bool overlap = s.kh * s.kw > 1;
   if (overlap) at::globalContext().alertNotDeterministic("nbcr_conv2d_backward on CUDA (float atomics)");
-  const ColumnListTensors lists = column_lists(w, s.K);
   const ConvOperand operand = conv_operand(s);
-  const TileGrid grid{operand.P, 0, s.M / s.groups, s.groups, 1, false, false};
-  dispatch_values(w, [&]<typename scalar_t>() {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const Blocks<scalar_t> blocks = device_blocks<scalar_t>(w, s.K, nullptr);
-    launch_tiles<true>(blocks, lists.view(), operand, gz.const_data_ptr<scalar_t>(),
-                       GradSink<acc_t>{gx.mutable_data_ptr<acc_t>(), overlap}, grid, flags.ptr, stream_of(x));
-    launch_block_sddmm(blocks, lists.view(), operand, gz.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                       gv.mutable_data_ptr<scalar_t>(), grid, flags.ptr, stream_of(x));
-  });
+  launch_nbcr_backward(w, s.K, operand, TileGrid{operand.P, 0, s.M / s.groups, s.groups, 1, false, false}, gz, x, gx,
+                       gv, overlap, flags);
 }
 
 // ---- the ops, once over the formats ----------------------------------------------------------------------------

@@ -65,17 +65,9 @@ void launch_linear_backward(const NcsrLevel& w, const at::Tensor& xt, const at::
 
 void launch_linear_backward(const NbcrLevel& w, const at::Tensor& xt, const at::Tensor& gzt, at::Tensor& gxt,
                             at::Tensor& gv, int64_t N, int64_t K, const CallFlags& flags) {
-  const ColumnListTensors lists = column_lists(w, K);
-  const LinearOperand operand{N, 1, N};
-  dispatch_values(w, [&]<typename scalar_t>() {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const Blocks<scalar_t> blocks = device_blocks<scalar_t>(w, K, nullptr);
-    const TileGrid grid{N, 0, w.rows, 1, 1, false, vector_loads<scalar_t>(gzt.const_data_ptr(), N)};
-    launch_tiles<true>(blocks, lists.view(), operand, gzt.const_data_ptr<scalar_t>(),
-                       GradSink<acc_t>{gxt.mutable_data_ptr<acc_t>(), false}, grid, flags.ptr, stream_of(xt));
-    launch_block_sddmm(blocks, lists.view(), operand, gzt.const_data_ptr<scalar_t>(), xt.const_data_ptr<scalar_t>(),
-                       gv.mutable_data_ptr<scalar_t>(), grid, flags.ptr, stream_of(xt));
-  });
+  // grad_z (M, N): element (n, r) at r * N + n; every element of grad_x is written once (no overlap).
+  launch_nbcr_backward(w, K, LinearOperand{N, 1, N}, TileGrid{N, 0, w.rows, 1, 1, false, true}, gzt, xt, gxt, gv, false,
+                       flags);
 }
 
 // ---- the ops, once over the formats ----------------------------------------------------------------------------

@@ -128,4 +128,24 @@ void launch_block_sddmm(const Blocks<scalar_t>& w, const ColumnLists& lists, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The backward of either product, for the dense operand `op` (x and grad_z are read through it): grad_x by
+// tile_kernel over W^T into `gx` (acc_t, in x's layout as `op` sees it; atomics when taps `overlap`), grad_values by
+// block_sddmm_kernel into `gv`. `grid.vec` asks for 16-byte loads of grad_z where its alignment allows them.
+template <typename Operand>
+void launch_nbcr_backward(const NbcrLevel& w, int64_t K, const Operand& op, const TileGrid& grid, const at::Tensor& gz,
+                          const at::Tensor& x, at::Tensor& gx, at::Tensor& gv, bool overlap, const CallFlags& flags) {
+  const ColumnListTensors lists = column_lists(w, K);
+  const cudaStream_t stream = stream_of(x);
+  dispatch_values(w, [&]<typename scalar_t>() {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const Blocks<scalar_t> blocks = device_blocks<scalar_t>(w, K, nullptr);
+    TileGrid g = grid;
+    g.vec = g.vec && vector_loads<scalar_t>(gz.const_data_ptr(), g.P);
+    launch_tiles<true>(blocks, lists.view(), op, gz.const_data_ptr<scalar_t>(),
+                       GradSink<acc_t>{gx.mutable_data_ptr<acc_t>(), overlap}, g, flags.ptr, stream);
+    launch_block_sddmm(blocks, lists.view(), op, gz.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                       gv.mutable_data_ptr<scalar_t>(), g, flags.ptr, stream);
+  });
+}
+
 }  // namespace nestsparse::cuda

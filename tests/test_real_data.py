@@ -3,9 +3,17 @@ in CI): IDX parsing (gzipped or not, every dtype, big-endian), damaged files nam
 command, the Rotten Tomatoes split, the similarity sets, the pretrained MNIST CNN's loading."""
 
 import bz2
+import contextlib
 import gzip
+import os
+import re
+import struct
 import sys
+import threading
+import tracemalloc
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +243,347 @@ def test_fashion_mnist_qos_workload_scores_real_batches(tmp_path, monkeypatch):
     right = (out.argmax(1) == sets["t10k"][1][8:16].long()).float().mean().item()
     assert wl.score(4, out) == pytest.approx(right)
     assert nestsparse.set_level(wl.model, 2) is wl.model  # three levels
+
+
+# Hostile files: each damaged, forged or odd input is refused with a ValueError that names the file, or read as
+# the file means it; never NaN sets, black rows, saturated pixels, a hang or memory the file does not justify.
+
+
+def hostile_idx_files() -> dict[str, bytes]:
+    """IDX files damaged in every way the probe found (a name ending in .gz is read as gzip)."""
+    raw = idx_bytes(torch.arange(12, dtype=torch.int32).reshape(4, 3))
+    gz = gzip.compress(raw)
+    empty_but_huge = bytes([0, 0, 0x08, 3]) + (0).to_bytes(4, "big") + (2**32 - 1).to_bytes(4, "big") * 2
+    return {
+        "trailer-cut.gz": gz[:-6],  # EOFError before
+        "half.gz": gz[: len(gz) // 2],  # EOFError before
+        "header-only.gz": gz[:10],
+        "not-gzip.gz": raw,  # gzip.BadGzipFile before
+        "empty.gz": b"",
+        "empty": b"",
+        "bad-crc.gz": gz[:-8] + bytes(b ^ 0xFF for b in gz[-8:-4]) + gz[-4:],
+        "bad-length.gz": gz[:-4] + bytes(b ^ 0xFF for b in gz[-4:]),
+        "flipped-stream.gz": gz[:12] + bytes([gz[12] ^ 0xFF]) + gz[13:],
+        "junk-after.gz": gz + b"junk",
+        "longer.gz": gzip.compress(raw + b"\0"),
+        "shorter.gz": gzip.compress(raw[:-1]),
+        "longer": raw + b"\0",
+        "zero-size-huge-shape": empty_but_huge,  # RuntimeError (stride overflow) before
+        "zero-size-huge-shape.gz": gzip.compress(empty_but_huge),
+        "float-type": bytes([0, 0, 0x0D, 1, 0, 0, 0, 1]) + bytes(4),
+        "ndim-cut": bytes([0, 0, 0x08, 200]) + bytes(40),
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile_idx_files()))
+def test_read_idx_refuses_damaged_files_with_value_error(tmp_path, name):
+    (tmp_path / name).write_bytes(hostile_idx_files()[name])
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
+        real_data.read_idx(tmp_path / name)
+
+
+def test_read_idx_reads_empty_and_scalar_arrays_and_gzip_members(tmp_path):
+    (tmp_path / "empty").write_bytes(bytes([0, 0, 0x0B, 2, 0, 0, 0, 0, 0, 0, 0, 5]))  # int16 (0, 5)
+    (tmp_path / "scalar").write_bytes(bytes([0, 0, 0x0C, 0]) + (-7).to_bytes(4, "big", signed=True))  # int32 ()
+    assert torch.equal(real_data.read_idx(tmp_path / "empty"), torch.zeros(0, 5, dtype=torch.int16))
+    assert torch.equal(real_data.read_idx(tmp_path / "scalar"), torch.tensor(-7, dtype=torch.int32))
+    t = torch.arange(-50, 50, dtype=torch.int16).reshape(10, 10)
+    raw = idx_bytes(t)
+    (tmp_path / "members.gz").write_bytes(gzip.compress(raw[:7]) + gzip.compress(raw[7:]))  # as `cat a.gz b.gz`
+    assert torch.equal(real_data.read_idx(tmp_path / "members.gz"), t)
+
+
+def test_read_idx_keeps_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        real_data.read_idx(tmp_path / "missing.gz")
+
+
+@contextlib.contextmanager
+def unblocked(fifo):
+    """A loader that blocks opening ``fifo`` (as they did: open waits for a writer) gets one after 5 s, so the test
+    fails instead of hanging."""
+    timer = threading.Timer(5, lambda: os.close(os.open(fifo, os.O_WRONLY)))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_read_idx_refuses_fifos_and_directories(tmp_path):
+    os.mkfifo(tmp_path / "fifo.gz")
+    (tmp_path / "dir").mkdir()
+    for name in ("fifo.gz", "dir"):
+        with unblocked(tmp_path / name), pytest.raises(ValueError, match=f"{name}: not a regular file"):
+            real_data.read_idx(tmp_path / name)
+
+
+def refusal_and_peak(load) -> tuple[str, int]:
+    """The message of the ValueError ``load()`` raises, and the most memory Python allocated meanwhile (bytes)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as refused:
+            load()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(refused.value), peak
+
+
+@pytest.fixture(scope="module")
+def zeros_gz() -> bytes:
+    """50 MB of zeros gzipped: 50 KB."""
+    return gzip.compress(bytes(50 << 20))
+
+
+@pytest.mark.parametrize(
+    "name, shape, match",
+    [("huge.gz", [2**31, 28, 28], r"more than max_bytes"), ("small.gz", [10, 28, 28], r"the file has more")],
+)
+def test_read_idx_streams_gzip_bombs(tmp_path, zeros_gz, name, shape, match):
+    """A header and 50 MB of zeros in a 50 KB .gz: refused from its header (a shape beyond max_bytes), or once the
+    body it announces is read (one byte more is too many), without decompressing the rest; the old reader
+    decompressed it all first (127 MB at its peak)."""
+    header = bytes([0, 0, 0x08, len(shape)]) + b"".join(s.to_bytes(4, "big") for s in shape)
+    (tmp_path / name).write_bytes(gzip.compress(header) + zeros_gz)  # two gzip members: header, then zeros
+    assert (tmp_path / name).stat().st_size < 100_000
+    message, peak = refusal_and_peak(lambda: real_data.read_idx(tmp_path / name))
+    assert peak < 4 << 20
+    assert re.search(f"{name}: IDX header says .*{match}", message), message
+
+
+def test_read_idx_refuses_implausible_headers_before_the_body(tmp_path):
+    """78 MB announced by 35 bytes of gzip (deflate expands at most 1032 times), and ``max_bytes``."""
+    tiny = tmp_path / "tiny.gz"
+    tiny.write_bytes(gzip.compress(bytes([0, 0, 0x08, 3]) + b"".join(s.to_bytes(4, "big") for s in (100_000, 28, 28))))
+    with pytest.raises(ValueError, match="tiny.gz: IDX header says .* more than a [0-9]+-byte gzip file can hold"):
+        real_data.read_idx(tiny)
+    with pytest.raises(ValueError, match="max_bytes"):
+        real_data.read_idx(tiny, max_bytes=1000)
+    ok = tmp_path / "ok.gz"
+    ok.write_bytes(gzip.compress(idx_bytes(torch.ones(100, 10, dtype=torch.uint8))))
+    assert real_data.read_idx(ok, max_bytes=1000).shape == (100, 10)
+    with pytest.raises(ValueError, match="ok.gz: IDX header says .*more than max_bytes=999"):
+        real_data.read_idx(ok, max_bytes=999)
+
+
+def overwrite(path, t: torch.Tensor):
+    path.write_bytes(gzip.compress(idx_bytes(t)))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "zeroed-train-images",
+        "constant-test-images",
+        "negative-labels",
+        "label-ten",
+        "int16-images",
+        "wrong-image-size",
+        "no-images",
+    ],
+)
+def test_idx_sets_refuse_sets_that_are_not_datasets(tmp_path, monkeypatch, case):
+    """A zeroed images file (standardising it divided by a zero std: an all-NaN set), labels outside 0..9 (negative
+    ones from int8 / int16 files passed), images that are not uint8 28 x 28, an empty set: each names its file."""
+    monkeypatch.setenv("NESTSPARSE_DATA", str(tmp_path))
+    d = tmp_path / "mnist"
+    sets = write_set(d)
+    x, y = sets["train"]
+    file, t = {
+        "zeroed-train-images": ("train-images-idx3-ubyte.gz", torch.zeros_like(x)),
+        "constant-test-images": ("t10k-images-idx3-ubyte.gz", torch.full_like(sets["t10k"][0], 7)),
+        "negative-labels": ("train-labels-idx1-ubyte.gz", (y.to(torch.int8) - 1)),
+        "label-ten": ("train-labels-idx1-ubyte.gz", y.to(torch.int16) + 1),
+        "int16-images": ("train-images-idx3-ubyte.gz", x.to(torch.int16)),
+        "wrong-image-size": ("train-images-idx3-ubyte.gz", x[:, :14, :14]),
+        "no-images": ("train-images-idx3-ubyte.gz", x[:0]),
+    }[case]
+    overwrite(d / file, t)
+    if case == "no-images":
+        overwrite(d / "train-labels-idx1-ubyte.gz", y[:0])
+    for load in (real_data.mnist, real_data.mnist_raw):
+        with pytest.raises(ValueError, match=re.escape(str(d / file))):
+            load()
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_file(width, height, data: bytes, depth=8, colour=0, interlace=0, extra=b"") -> bytes:
+    """A PNG written chunk by chunk (Pillow writes neither 16-bit RGB, interlaced nor damaged ones): ``data`` is
+    the raw image data (scanlines, each led by its filter byte), compressed into one IDAT chunk; ``extra``
+    chunks come before it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    idat = png_chunk(b"IDAT", zlib.compress(data))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + extra + idat + png_chunk(b"IEND", b"")
+
+
+def scanlines(a: np.ndarray) -> bytes:
+    """The rows of ``a`` (H, W[, C], big-endian for 16 bits), each led by filter byte 0 (none)."""
+    return b"".join(b"\0" + row.tobytes() for row in a)
+
+
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def adam7(a: np.ndarray) -> bytes:
+    """The image data of ``a`` interlaced: its seven passes (x0, y0, dx, dy) in turn, empty ones left out."""
+    return b"".join(scanlines(a[y0::dy, x0::dx]) for x0, y0, dx, dy in ADAM7 if a[y0::dy, x0::dx].size)
+
+
+@pytest.fixture
+def photos_dir(tmp_path, monkeypatch):
+    """An empty photos directory but for chelsea.png (the file that says the set is installed)."""
+    from PIL import Image  # noqa: PLC0415
+
+    monkeypatch.setenv("NESTSPARSE_DATA", str(tmp_path))
+    d = tmp_path / "photos"
+    d.mkdir()
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(d / "chelsea.png")
+    return d
+
+
+GREY = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3 + 1
+
+
+def test_photos_reads_plain_and_interlaced_pngs(photos_dir):
+    (photos_dir / "plain.png").write_bytes(png_file(8, 8, scanlines(GREY)))
+    (photos_dir / "interlaced.png").write_bytes(png_file(8, 8, adam7(GREY), interlace=1))
+    got = dict(real_data.photos())
+    assert torch.equal(got["plain.png"], torch.from_numpy(GREY).expand(3, 8, 8))
+    assert torch.equal(got["interlaced.png"], torch.from_numpy(GREY).expand(3, 8, 8))
+
+
+TRUNCATED_PNGS = {
+    "half-the-rows.png": png_file(8, 8, scanlines(GREY[:4])),
+    "one-byte-short.png": png_file(8, 8, scanlines(GREY)[:-1]),
+    "last-pass-missing.png": png_file(8, 8, adam7(GREY)[: -len(scanlines(GREY[1::2]))], interlace=1),
+    "cut.png": png_file(8, 8, scanlines(GREY))[:-30],
+}
+
+
+@pytest.mark.parametrize("load_truncated_images", [False, True])
+@pytest.mark.parametrize("name", list(TRUNCATED_PNGS))
+def test_photos_refuses_truncated_pngs(photos_dir, monkeypatch, name, load_truncated_images):
+    """Image data that stops short of the last rows: Pillow fills them with black when the zlib stream ends early
+    (whatever LOAD_TRUNCATED_IMAGES says), and when the file is cut if a library imported before set
+    ImageFile.LOAD_TRUNCATED_IMAGES."""
+    from PIL import ImageFile  # noqa: PLC0415
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated_images)
+    (photos_dir / name).write_bytes(TRUNCATED_PNGS[name])
+    with pytest.raises(ValueError, match=f"{name}: .*truncated"):
+        real_data.photos()
+
+
+def test_photos_scales_16_bit_pngs(photos_dir):
+    """16-bit PNGs come back as their top 8 bits (grey ones were clipped to 255 by convert("RGB"))."""
+    from PIL import Image  # noqa: PLC0415
+
+    g = np.random.default_rng(0)
+    grey = g.integers(0, 2**16, (5, 6), dtype=np.uint16)
+    rgb = g.integers(0, 2**16, (5, 6, 3), dtype=np.uint16)
+    grey_alpha = g.integers(0, 2**16, (5, 6, 2), dtype=np.uint16)
+    Image.fromarray(grey).save(photos_dir / "grey16.png")
+    (photos_dir / "rgb16.png").write_bytes(png_file(6, 5, scanlines(rgb.astype(">u2")), depth=16, colour=2))
+    (photos_dir / "la16.png").write_bytes(png_file(6, 5, scanlines(grey_alpha.astype(">u2")), depth=16, colour=4))
+    got = dict(real_data.photos())
+    assert torch.equal(got["grey16.png"], torch.from_numpy((grey >> 8).astype(np.uint8)).expand(3, 5, 6))
+    assert torch.equal(got["rgb16.png"], torch.from_numpy((rgb >> 8).astype(np.uint8)).permute(2, 0, 1))
+    assert torch.equal(got["la16.png"], torch.from_numpy((grey_alpha[..., 0] >> 8).astype(np.uint8)).expand(3, 5, 6))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_photos_apply_exif_orientation(photos_dir, fmt):
+    """A photo comes back as displayed: turned and mirrored as its EXIF orientation (1 to 8) says."""
+    from PIL import Image  # noqa: PLC0415
+
+    a = np.kron(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, np.ones((8, 8), np.uint8))  # 24 x 32, 8x8 tiles
+    t = torch.from_numpy(a)
+    displayed = {
+        1: t,
+        2: t.flip(1),
+        3: t.flip(0, 1),
+        4: t.flip(0),
+        5: t.T,
+        6: torch.rot90(t, -1),  # turned clockwise
+        7: t.flip(0, 1).T,
+        8: torch.rot90(t, 1),
+    }
+    for orientation in displayed:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(a).save(photos_dir / f"o{orientation}.{fmt}", exif=exif, quality=95)
+    got = dict(real_data.photos())
+    for orientation, want in displayed.items():
+        photo = got[f"o{orientation}.{fmt}"]
+        assert photo.shape == (3, *want.shape), orientation
+        assert (photo.int() - want.int()).abs().max() <= (0 if fmt == "png" else 8), orientation
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_photos_refuses_fifos_and_directories(photos_dir):
+    """Opening a FIFO blocks until something writes to it: the loader used to wait forever."""
+    os.mkfifo(photos_dir / "fifo.png")
+    with unblocked(photos_dir / "fifo.png"), pytest.raises(ValueError, match="fifo.png: not a regular file"):
+        real_data.photos()
+    (photos_dir / "fifo.png").unlink()
+    (photos_dir / "dir.jpg").mkdir()
+    with pytest.raises(ValueError, match="dir.jpg: not a regular file"):
+        real_data.photos()
+
+
+@pytest.mark.filterwarnings("ignore:Image size")  # Pillow's DecompressionBombWarning, before the refusal
+@pytest.mark.parametrize("size", ["30000x30000", "past-max-image-pixels"])
+def test_photos_refuses_decompression_bombs(photos_dir, monkeypatch, size):
+    """A header claiming 30000 x 30000 pixels (DecompressionBombError before), and a photo past Pillow's
+    MAX_IMAGE_PIXELS but under twice it (only a warning before: the photo was decoded)."""
+    from PIL import Image  # noqa: PLC0415
+
+    if size == "30000x30000":
+        (photos_dir / "bomb.png").write_bytes(png_file(30000, 30000, b""))
+    else:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(photos_dir / "bomb.png")  # 1600 pixels
+    with pytest.raises(ValueError, match="bomb.png: .*decompression bomb.*MAX_IMAGE_PIXELS"):
+        real_data.photos()
+
+
+def test_photos_names_files_pillow_refuses_with_value_error(photos_dir):
+    """Pillow raises ValueError without the file's name for some damage (a text chunk that decompresses past
+    PngImagePlugin.MAX_TEXT_CHUNK here): the loader's message names it."""
+    text_bomb = png_chunk(b"zTXt", b"comment\0\0" + zlib.compress(bytes(4 << 20)))
+    (photos_dir / "text.png").write_bytes(png_file(8, 8, scanlines(GREY), extra=text_bomb))
+    with pytest.raises(ValueError, match="text.png: not a readable image"):
+        real_data.photos()
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data", "ignore:Tag data larger than file")
+def test_photos_fuzzed_files_load_or_name_themselves(photos_dir):
+    """Every truncation and every flipped byte of a small PNG and JPEG (with EXIF): a photo or a ValueError
+    naming the file, never another exception."""
+    from PIL import Image  # noqa: PLC0415
+
+    a = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for fmt in ("png", "jpg"):
+        Image.fromarray(a).save(photos_dir / f"good.{fmt}", exif=exif)
+        good = (photos_dir / f"good.{fmt}").read_bytes()
+        (photos_dir / f"good.{fmt}").unlink()
+        path = photos_dir / f"fuzzed.{fmt}"
+        variants = [good[:n] for n in range(len(good))]
+        variants += [good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1 :] for i in range(len(good))]
+        for data in variants:
+            path.write_bytes(data)
+            try:
+                photo = dict(real_data.photos())[path.name]
+            except ValueError as e:
+                assert str(e).startswith(f"{path}: "), e
+            else:
+                assert photo.dtype == torch.uint8 and photo.dim() == 3 and photo.shape[0] == 3
+        path.unlink()

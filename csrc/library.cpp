@@ -14,9 +14,11 @@
 #include "ops/checks.h"
 #include "ops/conv2d.h"
 #include "ops/cpu/isa/dispatch.h"
+#include "ops/digest.h"
 #include "ops/linear.h"
 #include "ops/output_pool.h"
 #include "ops/plan.h"
+#include "ops/same_bytes.h"
 
 TORCH_LIBRARY(nestsparse, m) {
   using namespace nestsparse;
@@ -29,6 +31,11 @@ TORCH_LIBRARY(nestsparse, m) {
   });
   m.def(NcsrPlan::schema());
   m.def(NbcrPlan::schema());
+  // An exported program's first step (nestsparse.export): its level and constants checked (ops/digest.h).
+  m.def(kConstantDigestsSchema);
+  m.def(kVerifiedLevelSchema);
+  // Whether CPU tensors still hold their snapshots' bytes (ops/same_bytes.h): a derived copy is still current.
+  m.def("same_bytes(Tensor?[] now, Tensor?[] snapshot) -> bool", same_bytes);
 
   // Settings and build facts: ops without tensor arguments, so they run under any dispatch key.
   m.def("torch_version() -> str", [] { return std::string(NESTSPARSE_TORCH_VERSION); });

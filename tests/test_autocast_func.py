@@ -47,6 +47,37 @@ def test_autocast_casts_the_op_inputs_to_the_weight_dtype():
     assert y.dtype == torch.float32
 
 
+@pytest.mark.parametrize("fmt_name", ["ncsr", "nbcr"])
+@pytest.mark.parametrize(("values", "autocast"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_autocast_never_narrows_an_input_it_would_not_narrow(fmt_name, values, autocast):
+    """float16 values under autocast(bfloat16) narrowed a bfloat16 x to float16: inf where the dense layer of the same
+    weights stays finite. The product now runs in float32 (the values cast up for the call)."""
+    torch.manual_seed(6)
+    dense = nn.Linear(16, 8)
+    block = {"block_shape": (4, 4)} if fmt_name == "nbcr" else {}
+    tags = nestsparse.bcr_tags(dense.weight, (0.5, 0.25), (4, 4)) if block else torch.randint(-1, 2, (8, 16))
+    lin = nestsparse.NestedSparseLinear.from_dense(dense, tags, num_levels=2, format=fmt_name, **block).to(values)
+    x = torch.full((2, 16), 1e5 if autocast == torch.bfloat16 else 6e4, dtype=autocast)  # 1e5: beyond float16's range
+    x[1] = torch.linspace(-3, 3, 16)
+    want = x.double() @ lin.nested().to_dense(0).double().T + lin.bias.double()
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast):
+        got = lin(x)
+        lin.set_dense_levels([1])  # a dense level answers in the same dtype as a sparse one
+        assert lin(x, level=1).dtype == got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_autocast_narrows_float32_to_the_autocast_dtype_as_a_dense_layer_does():
+    dense = nn.Linear(16, 8).to(torch.bfloat16)
+    lin = nestsparse.NestedSparseLinear.from_dense(dense, torch.randint(-1, 2, (8, 16)), num_levels=2)
+    x = torch.randn(3, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == dense(x).dtype == torch.bfloat16
+        lin.set_dense_levels([0, 1])
+        assert lin(x, level=0).dtype == lin(x, level=1).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     "transform",
     [

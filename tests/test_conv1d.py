@@ -1,6 +1,8 @@
 """nn.Conv1d converts to NestedSparseConv1d, a one-row 2-D convolution on the same kernels: against a float64
 reference on odd shapes at every level and ISA, unbatched input, residual, gradients, save / load, to_dense, fuse."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,10 +102,30 @@ def test_conv1d_broadcasting_residual_and_what_does_not_convert():
     x, res = torch.randn(2, 4, 20), torch.randn(16, 1)  # broadcasts over the batch and the length
     want = F.conv1d(x, lin.weight * (nested.nested().to_dense(0).squeeze(2) != 0), lin.bias, padding=1) + res
     torch.testing.assert_close(nested(x, level=0, residual=res), want, rtol=1e-5, atol=1e-5)
-    same = nn.Sequential(nn.Conv1d(4, 4, 3, padding="same"), nn.Conv1d(4, 4, 3, padding_mode="circular", padding=1))
-    assert nestsparse.model_tags(same, (0.5,)) == {}  # kernels pad with zeros, explicitly: these stay dense
-    with pytest.raises(ValueError, match=r"convert: '0': .*padding='same' is not supported"):
-        nestsparse.convert(same, {"0": torch.zeros(4, 4, 3, dtype=torch.int8)})
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize(("kernel", "padding", "dilation"), [(3, "same", 1), (4, "same", 1), (4, "same", 3), (3, 2, 1)])
+def test_conv1d_same_padding_and_every_padding_mode_convert(kernel, padding, dilation, padding_mode, tmp_path):
+    """Left dense without a word before (model_tags skipped them, convert did not say): now they convert, the
+    padding applied before the product where it is not symmetric zeros."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv1d(4, 6, kernel, padding=padding, dilation=dilation, padding_mode=padding_mode))
+    tags = nestsparse.model_tags(model, (0.6, 0.3))
+    assert set(tags) == {"0"}
+    sparse = nestsparse.convert(model, tags).eval()
+    x = torch.randn(2, 4, 11)
+    nestsparse.save(sparse, tmp_path / "m.safetensors")
+    loaded = nestsparse.load(tmp_path / "m.safetensors", model=copy.deepcopy(model))
+    with torch.no_grad():
+        for level in range(2):
+            nestsparse.set_level(sparse, level)
+            nestsparse.set_level(loaded, level)
+            masked = nn.Conv1d(4, 6, kernel, padding=padding, dilation=dilation, padding_mode=padding_mode)
+            masked.load_state_dict({"weight": model[0].weight * (tags["0"] >= level), "bias": model[0].bias})
+            torch.testing.assert_close(sparse(x), masked(x), rtol=1e-5, atol=1e-5)
+            assert torch.equal(loaded(x), sparse(x))
+            torch.testing.assert_close(nestsparse.to_dense(sparse, level)(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_file_of_conv1d_layers_does_not_fill_conv2d_slots(tmp_path):

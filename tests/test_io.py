@@ -1,5 +1,6 @@
 """nestsparse.io: safetensors checkpoints of converted models (exact round trip, size, refusals)."""
 
+import copy
 import json
 import os
 import pickle
@@ -219,7 +220,8 @@ def test_metadata_describes_the_model(models, tmp_path):
     path = tmp_path / "m.safetensors"
     nsio.save(models["nbcr"], path, metadata={"dataset": "toy", "note": "ü"})
     meta = nsio.read_metadata(path)
-    assert meta["format_version"] == nsio.FORMAT_VERSION and meta["nestsparse_version"] == nestsparse.__version__
+    # version 1: version 2 only when a convolution pads otherwise than symmetric zeros (test_padding_needs_version_2)
+    assert meta["format_version"] == 1 and meta["nestsparse_version"] == nestsparse.__version__
     assert meta["arch"] is None and meta["level"] == 1 and meta["user"] == {"dataset": "toy", "note": "ü"}
     assert meta["identities"] == ["4", "7"]
     assert meta["level_batchnorms"] == {
@@ -420,11 +422,25 @@ def test_missing_and_unexpected_tensors(saved, tmp_path):
         nsio.load(out, dense_model())
 
 
+@pytest.mark.parametrize(("padding", "mode"), [("same", "zeros"), (1, "reflect")])
+def test_padding_needs_version_2_which_a_version_1_reader_refuses(tmp_path, monkeypatch, padding, mode):
+    """A reader of version 1 would ignore padding_mode and compute another function: it must refuse the file."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 4, padding=padding, padding_mode=mode))
+    sparse = nestsparse.convert(model, nestsparse.model_tags(model, (0.5,)))
+    nsio.save(sparse, tmp_path / "m.safetensors")
+    assert nsio.read_metadata(tmp_path / "m.safetensors")["format_version"] == 2
+    x = torch.randn(1, 3, 7, 6)
+    assert torch.equal(nsio.load(tmp_path / "m.safetensors", copy.deepcopy(model))(x), sparse(x))
+    monkeypatch.setattr(nsio, "FORMAT_VERSION", 1)
+    with pytest.raises(nsio.CheckpointError, match="format version 2 is not supported"):
+        nsio.load(tmp_path / "m.safetensors", copy.deepcopy(model))
+
+
 def test_newer_format_version(saved, tmp_path):
     desc, meta, tensors = read_all(saved[2])
     out = tmp_path / "future.safetensors"
     forge(out, {**desc, "format_version": nsio.FORMAT_VERSION + 1}, meta, tensors)
-    with pytest.raises(nsio.CheckpointError, match="format version 2 is not supported"):
+    with pytest.raises(nsio.CheckpointError, match=f"format version {nsio.FORMAT_VERSION + 1} is not supported"):
         nsio.load(out, dense_model())
 
 

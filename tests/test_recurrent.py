@@ -104,3 +104,60 @@ def test_partial_recurrent_tags_and_unknown_weights_are_named():
         nestsparse.convert(dense, {**tags, "rnn.weight_ih_l3": tags["rnn.weight_ih_l0"]})
     with pytest.warns(UserWarning, match=r"left dense, no nested kernel for them: 1 LSTM \(rnn\)"):
         nestsparse.convert(dense, {"head": tags["head"]})
+
+
+def test_a_bias_on_only_some_gate_matrices_is_refused(tmp_path):
+    """A re-signed checkpoint with a bias on some LSTM gate matrices loaded into an nn.LSTM(bias=False) skeleton;
+    forward and to_dense then differed."""
+    from test_io import forge, read_all  # noqa: PLC0415
+
+    dense, tags, model = pair("LSTM", bias=False)
+    nestsparse.save(model, tmp_path / "m.safetensors")
+    desc, meta, tensors = read_all(tmp_path / "m.safetensors")
+    desc["nested"]["rnn.cells.weight_ih_l0"]["bias"] = True
+    tensors["rnn.cells.weight_ih_l0.bias"] = torch.ones(28, dtype=torch.float64)
+    forge(tmp_path / "forged.safetensors", desc, meta, tensors)
+    skeleton = pair("LSTM", seed=1, bias=False)[0]
+    with pytest.raises(nestsparse.CheckpointError, match="weight_ih_l0 have a bias but .*weight_hh_l0 do not"):
+        nestsparse.load(tmp_path / "forged.safetensors", model=skeleton)
+    cells = dict(model.rnn.cells)
+    cells["weight_ih_l0"] = nestsparse.NestedSparseLinear(cells["weight_ih_l0"].nested(), torch.zeros(28))
+    with pytest.raises(ValueError, match="every gate matrix has a bias, or none"):
+        NestedSparseRNN("LSTM", 5, 7, 1, cells)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=["plain", "2-layers-bidirectional"])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_sequences_run_as_torch_runs_them(mode, config, enforce_sorted):
+    dense, tags, model = pair(mode, **config)
+    nestsparse.set_level(model, 1)
+    reference = nestsparse.to_dense(model, 1).rnn
+    lengths = [6, 4, 4, 1] if enforce_sorted else [3, 6, 1, 4]
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+    states = (2 if config.get("bidirectional") else 1) * config.get("num_layers", 1)
+    h0 = torch.randn(states, 4, 7, dtype=torch.float64)
+    hx = (h0, torch.randn_like(h0)) if mode == "LSTM" else h0
+    for h in (None, hx):
+        got, got_state = model.rnn(packed, h)
+        want, want_state = reference(packed, h)
+        assert isinstance(got, nn.utils.rnn.PackedSequence)
+        torch.testing.assert_close(got.data, want.data)
+        assert torch.equal(got.batch_sizes, want.batch_sizes)
+        for a, b in zip(got_state if mode == "LSTM" else [got_state], want_state if mode == "LSTM" else [want_state]):
+            torch.testing.assert_close(a, b)
+    model.rnn.flatten_parameters()  # code written for torch's layers calls it
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_initial_states_torch_refuses_are_refused(mode):
+    dense, tags, model = pair(mode)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    h0 = torch.randn(1, 3, 7, dtype=torch.float64)
+    wrong = [torch.stack([h0, h0]), [h0], h0[:, :2], (h0, h0, h0)] if mode == "LSTM" else [(h0,), h0[None], h0[:, :2]]
+    for hx in wrong:
+        with pytest.raises(Exception):  # noqa: B017  (torch's own layer refuses it too)
+            dense.rnn(x, hx)
+        with pytest.raises((TypeError, ValueError), match=r"NestedSparseRNN \(\w+\): (hx|h0)"):
+            model.rnn(x, hx)

@@ -1497,3 +1497,20 @@ def test_cpu_load_parameters():
         CpuLoad(nice=20)
     sc = make_scenario("fluctuating", seed=3)
     assert isinstance(sc, CpuLoad) and sc.name == "fluctuating" and f"{os.cpu_count()} cores" in sc.describe()
+
+
+def test_block_stages_of_a_fused_model_are_the_modules_its_graph_calls():
+    """fuse flattens a model's blocks into one graph that calls the layers, never the blocks: "block" stages named
+    the blocks, and ReroutingExecutor(fused, stages="block") failed at its first inference without naming what
+    works."""
+    model = models.resnet_small().eval()
+    fused = nestsparse.fuse(nestsparse.convert(model, nestsparse.model_tags(model, (0.3, 0.1))).eval())
+    stages = auto_stages(fused, "block")
+    called = {n.target for n in fused.graph.nodes if n.op == "call_module"}
+    assert all(s[0] in called for s in stages) and [s[0] for s in stages] == [s[0] for s in auto_stages(fused, "layer")]
+    x = torch.randn(1, 1, 28, 28)
+    with ReroutingExecutor(fused, stages="block") as ex:
+        ex.measure_profile(x, repeats=2, warmup=1, progress=False)
+        out = ex(x, deadline=10.0)
+    with torch.no_grad():
+        torch.testing.assert_close(out.output, fused(x))

@@ -280,3 +280,14 @@ def test_bcr_tags_refuse_a_bad_block_shape():
         global_bcr_tags({"a": torch.randn(4, 4)}, (0.5,), (0, 4))
     with pytest.raises(ValueError, match="block_shape must be two ints .* got \\(4, 257\\)"):
         model_tags(nn.Sequential(nn.Linear(4, 4)), (0.5,), structure="bcr", block_shape=(4, 257))
+
+
+def test_a_skip_name_that_matches_no_module_is_refused():
+    """A typo in skip=[...] left the layer it meant pruned, silently."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    assert set(model_tags(model, (0.5,), skip=["2"])) == {"0"}
+    with pytest.raises(ValueError, match=r"skip names \['classifier'\], which are no module of the model.*'0', '2'"):
+        model_tags(model, (0.5,), skip=["classifier"])
+    shared = nn.Linear(5, 5)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)  # one module at two places: both names count
+    assert model_tags(twice, (0.5,), skip=["2"]) == {}

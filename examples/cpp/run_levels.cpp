@@ -6,6 +6,11 @@
 // The input is raw float32 (C order) of the given shape. Each level's output is written raw to
 // <out_prefix><level>.f32 and its shape and sum printed. The exported program's first input is the level
 // (a 0-dim int64 tensor), so one compiled model serves every level.
+//
+// The program checks itself before its first result (nestsparse.export made nestsparse::verified_level its first
+// step): a level out of range, or a package whose constants are not the bytes nestsparse.export recorded (a
+// damaged or edited file), raises with a message that names the level and the range, or the constant. This
+// program prints that message and exits with status 1, before any output is written.
 #include <dlfcn.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/torch.h>
@@ -65,7 +70,10 @@ int main(int argc, char** argv) {
       std::cout << "level " << level << ": output " << y.sizes() << ", sum " << y.sum().item<double>() << "\n";
     }
   } catch (const std::exception& e) {
-    std::cerr << "run_levels: " << e.what() << "\n";
+    // An op's error (the program's checks included) reaches here through the AOTInductor runner with the C++ trace
+    // appended after its first line: the message is that line.
+    const std::string what = e.what();
+    std::cerr << "run_levels: " << what.substr(0, what.find('\n')) << "\n";
     return 1;
   }
   return 0;

@@ -9,9 +9,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
+from tqdm.auto import tqdm
 
 from .activations import ACTIVATIONS, fusable_activation
 from .formats import DEFAULT_BLOCK_SHAPE, FORMATS, FormatError
+from .io import guard_save_pretrained
 from .nn import (
     CONVERTIBLE,
     RECURRENT,
@@ -30,6 +32,9 @@ from .nn import (
 from .runtime.timing import median_time
 
 __all__ = ["convert", "to_dense", "choose_dense_levels"]
+
+# A model with this many weights to pack shows a progress bar (about 2 s of packing on one core).
+_PROGRESS_ELEMENTS = 1 << 27
 
 
 def convert(
@@ -66,7 +71,7 @@ def convert(
         raise ValueError(f"convert: format must be one of {(*FORMATS, 'auto')}, got {format!r}")
     _refuse_pruning_hooks(model)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(model, _shared_weights(model, tags))
     modules = dict(model.named_modules())
     recurrent = _recurrent_tags(modules, tags)
     unknown = [k for k in tags if k not in modules and k.rpartition(".")[0] not in recurrent]
@@ -80,8 +85,18 @@ def convert(
                 f"convert: tags[{name!r}] is {what}; tags are int8 levels (-1 pruned, l kept up to level l). For "
                 "per-level boolean masks use nestsparse.tags_from_masks([mask_level0, mask_level1, ...])"
             )
+    levels_in_tags = 1 + max((int(t.max()) for t in tags.values() if t.numel()), default=0)
+    if densities and len(densities) > levels_in_tags and num_levels is None:
+        # (model_tags gives such tags when a density rounds to no weight in every layer)
+        empty = ", ".join(map(str, range(levels_in_tags, len(densities))))
+        warnings.warn(
+            f"convert: {len(densities)} densities but the tags keep weights at {levels_in_tags} level(s) only: "
+            f"level(s) {empty} keep no weight in any layer (their outputs are the biases alone). Give one density per "
+            "level the tags have, or num_levels= to ask for empty levels without this warning",
+            stacklevel=2,
+        )
     if num_levels is None:
-        num_levels = len(densities) or 1 + max((int(t.max()) for t in tags.values() if t.numel()), default=0)
+        num_levels = len(densities) or levels_in_tags
     recurrent = {rnn: {w: tags.pop(f"{rnn}.{w}" if rnn else w) for w in weights} for rnn, weights in recurrent.items()}
     for name, t in tags.items():
         m = modules[name]
@@ -98,7 +113,8 @@ def convert(
     inputs, empty = {}, []
     if format == "auto" and example_input is not None:
         inputs = {n: args[0] for n, (args, _) in _layer_calls(model, list(tags), example_input).items()}
-    for name, t in tags.items():
+    large = sum(t.numel() for t in tags.values()) >= _PROGRESS_ELEMENTS
+    for name, t in tqdm(tags.items(), desc="convert", unit="layer", disable=not large, leave=False):
         m = modules[name]
         parent, child = parent_module(model, name)
         act, follower = "none", None
@@ -161,7 +177,23 @@ def convert(
         )
     _slow_path_for_converted_encoders(model)
     _report_left_dense(model)
-    return keep_index_buffers_local(model)
+    return guard_save_pretrained(keep_index_buffers_local(model))
+
+
+def _shared_weights(model: nn.Module, tags: Mapping[str, Tensor]) -> dict[int, Tensor]:
+    """A deepcopy memo that shares the weights ``tags`` names with the copy instead of copying them: the copy's layers
+    that hold them are replaced by nested ones, so a copy would only be thrown away (a second 1 GiB for a
+    16384 x 16384 Linear)."""
+    memo: dict[int, Tensor] = {}
+    for key in tags:
+        for name, attr in ((key, "weight"), key.rpartition(".")[::2]):  # a layer, or an LSTM's "rnn.weight_ih_l0"
+            try:
+                t = getattr(model.get_submodule(name), attr, None)
+            except AttributeError:
+                continue
+            if isinstance(t, Tensor):
+                memo[id(t)] = t
+    return memo
 
 
 def _recurrent_tags(modules: Mapping[str, nn.Module], tags: Mapping[str, Tensor]) -> dict[str, list[str]]:
@@ -307,6 +339,13 @@ def choose_dense_levels(
     dense weight, NestedSparseModule.set_dense_levels). Returns one row per layer and level: name, level,
     sparse_ms, dense_ms, dense (chosen)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, NestedSparseModule)}
+    elsewhere = [n for n, m in layers.items() if m.values.device.type != "cpu"]
+    if elsewhere:
+        raise ValueError(
+            f"choose_dense_levels: {elsewhere[0]!r} is on {layers[elsewhere[0]].values.device}; dense levels are "
+            "served on the CPU only (checking that a weight has not changed since its dense copy was made would "
+            "synchronise the device on every call)"
+        )
     captured = _layer_calls(model, list(layers), example_input)
     missing = [n for n in layers if n not in captured]
     if missing:
@@ -407,10 +446,11 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
                 m.out_channels,
                 m.kernel_size[1],
                 m.stride[1],
-                m.padding[1],
+                m.padding if isinstance(m.padding, str) else m.padding[1],
                 m.dilation[1],
                 m.groups,
                 bias=bias is not None,
+                padding_mode=m.padding_mode,
             )
         else:
             dense = nn.Conv2d(
@@ -422,6 +462,7 @@ def to_dense(model: nn.Module, level: int = 0, *, inplace: bool = False) -> nn.M
                 m.dilation,
                 m.groups,
                 bias=bias is not None,
+                padding_mode=m.padding_mode,
             )
         dense = dense.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():

@@ -19,7 +19,8 @@ The ``"nestsparse"`` description (JSON object, compact, ``checksum`` first):
 
 - ``checksum``: ``"sha256:<hex>"`` over the user metadata, this description (with the checksum's hex digits
   replaced by zeros) and, in sorted name order, every tensor's name, dtype, shape and raw bytes;
-- ``format_version`` (1), ``nestsparse_version``;
+- ``format_version`` (1; 2 when a convolution pads otherwise than symmetric zeros: a reader of version 1 would
+  ignore ``padding_mode`` and compute another function, so it must refuse the file), ``nestsparse_version``;
 - ``arch``: ``model.arch`` when the model has one (``{"name": ..., "kwargs": {...}}``, as the builders of the
   model zoo, nestsparse.apps.models, set it), else null; lets :func:`load` rebuild the skeleton without
   ``model=`` when a builder of that name is registered (:func:`register_architecture`; importing the zoo
@@ -27,7 +28,8 @@ The ``"nestsparse"`` description (JSON object, compact, ``checksum`` first):
 - ``level``: the level of every level-aware module (one int), a ``{module name: level}`` map when they
   differ, or null when the model has none;
 - ``nested``: ``{module name: {kind: linear|conv2d|conv1d, format: ncsr|nbcr, weight_shape, densities,
-  activation, bias, dtype, the format's options (block_shape for nbcr), stride, padding, dilation, groups}}``
+  activation, bias, dtype, the format's options (block_shape for nbcr), stride, padding (a pair, or "same"),
+  dilation, groups, and padding_mode when it is not "zeros"}}``
   (the geometry for the convolutions only; a conv1d is stored as the one-row conv2d it runs as: a (Cout,
   Cin/groups, 1, k) weight and pairs);
 - ``recurrent`` (when there are any): ``{module name: NestedSparseRNN constructor arguments}``, its gate matrices
@@ -46,12 +48,14 @@ every index array is checked by its format's ``validate()`` before a kernel sees
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -78,6 +82,9 @@ from .version import __version__
 __all__ = [
     "save",
     "load",
+    "read_verified",
+    "VerifiedCheckpoint",
+    "guard_save_pretrained",
     "read_metadata",
     "register_architecture",
     "CheckpointError",
@@ -85,7 +92,7 @@ __all__ = [
     "METADATA_KEY",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "nestsparse"
 _CHECKSUM_RE = re.compile(r'^\{"checksum":"sha256:([0-9a-f]{64})"')
 _PLACEHOLDER = "0" * 64
@@ -184,10 +191,12 @@ def _describe_nested(m: NestedSparseModule) -> dict[str, Any]:
     if isinstance(m, NestedSparseConv2d):
         d.update(
             stride=[int(x) for x in m.stride],
-            padding=[int(x) for x in m.padding],
+            padding=m.padding if isinstance(m.padding, str) else [int(x) for x in m.padding],
             dilation=[int(x) for x in m.dilation],
             groups=int(m.groups),
         )
+        if m.padding_mode != "zeros":
+            d["padding_mode"] = m.padding_mode
     return d
 
 
@@ -225,8 +234,9 @@ def _describe(model: nn.Module) -> dict[str, Any]:
             }
         elif isinstance(m, nn.Identity) and name:
             identities.append(name)
+    version_2 = any(d.get("padding_mode", "zeros") != "zeros" or d.get("padding") == "same" for d in nested.values())
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if version_2 else 1,
         "nestsparse_version": __version__,
         "arch": arch,
         "level": _describe_levels(model),
@@ -381,15 +391,17 @@ def _skeleton_from_arch(path: str, arch: Any, device: str | None = None) -> nn.M
 
 
 def _conv_geometry(m: nn.Module, one_row: bool = False) -> dict[str, Any]:
-    """Stride, padding, dilation and groups of a dense or nested conv as lists, comparable with the file's; with
+    """Stride, padding ("same" or a list), dilation, groups and padding mode of a dense or nested conv, comparable
+    with the file's; with
     ``one_row``, a dense nn.Conv1d's as the one-row conv2d it runs as."""
     padding = (0,) * len(m.stride) if m.padding == "valid" else m.padding
     geo = {"stride": m.stride, "padding": padding, "dilation": m.dilation}
-    if one_row and not isinstance(padding, str):
-        geo = {k: (0 if k == "padding" else 1, *v) for k, v in geo.items()}
+    if one_row:
+        geo = {k: v if isinstance(v, str) else (0 if k == "padding" else 1, *v) for k, v in geo.items()}
     return {
         **{k: v if isinstance(v, str) else [int(x) for x in v] for k, v in geo.items()},
         "groups": int(m.groups),
+        "padding_mode": m.padding_mode,
     }
 
 
@@ -435,13 +447,9 @@ def _check_slot(path: str, model: nn.Module, name: str, d: Mapping[str, Any]) ->
             f"{'has' if d['bias'] else 'has no'} bias, the model {'has' if has_bias else 'has no'}"
         )
     if kind in ("conv2d", "conv1d"):
-        if getattr(old, "padding_mode", "zeros") != "zeros":
-            raise CheckpointError(
-                f"{path}: skeleton mismatch at layer {name!r}: padding_mode {old.padding_mode!r}; "
-                "nested convs pad with zeros"
-            )
         got = _conv_geometry(old, one_row=kind == "conv1d" and not isinstance(old, nested_cls))
         want_geo = {k: d[k] for k in ("stride", "padding", "dilation", "groups")}
+        want_geo["padding_mode"] = d.get("padding_mode", "zeros")
         if got != want_geo:
             raise CheckpointError(
                 f"{path}: skeleton mismatch at layer {name!r}: conv geometry in the file {want_geo}, in the model {got}"
@@ -474,7 +482,14 @@ def _nested_module(path: str, name: str, d: Mapping[str, Any], tensors: Mapping[
         _check_bias(path, name, bias, weight.values, int(weight.weight_shape[0]))
     if d["kind"] in ("conv2d", "conv1d"):
         return _KINDS[d["kind"]][1](
-            weight, bias, d["stride"], d["padding"], d["dilation"], int(d["groups"]), d["activation"]
+            weight,
+            bias,
+            d["stride"],
+            d["padding"],
+            d["dilation"],
+            int(d["groups"]),
+            d["activation"],
+            padding_mode=d.get("padding_mode", "zeros"),
         )
     return NestedSparseLinear(weight, bias, d["activation"])
 
@@ -573,9 +588,9 @@ def _recurrent_module(
     elif isinstance(old, RECURRENT[args["mode"]][0]) and not getattr(old, "proj_size", 0):
         got = {k: old.mode if k == "mode" else getattr(old, k) for k in _RNN_ARGS}
         got["dropout"] = float(got["dropout"])
-        if old.bias != all(c.bias is not None for c in cells.values()):
+        if old.bias != new.bias:  # (the cells have a bias each or none: NestedSparseRNN checked)
             raise CheckpointError(
-                f"{path}: skeleton mismatch at {name!r}: bias={old.bias} in the model, not in the file"
+                f"{path}: skeleton mismatch at {name!r}: bias={old.bias} in the model, bias={new.bias} in the file"
             )
     else:
         raise CheckpointError(
@@ -735,10 +750,28 @@ def _fill(
                 setattr(parent, child, old)
 
 
-def load(
-    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device | None = "cpu"
-) -> nn.Module:
-    """Reads a file written by :func:`save` into ``model`` (a dense skeleton, or built from the file's arch)."""
+@dataclasses.dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A checkpoint file read once, its checksum, format version and aliases verified: what :func:`load` reads. For
+    a caller that checks more before it builds a model (nestsparse.hf checks the config the user metadata pins)."""
+
+    path: str
+    description: dict[str, Any]
+    user: dict[str, str]
+    tensors: dict[str, Tensor]
+
+    def check_fits(self, model: nn.Module) -> None:
+        """Raises CheckpointError unless the file fits ``model`` (a skeleton, e.g. on the meta device); ``model`` is
+        left as it was."""
+        _fill(self.path, model, self.description, self.tensors, check_only=True)
+
+    def load_into(self, model: nn.Module | None, map_location: str | torch.device | None = "cpu") -> nn.Module:
+        """:func:`load` of this file: fills ``model`` (or the skeleton built from the file's arch)."""
+        return _load_verified(self.path, self.description, self.tensors, model, map_location)
+
+
+def read_verified(path: str | os.PathLike) -> VerifiedCheckpoint:
+    """The checkpoint at ``path``, read once and verified (see VerifiedCheckpoint)."""
     path = os.fspath(path)
     desc, text, user, tensors = _read(path)
     _verify(path, text, user, tensors)
@@ -755,6 +788,17 @@ def load(
         if target not in tensors:
             raise CheckpointError(f"{path}: tensor {name!r} is an alias of {target!r}, which is not in the file")
         tensors[name] = tensors[target]
+    return VerifiedCheckpoint(path, desc, user, tensors)
+
+
+def _load_verified(
+    path: str,
+    desc: Mapping[str, Any],
+    tensors: Mapping[str, Tensor],
+    model: nn.Module | None,
+    map_location: str | torch.device | None,
+) -> nn.Module:
+    """:func:`load` after :func:`read_verified`: fills ``model`` (or the skeleton built from the file's arch)."""
     built = model is None
     if model is None:
         # Everything the file says is checked against a skeleton on the meta device first: building the real one
@@ -776,3 +820,65 @@ def load(
         model.arch = desc["arch"]  # so that saving the loaded model again records it too
     keep_index_buffers_local(model)
     return model.to(map_location) if map_location is not None else model
+
+
+def load(
+    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device | None = "cpu"
+) -> nn.Module:
+    """Reads a file written by :func:`save` into ``model`` (a dense skeleton, or built from the file's arch)."""
+    path = os.fspath(path)
+    return read_verified(path).load_into(model, map_location)
+
+
+# ---- transformers' own save_pretrained, refused on a converted model ----------------------------------------------
+
+
+def _has_nested(model: nn.Module) -> bool:
+    return any(isinstance(m, NestedSparseModule) for m in model.modules())
+
+
+class _GuardedSavePretrained:
+    """Stands in for a converted transformers model's own ``save_pretrained`` (an instance attribute, so ``push_to_hub``
+    and Trainer, which call ``self.save_pretrained``, meet it too). Refuses while the model has nested layers;
+    one that has none left (``nestsparse.to_dense(model, level, inplace=True)``) saves as transformers does. It
+    holds the model itself, so ``copy.deepcopy`` (``to_dense``, ``fuse``, ``convert``) gives the copy a guard of
+    its own, and it pickles by reference to this class."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        if _has_nested(model):
+            raise CheckpointError(
+                f"{type(model).__name__}.save_pretrained would write the nested layers as tensors that transformers' "
+                "from_pretrained does not know, and reload them as re-initialised dense layers (it only logs the "
+                "keys): save this converted model with nestsparse.hf.save_pretrained(model, directory) and load it "
+                "with nestsparse.hf.from_pretrained(directory); for a dense transformers checkpoint, save "
+                "nestsparse.to_dense(model, level)"
+            )
+        return type(model).save_pretrained(model, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<nestsparse guard of {type(self.model).__name__}.save_pretrained>"
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers PreTrainedModel, without importing transformers for any other model
+    (its class or a base class is defined in a transformers module)."""
+    if not any((getattr(c, "__module__", None) or "").partition(".")[0] == "transformers" for c in type(model).__mro__):
+        return False
+    transformers = sys.modules.get("transformers")  # imported: the model's class comes from it
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def guard_save_pretrained(model: nn.Module) -> nn.Module:
+    """Makes ``model.save_pretrained(...)`` (and ``push_to_hub``, which calls it) raise CheckpointError naming
+    nestsparse.hf.save_pretrained when ``model`` is a transformers PreTrainedModel with nested layers: transformers
+    would save them under names its from_pretrained does not know and reload the model with those layers dense and
+    re-initialised, logging only a line. Returns ``model`` (changed in place); any other model is returned as it is,
+    without importing transformers. The guard survives ``copy.deepcopy`` and does not affect
+    nestsparse.hf.save_pretrained."""
+    if isinstance(model, nn.Module) and _is_transformers_model(model) and _has_nested(model):
+        model.save_pretrained = _GuardedSavePretrained(model)
+    return model

@@ -26,6 +26,8 @@ __all__ = [
     "check_weight_dtype",
     "level_count",
     "check_dense_args",
+    "row_slabs",
+    "SLAB_ELEMENTS",
 ]
 
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -251,6 +253,27 @@ class NestedFormat:
 # ---- checks shared by the formats' constructors ----------------------------------------------------------------
 
 
+# Elements of a slab (row_slabs): 1 Mi, so a slab's int64 temporaries are about 30 MB whatever the matrix.
+SLAB_ELEMENTS = 1 << 20
+
+
+def row_slabs(rows: int, width: int, row_ptr: Tensor | None = None) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive slabs of ``rows`` rows of about SLAB_ELEMENTS elements each (at least one row):
+    rows of ``width`` elements, or, given ``row_ptr`` (M + 1 offsets), rows of the entries it delimits. How the
+    packers and checks walk a large matrix with temporaries of a slab's size, not the matrix's."""
+    elements = SLAB_ELEMENTS
+    if row_ptr is None:
+        step = max(1, elements // max(width, 1))
+        return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    total = int(row_ptr[-1]) if rows else 0
+    cuts = []
+    if total > elements:
+        marks = torch.arange(elements, total, elements, dtype=row_ptr.dtype, device=row_ptr.device)
+        cuts = torch.searchsorted(row_ptr, marks, right=True).tolist()
+    bounds = sorted({0, rows, *(min(max(int(x), 1), rows) for x in cuts)})
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def first_index(mask: Tensor) -> int:
     """The flat index of the first True of ``mask``."""
     return int(mask.nonzero()[0, 0]) if mask.dim() == 1 else int(mask.flatten().nonzero()[0, 0])
@@ -285,11 +308,12 @@ def level_count(
 def check_dense_args(
     where: str, weight: Tensor, tags: Tensor, num_levels: int | None, densities: tuple[float, ...]
 ) -> tuple[int, int, Tensor, int]:
-    """The checks of every ``from_dense``; returns M, K, the tags as an int64 (M, K) matrix, and L."""
+    """The checks of every ``from_dense``; returns M, K, the tags as an (M, K) view in their own integer dtype (an
+    int64 copy of a 16384 x 16384 layer's tags would be 2 GiB), and L."""
     if tags.shape != weight.shape:
         raise ValueError(f"{where}: tags shape {tuple(tags.shape)} != weight shape {tuple(weight.shape)}")
     check_weight_dtype(where, weight)
     check_integer(where, "tags", tags)
     M, K = matrix_shape(tuple(weight.shape))
-    t = tags.detach().reshape(M, K).to(torch.int64)
+    t = tags.detach().reshape(M, K)
     return M, K, t, level_count(where, "tags", (t,), num_levels, densities)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .base import VALUE_DTYPES, FormatError, NestedFormat, check_dense_args, first_index
+from .base import VALUE_DTYPES, FormatError, NestedFormat, check_dense_args, first_index, row_slabs
 
 __all__ = ["NestedCSR"]
 
@@ -53,24 +53,37 @@ class NestedCSR(NestedFormat):
             )
         M, K, t, L = check_dense_args("NestedCSR.from_dense", weight, tags, num_levels, densities)
         w = weight.detach().reshape(M, K)
-        rows, cols = (t >= 0).nonzero(as_tuple=True)
-        tg = t[rows, cols]
-        # Row-major, sparsest level first inside a row, then by column: every level is a row prefix.
-        order = torch.argsort((rows * L + (L - 1 - tg)) * max(K, 1) + cols)
-        rows, cols, tg = rows[order], cols[order], tg[order]
         device = weight.device
+        # Packed a slab of rows at a time into arrays sized first, so the temporaries (index lists, sort keys) are a
+        # slab's, not the matrix's: a 16384 x 16384 Linear peaked at 12.6x its weight's bytes packed at once.
+        slabs = row_slabs(M, K)
+        kept = torch.cat([(t[a:b] >= 0).sum(1) for a, b in slabs]) if M else torch.zeros(0, dtype=torch.int64)
         row_ptr = torch.zeros(M + 1, dtype=torch.int64, device=device)
-        row_ptr[1:] = torch.bincount(rows, minlength=M).cumsum(0)
-        row_end = (
-            torch.stack([row_ptr[:-1] + torch.bincount(rows[tg >= lvl], minlength=M) for lvl in range(L)])
-            if M
-            else torch.zeros(L, 0, dtype=torch.int64, device=device)
-        )
+        row_ptr[1:] = kept.to(device).cumsum(0)
+        nnz = int(row_ptr[-1])
+        values = torch.empty(nnz, dtype=w.dtype, device=device)
+        col_idx = torch.empty(nnz, dtype=torch.int16 if K <= INT16_MAX_COLS else torch.int32, device=device)
+        row_end = torch.empty(L, M, dtype=torch.int64, device=device)
+        for a, b in slabs:
+            # Sparsest level first inside a row, then by column: every level is a row prefix. No sort: a level's
+            # entries come out of nonzero() row-major, so each one's place is its row's start, the entries of the
+            # row's sparser levels, and its rank among its row's entries of its own level.
+            ts, start = t[a:b], row_ptr[a:b]
+            sparser = torch.zeros(b - a, dtype=torch.int64, device=device)
+            for lvl in range(L - 1, -1, -1):
+                rows, cols = (ts == lvl).nonzero(as_tuple=True)
+                count = torch.bincount(rows, minlength=b - a)
+                rank = torch.arange(rows.numel(), device=device) - (count.cumsum(0) - count)[rows]
+                place = start[rows] + sparser[rows] + rank
+                values[place] = w[a:b][rows, cols]
+                col_idx[place] = cols.to(col_idx.dtype)
+                sparser += count
+                row_end[lvl, a:b] = start + sparser
         return cls(
-            values=w[rows, cols].contiguous(),
-            col_idx=cols.to(torch.int16 if K <= INT16_MAX_COLS else torch.int32).contiguous(),
+            values=values,
+            col_idx=col_idx,
             row_ptr=row_ptr.to(torch.int32),
-            row_end=row_end.to(torch.int32).contiguous(),
+            row_end=row_end.to(torch.int32),
             weight_shape=tuple(weight.shape),
             densities=tuple(float(d) for d in densities),
         )
@@ -149,7 +162,7 @@ class NestedCSR(NestedFormat):
         for name, t in (("values", v), ("col_idx", c), ("row_ptr", rp), ("row_end", re)):
             if not t.is_contiguous():
                 fail(f"{name} is not contiguous")
-        rp64, re64, c64 = rp.to(torch.int64), re.to(torch.int64), c.to(torch.int64)
+        rp64, re64 = rp.to(torch.int64), re.to(torch.int64)
         if int(rp64[0]) != 0:
             fail(f"row_ptr[0] = {int(rp64[0])}, must be 0")
         d = rp64[1:] - rp64[:-1]
@@ -177,28 +190,40 @@ class NestedCSR(NestedFormat):
                 f"levels are not nested in row {r}: row_end[{lvl}, {r}] = {int(re64[lvl, r])} < {lower} = "
                 f"{int(bounds[step, r])}"
             )
-        if c64.numel():
-            out = (c64 < 0) | (c64 >= K)
+        if c.numel():
+            out = (c < 0) | (c >= K)
             if out.any():
                 p = first_index(out)
-                fail(f"col_idx[{p}] = {int(c64[p])} is outside [0, K={K})")
-            rows = torch.repeat_interleave(torch.arange(M, device=v.device), d)
-            tag = torch.full_like(c64, -1)
-            pos = torch.arange(c64.numel(), device=v.device)
-            for lvl in range(self.num_levels):
-                tag += pos < re64[lvl][rows]
-            same_group = (rows[1:] == rows[:-1]) & (tag[1:] == tag[:-1])
-            unsorted = same_group & (c64[1:] <= c64[:-1])
-            if unsorted.any():
-                p = first_index(unsorted) + 1
-                fail(
-                    f"row {int(rows[p])} is not sorted by column within level {int(tag[p])} at col_idx[{p}] = "
-                    f"{int(c64[p])} (or holds that column twice)"
-                )
-            key = rows * max(K, 1) + c64
+                fail(f"col_idx[{p}] = {int(c[p])} is outside [0, K={K})")
+            # Per entry: sorted by column within each level of a row, no column twice in a row. A slab of rows at a
+            # time, so the int64 temporaries are a slab's (all at once they were 5.8x a 8192 x 8192 weight's bytes).
+            for a, b in row_slabs(M, 0, rp64):
+                self._check_rows(a, b, rp64, re64, c, K, fail)
+        return self
+
+    def _check_rows(self, a: int, b: int, rp64: Tensor, re64: Tensor, c: Tensor, K: int, fail) -> None:
+        """The per-entry invariants of rows [a, b): within a level of a row the columns increase, and no row holds
+        a column twice."""
+        lo, hi = int(rp64[a]), int(rp64[b])
+        c64 = c[lo:hi].to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(a, b, device=c.device), rp64[a + 1 : b + 1] - rp64[a:b])
+        pos = torch.arange(lo, hi, device=c.device)
+        tag = torch.full_like(c64, -1)
+        for lvl in range(self.num_levels):
+            tag += pos < re64[lvl][rows]
+        same_group = (rows[1:] == rows[:-1]) & (tag[1:] == tag[:-1])
+        unsorted = same_group & (c64[1:] <= c64[:-1])
+        if unsorted.any():
+            p = first_index(unsorted) + 1
+            fail(
+                f"row {int(rows[p])} is not sorted by column within level {int(tag[p])} at col_idx[{lo + p}] = "
+                f"{int(c64[p])} (or holds that column twice)"
+            )
+        if self.num_levels > 1:  # with one level the strict order above already rules out a repeat
+            key = (rows - a) * max(K, 1) + c64
             sk = torch.sort(key).values
             dup = sk[1:] == sk[:-1]
             if dup.any():
                 k = int(sk[1:][dup][0])
-                fail(f"row {k // max(K, 1)} holds column {k % max(K, 1)} twice")
+                fail(f"row {a + k // max(K, 1)} holds column {k % max(K, 1)} twice")
         return self

@@ -15,7 +15,23 @@ class LevelAware:
     """What every module whose behaviour depends on the level shares: ``level`` (0 = densest), ``num_levels``
     and a checked ``set_level``. ``set_level(model, l)`` switches all of them at once."""
 
-    level: int = 0
+    _level: int = 0
+
+    @property
+    def level(self) -> int:
+        """The level this module computes (0 = densest). Setting it checks the range: a LevelBatchNorm at level -1
+        would silently read the last level's statistics. A symbolic int (nestsparse.export) passes unchecked; the
+        exported program checks it."""
+        return self._level
+
+    @level.setter
+    def level(self, value) -> None:
+        self.__dict__["_level"] = value if isinstance(value, torch.SymInt) else self.checked_level(value)
+
+    def __setstate__(self, state: dict) -> None:
+        if "level" in state and "_level" not in state:  # pickled before the level was a checked property
+            state["_level"] = state.pop("level")
+        super().__setstate__(state)
 
     @property
     def num_levels(self) -> int:

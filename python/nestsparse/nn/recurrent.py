@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .sparse import NestedSparseLinear
 
@@ -63,6 +64,14 @@ class NestedSparseRNN(nn.Module):
                         )
                     if cell.activation != "none":
                         raise ValueError(f"NestedSparseRNN: weight_{kind}_{suffix} must not fuse an activation")
+        biased = sorted(name for name, cell in cells.items() if cell.bias is not None)
+        if biased and len(biased) != len(cells):  # torch's layers have a bias on every gate matrix or on none
+            unbiased = sorted(set(cells) - set(biased))
+            raise ValueError(
+                f"NestedSparseRNN: {', '.join(biased)} have a bias but {', '.join(unbiased)} do not; every gate "
+                "matrix has a bias, or none"
+            )
+        self.bias = bool(biased)
         self.cells = nn.ModuleDict(cells)
 
     @classmethod
@@ -99,7 +108,66 @@ class NestedSparseRNN(nn.Module):
         n = torch.tanh(inn + r * hn)
         return (1 - z) * n + z * h, None
 
-    def forward(self, x: Tensor, hx=None):
+    def flatten_parameters(self) -> None:
+        """Nothing to flatten: each gate matrix is a nested weight of its own (torch's layers compact theirs into
+        one buffer for cuDNN). Here so that code written for nn.LSTM / nn.GRU runs unchanged."""
+
+    def _hidden(self, hx, states: int, batch: int, unbatched: bool, like: Tensor):
+        """(h0, c0) from ``hx`` as torch's layer takes it (LSTM: a tuple (h0, c0); GRU: a tensor), each
+        (states, batch, hidden); c0 is None for a GRU. Anything torch's layer refuses is refused with the shape
+        wanted."""
+        lstm = self.mode == "LSTM"
+        want = (states, self.hidden_size) if unbatched else (states, batch, self.hidden_size)
+        what = f"({want[0]}, {self.hidden_size})" if unbatched else f"({states}, {batch}, {self.hidden_size})"
+        if hx is None:
+            zeros = like.new_zeros(states, batch, self.hidden_size)
+            return zeros, (zeros if lstm else None)
+        if lstm:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(h, Tensor) for h in hx)):
+                raise TypeError(
+                    f"NestedSparseRNN (LSTM): hx is a tuple (h0, c0) of two tensors {what}, as nn.LSTM takes it; "
+                    f"got {type(hx).__name__}{tuple(hx.shape) if isinstance(hx, Tensor) else ''}"
+                )
+            h0, c0 = hx
+        else:
+            if not isinstance(hx, Tensor):
+                raise TypeError(f"NestedSparseRNN (GRU): hx is one tensor {what}, got {type(hx).__name__}")
+            h0, c0 = hx, None
+        for name, h in (("h0", h0), ("c0", c0)):
+            if h is not None and tuple(h.shape) != want:
+                raise ValueError(
+                    f"NestedSparseRNN ({self.mode}): {name} must be {what} for this input, got {tuple(h.shape)}"
+                )
+        if unbatched:
+            h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if lstm else None)
+        return h0, c0
+
+    def forward(self, x: Tensor | PackedSequence, hx=None):
+        """The torch layer's forward: ``x`` (L, N, input_size) (batch first: (N, L, input_size)), unbatched
+        (L, input_size), or a PackedSequence (the output is then packed the same way); ``hx`` the initial state."""
+        if isinstance(x, PackedSequence):
+            return self._forward_packed(x, hx)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"NestedSparseRNN ({self.mode}): x is a tensor or a PackedSequence, got {type(x).__name__}")
+        return self._forward(x, hx, None)
+
+    def _forward_packed(self, packed: PackedSequence, hx):
+        """A PackedSequence as torch's layer runs it: sequences sorted by length, each stopping at its own length
+        (the state is held past it), the final states at each sequence's own last step, in the caller's order."""
+        padded, lengths = pad_packed_sequence(packed)  # (L, N, I), the caller's order
+        h0, c0 = self._hidden(hx, self.num_layers * self.num_directions, padded.shape[1], False, padded)
+        order, back = packed.sorted_indices, packed.unsorted_indices
+        if order is not None:
+            padded, lengths, h0 = padded.index_select(1, order), lengths[order], h0.index_select(1, order)
+            c0 = None if c0 is None else c0.index_select(1, order)
+        out, state = self._forward(padded, (h0, c0) if self.mode == "LSTM" else h0, lengths, time_major=True)
+        if back is not None:
+            state = tuple(s.index_select(1, back) for s in state) if c0 is not None else state.index_select(1, back)
+        return PackedSequence(pack_padded_sequence(out, lengths).data, packed.batch_sizes, order, back), state
+
+    def _forward(self, x: Tensor, hx, lengths: Tensor | None, time_major: bool = False):
+        """``x`` as forward takes it (``time_major``: (L, N, I) whatever batch_first says); ``lengths``: each
+        sequence's length, sorted longest first (packed input)."""
         lstm = self.mode == "LSTM"
         if x.dim() not in (2, 3) or x.shape[-1] != self.input_size:
             raise ValueError(
@@ -107,20 +175,13 @@ class NestedSparseRNN(nn.Module):
                 f"with batch_first, or (L, {self.input_size}); got {tuple(x.shape)}"
             )
         unbatched = x.dim() == 2
-        x = x.unsqueeze(1) if unbatched else (x.transpose(0, 1) if self.batch_first else x)  # (L, N, I)
+        batch_first = self.batch_first and not time_major
+        x = x.unsqueeze(1) if unbatched else (x.transpose(0, 1) if batch_first else x)  # (L, N, I)
         steps, batch = x.shape[0], x.shape[1]
         states = self.num_layers * self.num_directions
-        if hx is None:
-            zeros = x.new_zeros(states, batch, self.hidden_size)
-            h0, c0 = zeros, (zeros if lstm else None)
-        else:
-            h0, c0 = hx if lstm else (hx, None)
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if lstm else None)
-            if h0.shape != (states, batch, self.hidden_size) or (lstm and c0.shape != h0.shape):
-                raise ValueError(
-                    f"NestedSparseRNN ({self.mode}): initial state must be ({states}, {batch}, {self.hidden_size})"
-                )
+        h0, c0 = self._hidden(hx, states, batch, unbatched, x)
+        # Packed sequences: at step t only the sequences longer than t advance; the others hold their state.
+        live = None if lengths is None else [(t < lengths).unsqueeze(1).to(x.device) for t in range(steps)]
         hn, cn = [], []
         layer_input = x
         for layer in range(self.num_layers):
@@ -133,7 +194,11 @@ class NestedSparseRNN(nn.Module):
                 h, c = h0[k], (c0[k] if lstm else None)
                 ys: list[Tensor] = [x] * steps
                 for t in reversed(range(steps)) if d else range(steps):
-                    h, c = self._step(xi[t], h, c, hh)
+                    h1, c1 = self._step(xi[t], h, c, hh)
+                    if live is not None:
+                        h1 = torch.where(live[t], h1, h)
+                        c1 = torch.where(live[t], c1, c) if lstm else None
+                    h, c = h1, c1
                     ys[t] = h
                 outs.append(torch.stack(ys))
                 hn.append(h)
@@ -146,14 +211,14 @@ class NestedSparseRNN(nn.Module):
         if unbatched:
             out = out.squeeze(1)
             state = tuple(s.squeeze(1) for s in state) if lstm else state.squeeze(1)
-        elif self.batch_first:
+        elif batch_first:
             out = out.transpose(0, 1)
         return out, state
 
     def to_dense(self, level: int) -> nn.LSTM | nn.GRU:
         """The torch layer holding ``level``'s weights (dense, with zeros where the level prunes)."""
         first = next(iter(self.cells.values()))
-        bias = first.bias is not None
+        bias = self.bias
         dense = RECURRENT[self.mode][0](
             self.input_size,
             self.hidden_size,

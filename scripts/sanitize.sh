@@ -4,7 +4,8 @@
 # 1. Copies the Python package to build/sanitize/pkg and builds the library there with NESTSPARSE_SANITIZE=ON
 #    (plain CMake against the torch of .venv, CPU only, -O1 -g; build/sanitize is its own build directory).
 # 2. Runs the hostile tests (bad input, corrupted index arrays, hypothesis properties, threads rewriting buffers,
-#    hostile files) and the op tests of both formats with that package first on PYTHONPATH and the sanitizer
+#    hostile files, the dense-level byte checks, fuzzed exported programs) and the op tests of both formats with
+#    that package first on PYTHONPATH and the sanitizer
 #    runtimes preloaded into Python (torch itself is not instrumented). The first report ends the run with an
 #    error: zero reports is the pass.
 #
@@ -44,5 +45,6 @@ LD_PRELOAD="$runtimes" "$py" -c "import nestsparse, sys; p = nestsparse.__file__
 # shellcheck disable=SC2086
 LD_PRELOAD="$runtimes" "$py" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} \
   tests/test_bad_input.py tests/test_corrupted_weights.py tests/test_properties.py tests/test_concurrency.py \
-  tests/test_io.py tests/test_linear.py tests/test_conv2d.py tests/test_epilogue.py
+  tests/test_io.py tests/test_linear.py tests/test_conv2d.py tests/test_epilogue.py tests/test_dense_levels.py \
+  tests/test_deploy.py::test_fuzzed_saved_programs_are_refused tests/test_deploy.py::test_names_with_spaces_are_exported_and_checked
 echo "sanitize: no AddressSanitizer or UndefinedBehaviorSanitizer report"

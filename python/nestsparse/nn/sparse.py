@@ -33,6 +33,7 @@ CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Conv1d)
 
 
 _DENSE_LOCK = threading.Lock()
+_SAME_BYTES = torch.ops.nestsparse.same_bytes.default  # ops.same_bytes without the wrapper's call
 _ANY = object()
 
 
@@ -280,8 +281,11 @@ class NestedSparseModule(LevelAware, nn.Module):
         return () if dense is None else dense.levels
 
     def _dense_sources(self) -> tuple[Tensor | None, ...]:
-        """What the dense copies are made from: values, index buffers and epilogue."""
-        return (self.values, *self.index_tensors(), self.bias, self.epilogue_scale, self.epilogue_shift)
+        """What the dense copies are made from: values, index buffers and epilogue. (The dicts, not getattr: nn.Module's
+        attribute lookup made this 3.4 us of the 7.6 us a check took on a small layer.)"""
+        p, b = self._parameters, self._buffers
+        bias = p["bias"] if "bias" in p else self.__dict__.get("bias")  # a parameter, or None (never registered)
+        return (p["values"], *[b[n] for n in self._format.index_names], bias, b["epilogue_scale"], b["epilogue_shift"])
 
     def _swap_dense(self, new: _DenseCopies | None, only_if=_ANY) -> None:
         """Replaces the dense copies by ``new`` (if they are still ``only_if``, when given): one attribute write under
@@ -297,7 +301,7 @@ class NestedSparseModule(LevelAware, nn.Module):
             return None
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self._parameters["values"].requires_grad):
             return None
-        if not ops.same_bytes(self._dense_sources(), dense.source):
+        if not _SAME_BYTES(self._dense_sources(), dense.source):
             self._swap_dense(None, dense)  # trained, written or reloaded since: the copies are stale
             return None
         return dense.weights[level]

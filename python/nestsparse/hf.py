@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import CheckpointError, guard_save_pretrained, read_verified, save
+from .io import CheckpointError, guard_save_pretrained, open_regular, read_verified, save
 
 __all__ = ["save_pretrained", "from_pretrained", "guard_save_pretrained", "WEIGHTS_NAME"]
 
@@ -72,36 +71,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     blocking (a FIFO would otherwise wait for a writer) and refused unless a regular file of at most
     ``_MAX_JSON_BYTES`` (/dev/zero would otherwise be read forever)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        f = open_regular(path)
     except FileNotFoundError:
         raise CheckpointError(
             f"{path}: missing; nestsparse.hf.save_pretrained writes it next to {WEIGHTS_NAME} (restore it, or save "
             "the model again)"
         ) from None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be opened ({e.strerror or e})") from e
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path}: not a regular file (a directory, device, FIFO or socket)")
-        if info.st_size > _MAX_JSON_BYTES:
-            raise CheckpointError(
-                f"{path}: {info.st_size} bytes; a config file is a few KB (at most {_MAX_JSON_BYTES} read)"
-            )
-        chunks, size = [], 0
-        while size <= _MAX_JSON_BYTES:  # st_size is only a hint (a /proc file says 0): count what is read
-            chunk = os.read(fd, _MAX_JSON_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > _MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: more than {_MAX_JSON_BYTES} bytes; a config file is a few KB")
-        raw = b"".join(chunks)
+        with f:
+            raw = f.read(_MAX_JSON_BYTES + 1)  # st_size is only a hint (a /proc file says 0): count what is read
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
-    finally:
-        os.close(fd)
+    if len(raw) > _MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: more than {_MAX_JSON_BYTES} bytes; a config file is a few KB")
     try:
         obj = json.loads(raw.decode("utf-8"))
     except RecursionError:

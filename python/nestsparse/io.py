@@ -55,6 +55,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -83,6 +84,7 @@ __all__ = [
     "save",
     "load",
     "read_verified",
+    "open_regular",
     "VerifiedCheckpoint",
     "guard_save_pretrained",
     "read_metadata",
@@ -128,6 +130,20 @@ def _architecture(name: str) -> Callable[..., nn.Module] | None:
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
+
+
+def open_regular(path: str | os.PathLike):
+    """``path`` opened for binary reading, refused with a ValueError naming it unless it is a regular file: opening a
+    FIFO waits for a writer, a device never ends. The open does not block (O_NONBLOCK, which regular files ignore);
+    fstat then says what was opened. A missing file raises FileNotFoundError as open does."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: not a regular file (a directory, FIFO, socket or device)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _checksum(description: str, user: Mapping[str, str], tensors: Mapping[str, Tensor]) -> str:

@@ -47,7 +47,6 @@ import gzip
 import io
 import math
 import os
-import stat
 import struct
 import zlib
 from pathlib import Path
@@ -55,6 +54,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..io import open_regular
 
 __all__ = [
     "data_dir",
@@ -87,26 +88,12 @@ def data_dir() -> Path:
     return Path(cache) / "nestsparse" / "data"
 
 
-def _open_regular(path: Path):
-    """``path`` opened for binary reading, refused unless it is a regular file: opening a FIFO waits for a writer,
-    a device never ends. The open does not block (O_NONBLOCK, which regular files ignore); fstat then says what
-    was opened. A missing file raises FileNotFoundError as open does."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path}: not a regular file (a directory, FIFO, socket or device); remove it")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def read_idx(path: str | os.PathLike, *, max_bytes: int = 1 << 30) -> Tensor:
     """The array an IDX file holds (gzipped if the name ends in .gz), streamed: its header checked (against
     ``max_bytes``, the file's size on disk, or what a gzip file of its size can hold) before its body is read,
     so a small file cannot cost memory its header does not justify. Damage raises ValueError naming the file."""
     path = Path(path)
-    with _open_regular(path) as file:
+    with open_regular(path) as file:
         on_disk = os.fstat(file.fileno()).st_size
         if path.suffix != ".gz":
             return _read_idx(path, file, max_bytes, on_disk, None)
@@ -263,7 +250,7 @@ def _read_photo(path: Path) -> Tensor:
     not a whole photo raises ValueError naming the file."""
     from PIL import Image, ImageOps  # noqa: PLC0415  (matplotlib's dependency)
 
-    with _open_regular(path) as f:
+    with open_regular(path) as f:
         data = f.read()
     bigger = "raise PIL.Image.MAX_IMAGE_PIXELS if the photo is that big"
     try:

@@ -488,11 +488,22 @@ class NestedSparseConv2d(NestedSparseModule):
             type(self).__name__, self.padding, padding_mode, self.kernel_size, self.stride, self.dilation
         )
         _check_geometry(type(self).__name__, self.kernel_size, self.stride, self._op_padding, self.dilation, groups)
+        self._one_position = self._one_position_sizes()
 
     def __setstate__(self, state: dict) -> None:
         if "_op_padding" not in state:  # pickled before padding modes: symmetric zero padding, the kernels' own
             state.update(padding_mode="zeros", _op_padding=state["padding"], _pre_padding=None)
         super().__setstate__(state)
+        if "_one_position" not in state:
+            self._one_position = self._one_position_sizes()
+
+    def _one_position_sizes(self) -> tuple[range, range]:
+        """The heights and widths of a (pre-padded) input that give one output position, computed once so the
+        forward tests two ints instead of working out the output shape on every call."""
+        return tuple(
+            range(d * (k - 1) + 1 - 2 * p, d * (k - 1) + 1 - 2 * p + s)
+            for k, s, p, d in zip(self.kernel_size, self.stride, self._op_padding, self.dilation)
+        )
 
     @classmethod
     def from_dense(
@@ -538,17 +549,15 @@ class NestedSparseConv2d(NestedSparseModule):
         if dense is not None:
             z = self._dense_product(F.conv2d, x, *dense, self.stride, self._op_padding, self.dilation, self.groups)
             return self._dense_finish(z, residual)
-        out_shape = self.output_shape(x, padded=True)
-        if (
-            out_shape[2] * out_shape[3] == 1
-            and self.groups == 1
-            and (residual is None or (isinstance(residual, Tensor) and tuple(residual.shape) == out_shape))
-        ):
-            # One output position: the convolution is the linear product over the one patch the kernel covers. The
-            # convolution kernels' per-position work cost 529x the matrix-vector product at k = L = 8192 (Conv1d).
-            res = None if residual is None else residual.reshape(out_shape[:2])
-            z = self._run(self._linear_product, self._only_patch(x), lvl, res, lambda: tuple(out_shape[:2]))
-            return z.reshape(out_shape)
+        rows, cols = self._one_position
+        if x.shape[2] in rows and x.shape[3] in cols and self.groups == 1:
+            # One output position: the convolution is the linear product over the one patch the kernel covers (the
+            # convolution kernels' per-position work was 529x the matrix-vector product at k = L = 8192, Conv1d).
+            out_shape = (x.shape[0], self.out_channels, 1, 1)
+            if residual is None or (isinstance(residual, Tensor) and tuple(residual.shape) == out_shape):
+                res = None if residual is None else residual.reshape(out_shape[:2])
+                z = self._run(self._linear_product, self._only_patch(x), lvl, res, lambda: out_shape[:2])
+                return z.reshape(out_shape)
         if (
             self._pointwise
             and x.is_contiguous(memory_format=torch.channels_last)
@@ -561,7 +570,7 @@ class NestedSparseConv2d(NestedSparseModule):
             res = None if residual is None else residual.permute(0, 2, 3, 1)
             out_shape = (*xl.shape[:-1], self.out_channels)
             return self._run(self._linear_product, xl, lvl, res, lambda: out_shape).permute(0, 3, 1, 2)
-        return self._run(self._conv_product, x, lvl, residual, lambda: out_shape)
+        return self._run(self._conv_product, x, lvl, residual, lambda: self.output_shape(x, padded=True))
 
     def _only_patch(self, x: Tensor) -> Tensor:
         """(N, Cin * kh * kw): the one patch a convolution with one output position reads (x already pre-padded),
